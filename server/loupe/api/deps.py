@@ -1,0 +1,27 @@
+"""Dependencies handed to handlers (built in the lifespan), and the one way handlers run blocking work."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
+
+import anyio.to_thread
+from litestar.datastructures import State
+from litestar.params import Dependency
+
+from loupe.runtime import Runtime
+
+T = TypeVar("T")
+
+# The runtime is injected as is: it is our own object, there is nothing to validate or convert.
+RT = Annotated[Runtime, Dependency(skip_validation=True)]
+
+
+def provide_runtime(state: State) -> Runtime:
+    return state.runtime  # type: ignore[no-any-return]
+
+
+async def blocking(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Model passes, FAISS, decoding and database calls run in worker threads, never on the event loop."""
+    return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))

@@ -1,0 +1,76 @@
+"""The Litestar application: routes, dependency wiring and the lifespan that opens stores and models."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib import resources
+from pathlib import Path
+
+import anyio.to_thread
+from litestar import Litestar
+from litestar.di import Provide
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import ScalarRenderPlugin
+from litestar.static_files import create_static_files_router
+
+from loupe import __version__
+from loupe.api.deps import provide_runtime
+from loupe.api.errors import EXCEPTION_HANDLERS
+from loupe.api.images import ImageController
+from loupe.api.search import SearchController
+from loupe.api.system import health
+from loupe.config import Settings
+from loupe.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+def frontend_dir() -> Path | None:
+    packaged = Path(str(resources.files("loupe"))) / "frontend"
+    source = Path(__file__).resolve().parents[2] / "frontend"
+    for d in (packaged, source):
+        if (d / "index.html").exists():
+            return d
+    return None
+
+
+def create_app(settings: Settings, runtime: Runtime | None = None) -> Litestar:
+    """Build the app. With `runtime`, the caller owns the stores (tests); otherwise the lifespan opens them."""
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        limiter = anyio.to_thread.current_default_thread_limiter()
+        limiter.total_tokens = settings.server.threads
+        own = runtime is None
+        rt = runtime or await anyio.to_thread.run_sync(lambda: Runtime.open(settings, start_workers=True))
+        app.state.runtime = rt
+        if rt.clip.info.is_demo:
+            log.warning("Loupe is serving with the OFFLINE DEMO MODEL (see /api/health)")
+        try:
+            yield
+        finally:
+            if own:
+                await anyio.to_thread.run_sync(rt.close)
+
+    handlers: list = [ImageController, SearchController, health]
+    ui = frontend_dir()
+    if ui is not None:
+        handlers.append(create_static_files_router(path="/", directories=[ui], html_mode=True, name="ui"))
+    return Litestar(
+        route_handlers=handlers,
+        lifespan=[lifespan],
+        dependencies={"rt": Provide(provide_runtime, sync_to_thread=False)},
+        exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+        request_max_body_size=settings.server.max_request_mb * 1024 * 1024,
+        multipart_form_part_limit=settings.ingest.max_files_per_request + 16,
+        openapi_config=OpenAPIConfig(
+            title="Loupe",
+            version=__version__,
+            description="Semantic image search: by words, by example, by the text inside pictures.",
+            path="/api/docs",
+            render_plugins=[ScalarRenderPlugin()],
+        ),
+        debug=False,
+    )

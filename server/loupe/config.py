@@ -1,0 +1,125 @@
+"""One Settings object, validated once at start; the only place defaults live.
+
+Flat: LOUPE_DATA_DIR, LOUPE_CLIP_MODEL, LOUPE_DATABASE_URL, LOUPE_QDRANT_URL.
+Nested: LOUPE_<AREA>__<NAME>, e.g. LOUPE_INGEST__BATCH_SIZE=16, LOUPE_INDEX__EXACT_MAX=50000.
+An optional `.env` in the working directory is read too.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
+
+
+class ServerSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    max_request_mb: int = Field(512, ge=1, description="largest request body accepted, in MiB")
+    threads: int = Field(8, ge=1, description="worker threads for blocking handlers")
+
+
+class IngestSettings(BaseModel):
+    max_file_mb: int = Field(100, ge=1)
+    max_pixels: int = Field(120_000_000, ge=1, description="larger images are rejected (decompression bombs)")
+    max_files_per_request: int = Field(500, ge=1)
+    batch_size: int = Field(16, ge=1, le=1024, description="images a worker claims and embeds at once")
+    max_attempts: int = Field(3, ge=1)
+    retry_base_s: float = Field(2.0, ge=0)
+    lease_s: float = Field(600.0, gt=0, description="a claim older than this is taken back by another worker")
+    poll_s: float = Field(1.0, gt=0)
+    workers: int = Field(1, ge=0, description="ingest worker threads in the server (0: none)")
+    thumbnail_px: int = Field(384, ge=32, le=4096)
+    thumbnail_quality: int = Field(80, ge=1, le=100)
+
+
+class ModelSettings(BaseModel):
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    torch_threads: int = Field(0, ge=0, description="0: torch's default")
+    text_cache_size: int = Field(4096, ge=0)
+    demo_fallback: bool = Field(True, description="offline with the default model: start on the demo model")
+
+
+class IndexSettings(BaseModel):
+    exact_max: int = Field(
+        20_000,
+        ge=0,
+        description="the mirror stays exact (flat) up to this many vectors, then goes approximate",
+    )
+    factory: str = Field("IVF{nlist},PQ{m}x8", description="FAISS factory string of the approximate index")
+    nlist: int = Field(0, ge=0, description="0: about 4*sqrt(n), clamped to [16, 65536]")
+    pq_m: int = Field(0, ge=0, description="0: dimension/4 sub-quantizers")
+    nprobe: int = Field(32, ge=1)
+    rerank_factor: int = Field(10, ge=1, description="candidates re-ranked exactly = limit * factor")
+    rebuild_lag: int = Field(
+        200_000, ge=1, description="replay the change log up to this far behind, else rebuild"
+    )
+    save_every: int = Field(2_000, ge=1, description="persist the mirror after this many applied changes")
+    use_gpu: bool = True
+
+
+class SearchSettings(BaseModel):
+    max_limit: int = Field(500, ge=1)
+    default_limit: int = Field(50, ge=1)
+    max_terms: int = Field(16, ge=1)
+    max_offset: int = Field(10_000, ge=0, description="deepest result a cursor can reach")
+    overfetch: int = Field(16, ge=0, description="extra candidates fetched to make up for masked deletions")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="LOUPE_", env_nested_delimiter="__", env_file=".env", extra="ignore"
+    )
+
+    data_dir: Path = Path("./data")
+    clip_model: str = DEFAULT_CLIP_MODEL
+    database_url: str | None = Field(None, description="default: SQLite in the data directory")
+    qdrant_url: str | None = Field(None, description="default: Qdrant Edge embedded in the data directory")
+    qdrant_api_key: str | None = None
+    log_level: str = "INFO"
+
+    server: ServerSettings = ServerSettings()
+    ingest: IngestSettings = IngestSettings()
+    model: ModelSettings = ModelSettings()
+    index: IndexSettings = IndexSettings()
+    search: SearchSettings = SearchSettings()
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, v: Path) -> Path:
+        return v.expanduser().resolve()
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'loupe.db'}"
+
+    @property
+    def clip_model_is_default(self) -> bool:
+        return self.clip_model == DEFAULT_CLIP_MODEL
+
+    def public_dict(self) -> dict[str, Any]:
+        """Effective settings with secrets masked (for `loupe config` and logs)."""
+        data = json.loads(self.model_dump_json())
+        data["database_url"] = _mask_url(self.effective_database_url)
+        if data.get("qdrant_url"):
+            data["qdrant_url"] = _mask_url(data["qdrant_url"])
+        if data.get("qdrant_api_key"):
+            data["qdrant_api_key"] = "***"
+        return data
+
+
+def _mask_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not an SQLAlchemy URL (e.g. http://): mask userinfo by hand
+        if "@" in url and "://" in url:
+            scheme, rest = url.split("://", 1)
+            return f"{scheme}://***@{rest.split('@', 1)[1]}"
+        return url

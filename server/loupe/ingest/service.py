@@ -1,0 +1,288 @@
+"""The write path: validate -> store the blob -> record as pending -> (worker) decode, embed, index, ready."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+
+from loupe.config import IngestSettings
+from loupe.errors import LoupeError, NotFound, TooLarge
+from loupe.ingest.validate import clean_name, decode_rgb, inspect_upload, make_thumbnail
+from loupe.models.clip import ClipModel
+from loupe.models.vectors import normalize
+from loupe.storage.blobs.files import FileBlobStore
+from loupe.storage.metadata.repo import MetadataRepo, NewImage
+from loupe.storage.metadata.tables import Image, utcnow
+from loupe.storage.vectors.base import VectorStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class UploadOutcome:
+    filename: str
+    status: str  # accepted | duplicate | rejected
+    id: int | None = None
+    error: dict[str, str] | None = None
+
+
+@dataclass
+class BatchReport:
+    claimed: int = 0
+    ready: int = 0
+    failed: int = 0
+    retried: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class IngestService:
+    def __init__(
+        self,
+        *,
+        settings: IngestSettings,
+        repo: MetadataRepo,
+        blobs: FileBlobStore,
+        vectors: VectorStore,
+        clip: ClipModel,
+        collection: str,
+        model_version_id: int,
+        on_indexed: Callable[[], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.repo = repo
+        self.blobs = blobs
+        self.vectors = vectors
+        self.clip = clip
+        self.collection = collection
+        self.model_version_id = model_version_id
+        self.on_indexed = on_indexed
+        self.work_available = threading.Event()
+
+    # ------------------------------------------------------------ upload
+
+    def upload(
+        self, files: Sequence[tuple[str | None, bytes]], tags: Sequence[str] = ()
+    ) -> list[UploadOutcome]:
+        """Check, store and record each file; answers per file. Nothing half-written on a rejection."""
+        if len(files) > self.settings.max_files_per_request:
+            raise TooLarge(
+                f"{len(files)} files in one request, over the limit of {self.settings.max_files_per_request} "
+                "(use POST /api/images/bulk, or LOUPE_INGEST__MAX_FILES_PER_REQUEST)",
+                code="too_many_files",
+            )
+        outcomes = [self._upload_one(name, data, tuple(tags)) for name, data in files]
+        if any(o.status == "accepted" for o in outcomes):
+            self.work_available.set()
+        return outcomes
+
+    def _upload_one(self, name: str | None, data: bytes, tags: tuple[str, ...]) -> UploadOutcome:
+        filename = clean_name(name)
+        try:
+            facts = inspect_upload(
+                data, max_bytes=self.settings.max_file_mb * 1024 * 1024, max_pixels=self.settings.max_pixels
+            )
+        except LoupeError as exc:
+            return UploadOutcome(filename, "rejected", error={"code": exc.code, "message": exc.message})
+        sha = hashlib.sha256(data).hexdigest()
+        existing = self.repo.get_by_sha(sha)
+        if existing is not None:
+            return UploadOutcome(filename, "duplicate", id=existing.id)
+        # The blob goes first: a row never points at a missing file. A crash between the two leaves only an
+        # unreferenced blob, which `loupe reindex --repair` removes.
+        self.blobs.put_original(sha, data)
+        image, created = self.repo.insert_image(
+            NewImage(
+                sha256=sha,
+                original_name=filename,
+                format=facts.format,
+                mime=facts.mime,
+                size_bytes=len(data),
+                width=facts.width,
+                height=facts.height,
+                frames=facts.frames,
+                tags=tags,
+            )
+        )
+        return UploadOutcome(filename, "accepted" if created else "duplicate", id=image.id)
+
+    # ------------------------------------------------------------ the worker's step
+
+    def process_batch(self, limit: int | None = None) -> BatchReport:
+        """Claim a batch of pending images, decode, thumbnail, embed, upsert, mark ready (or failed)."""
+        report = BatchReport()
+        claimed = self.repo.claim_pending(limit or self.settings.batch_size, self.settings.lease_s)
+        report.claimed = len(claimed)
+        if not claimed:
+            return report
+        t0 = time.perf_counter()
+        decoded: list[tuple[Image, Any]] = []
+        for image in claimed:
+            try:
+                data = self.blobs.read_original(image.sha256)
+            except FileNotFoundError:
+                self._fail(image, "blob_missing", "the stored original is missing", report, permanent=True)
+                continue
+            try:
+                rgb = decode_rgb(
+                    data, max_pixels=self.settings.max_pixels, min_side=2 * self.clip.info.image_size
+                )
+                self.blobs.put_thumbnail(
+                    image.sha256,
+                    make_thumbnail(rgb, self.settings.thumbnail_px, self.settings.thumbnail_quality),
+                )
+                decoded.append((image, rgb))
+            except LoupeError as exc:
+                self._fail(image, exc.code, exc.message, report, permanent=True)
+            except Exception as exc:  # unexpected: retry with backoff, keep the traceback in the log
+                log.exception("decoding image %s failed", image.id)
+                self._fail(image, "decode_error", f"unexpected {type(exc).__name__}", report, permanent=False)
+        t1 = time.perf_counter()
+        if decoded:
+            try:
+                vecs = self.clip.embed_images([rgb for _, rgb in decoded])
+                t2 = time.perf_counter()
+                ids = [int(img.id) for img, _ in decoded]  # type: ignore[arg-type]
+                self.vectors.upsert(self.collection, ids, vecs, [{"image_id": i} for i in ids])
+                t3 = time.perf_counter()
+                # The image tower saw the oriented picture; record oriented dimensions.
+                dims = {int(img.id): rgb.size for img, rgb in decoded}  # type: ignore[arg-type]
+                self.repo.mark_ready(ids, self.model_version_id, dims)
+                report.ready += len(ids)
+                report.seconds.update(embed=t2 - t1, upsert=t3 - t2, commit=time.perf_counter() - t3)
+            except Exception as exc:
+                log.exception("embedding/indexing a batch of %d failed", len(decoded))
+                for img, _ in decoded:
+                    self._fail(
+                        img,
+                        "index_error",
+                        f"embedding or indexing failed: {type(exc).__name__}",
+                        report,
+                        permanent=False,
+                    )
+        report.seconds["decode"] = t1 - t0
+        if report.ready and self.on_indexed:
+            self.on_indexed()
+        return report
+
+    def _fail(self, image: Image, code: str, message: str, report: BatchReport, *, permanent: bool) -> None:
+        attempts = image.attempts  # already counts this attempt (claim increments it)
+        if permanent or attempts >= self.settings.max_attempts:
+            self.repo.mark_failed(int(image.id), code, message, retry_at=None)  # type: ignore[arg-type]
+            report.failed += 1
+        else:
+            delay = self.settings.retry_base_s * (2 ** max(0, attempts - 1))
+            self.repo.mark_failed(int(image.id), code, message, retry_at=utcnow() + timedelta(seconds=delay))  # type: ignore[arg-type]
+            report.retried += 1
+
+    def drain(self, timeout_s: float = 600.0) -> int:
+        """Process until nothing is due (tests, CLI import). Returns how many became ready."""
+        deadline = time.monotonic() + timeout_s
+        ready = 0
+        while time.monotonic() < deadline:
+            report = self.process_batch()
+            ready += report.ready
+            if report.claimed == 0:
+                return ready
+        return ready
+
+    # ------------------------------------------------------------ vectors without pictures
+
+    def add_vectors(
+        self,
+        vectors: np.ndarray,
+        *,
+        width: int = 1,
+        height: int = 1,
+        tags: Sequence[Sequence[str]] | None = None,
+    ) -> list[int]:
+        """Add images that are only vectors (tests, benchmarks): the same rows, points, change log and mirror
+        updates as the worker writes, without a picture to decode."""
+        vecs = normalize(np.asarray(vectors, dtype=np.float32))
+        if vecs.ndim != 2 or vecs.shape[1] != self.clip.dim:
+            raise ValueError(f"expected (n, {self.clip.dim}) vectors, got {vecs.shape}")
+        ids: list[int] = []
+        for k, v in enumerate(vecs):
+            sha = hashlib.sha256(b"vector:" + v.tobytes()).hexdigest()
+            image, _ = self.repo.insert_image(
+                NewImage(
+                    sha256=sha,
+                    original_name=f"vector-{k}",
+                    format="VECTOR",
+                    mime="application/octet-stream",
+                    size_bytes=0,
+                    width=width,
+                    height=height,
+                    frames=1,
+                    tags=tuple(tags[k]) if tags else (),
+                )
+            )
+            ids.append(int(image.id))  # type: ignore[arg-type]
+        for start in range(0, len(ids), 1024):
+            chunk = ids[start : start + 1024]
+            self.vectors.upsert(
+                self.collection, chunk, vecs[start : start + 1024], [{"image_id": i} for i in chunk]
+            )
+            self.repo.mark_ready(chunk, self.model_version_id, {})
+        if self.on_indexed:
+            self.on_indexed()
+        return ids
+
+    # ------------------------------------------------------------ delete
+
+    def delete(self, image_id: int) -> None:
+        """Gone from every store: the row (and a change-log entry) first, then the vector and the files."""
+        image = self.repo.delete_image(image_id, self.model_version_id)
+        if image is None:
+            raise NotFound(f"image {image_id} does not exist")
+        self.vectors.delete(self.collection, [image_id])
+        if image.format != "VECTOR":
+            self.blobs.delete(image.sha256)
+        if self.on_indexed:
+            self.on_indexed()
+
+
+class IngestWorker:
+    """A background thread that runs the ingest service's batches until stopped; wakes on new uploads."""
+
+    def __init__(self, service: IngestService, poll_s: float, name: str = "loupe-ingest") -> None:
+        self.service = service
+        self.poll_s = poll_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                report = self.service.process_batch()
+            except Exception:
+                log.exception("ingest worker step failed; retrying shortly")
+                self._stop.wait(self.poll_s)
+                continue
+            if report.claimed == 0:
+                self.service.work_available.wait(self.poll_s)
+                self.service.work_available.clear()
+            elif report.ready or report.failed:
+                log.info(
+                    "ingest: %d ready, %d failed, %d to retry (%s)",
+                    report.ready,
+                    report.failed,
+                    report.retried,
+                    ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in report.seconds.items()),
+                )
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Graceful: finish the batch in hand (its rows are committed or stay claimed and are resumed)."""
+        self._stop.set()
+        self.service.work_available.set()
+        self._thread.join(timeout)

@@ -1,0 +1,170 @@
+"""Image checks at the edge (cheap, before a byte is stored) and the one full decode the worker does."""
+
+from __future__ import annotations
+
+import io
+import re
+import unicodedata
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from loupe.errors import InvalidImage, TooLarge, UnsupportedFormat
+
+# Formats Loupe stores and searches; anything else Pillow happens to open is refused by name.
+SUPPORTED = {
+    "JPEG": "image/jpeg",
+    "PNG": "image/png",
+    "WEBP": "image/webp",
+    "GIF": "image/gif",
+    "BMP": "image/bmp",
+    "TIFF": "image/tiff",
+}
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+@dataclass(frozen=True)
+class ImageFacts:
+    format: str
+    mime: str
+    width: int
+    height: int
+    frames: int
+
+
+class DecodeError(InvalidImage):
+    """The bytes passed the upload checks but the full decode failed (recorded on the image as `failed`)."""
+
+    code = "decode_error"
+
+
+def clean_name(name: str | None) -> str:
+    """A display name only: never used as a path. Basename, no control characters, at most 255 characters."""
+    if not name:
+        return ""
+    name = unicodedata.normalize("NFC", name).replace("\\", "/").rsplit("/", 1)[-1]
+    name = re.sub(r"[\x00-\x1f\x7f]", "", name).strip().lstrip(".")
+    return name[:255]
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    with warnings.catch_warnings():
+        # Our own limit below decides; Pillow's warning threshold is lower than LOUPE_INGEST__MAX_PIXELS may be.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as exc:
+            raise TooLarge("image has too many pixels (decompression bomb?)", code="too_many_pixels") from exc
+        except UnidentifiedImageError as exc:
+            raise InvalidImage("the file is not an image Loupe can read", code="not_an_image") from exc
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise InvalidImage("the image header is corrupt", code="corrupt_image") from exc
+    w, h = img.size
+    if w <= 0 or h <= 0:
+        raise InvalidImage("the image has no pixels", code="corrupt_image")
+    if w * h > max_pixels:
+        raise TooLarge(
+            f"the image has {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,} (LOUPE_INGEST__MAX_PIXELS)",
+            code="too_many_pixels",
+        )
+    return img
+
+
+def inspect_upload(data: bytes, *, max_bytes: int, max_pixels: int) -> ImageFacts:
+    """Type sniffing, Pillow open/verify, pixel limit, and a cheap reduced decode where one exists."""
+    if not data:
+        raise InvalidImage("the file is empty", code="empty_file")
+    if len(data) > max_bytes:
+        raise TooLarge(
+            f"the file is {len(data):,} bytes, over the limit of {max_bytes:,} (LOUPE_INGEST__MAX_FILE_MB)",
+            code="file_too_large",
+        )
+    img = _open(data, max_pixels)
+    fmt = (img.format or "").upper()
+    if fmt == "MPO":  # multi-picture JPEG from cameras: the first picture is a plain JPEG
+        fmt = "JPEG"
+    if fmt not in SUPPORTED:
+        raise UnsupportedFormat(
+            f"{fmt or 'this'} images are not supported (supported: {', '.join(sorted(SUPPORTED))})",
+            code="unsupported_format",
+        )
+    frames = int(getattr(img, "n_frames", 1) or 1)
+    width, height = img.size
+    try:
+        img.verify()
+    except Exception as exc:  # Pillow raises many types from verify()
+        raise InvalidImage("the image data is corrupt", code="corrupt_image") from exc
+    # verify() checks structure (and PNG checksums); a reduced decode also catches truncation cheaply.
+    try:
+        img = Image.open(io.BytesIO(data))
+        if fmt == "JPEG":
+            img.draft("RGB", (max(1, width // 8), max(1, height // 8)))
+            img.load()
+        elif width * height <= 16_000_000:
+            img.load()
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise InvalidImage(f"the image data is truncated or corrupt ({fmt})", code="corrupt_image") from exc
+    if (width, height) != img.size and fmt != "JPEG":
+        raise InvalidImage("the image size changed on decode", code="corrupt_image")
+    orientation = 1
+    try:
+        orientation = int(img.getexif().get(0x0112, 1))
+    except Exception:  # a broken EXIF block is not a reason to refuse the picture
+        orientation = 1
+    if orientation in (5, 6, 7, 8):
+        width, height = height, width
+    return ImageFacts(format=fmt, mime=SUPPORTED[fmt], width=width, height=height, frames=frames)
+
+
+def decode_rgb(data: bytes, *, max_pixels: int, min_side: int | None = None) -> Image.Image:
+    """The full decode: first frame, EXIF orientation applied, any mode (CMYK, 16-bit, alpha, palette) to RGB.
+
+    With `min_side`, a JPEG is decoded at a reduced scale (DCT draft) that keeps its shorter side at least that
+    large: a large photo decodes several times faster and the model sees the same picture.
+    """
+    try:
+        img = _open(data, max_pixels)
+        if min_side and (img.format or "").upper() in {"JPEG", "MPO"}:
+            w, h = img.size
+            scale = max(1.0, min(w, h) / min_side)
+            img.draft("RGB", (int(w / scale), int(h / scale)))
+        img.seek(0)
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return to_rgb(img)
+    except (TooLarge, InvalidImage):
+        raise
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise DecodeError(f"the image cannot be decoded: {type(exc).__name__}") from exc
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit greyscale: scale the used range to 8 bits instead of clipping it to white.
+        import numpy as np
+
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+        return Image.fromarray(arr.astype("uint8"), "L").convert("RGB")
+    if img.mode == "F":
+        return img.convert("L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return img.convert("RGB")  # CMYK, YCbCr, L, 1, P, LAB, HSV
+
+
+def make_thumbnail(img: Image.Image, max_px: int, quality: int) -> bytes:
+    thumb = img.copy()
+    thumb.thumbnail((max_px, max_px), Image.Resampling.LANCZOS)
+    out = io.BytesIO()
+    thumb.save(out, "WEBP", quality=quality, method=4)
+    return out.getvalue()

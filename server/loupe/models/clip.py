@@ -1,0 +1,204 @@
+"""CLIP through torch + transformers: any Hugging Face CLIP checkpoint id or local directory.
+
+Image and text towers give L2-normalized float32 vectors in one space. Offline with the default checkpoint and
+nothing cached, the offline demo model (the tiny CLIP, trained once into the data directory) takes its place and
+says so loudly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+from PIL import Image
+
+from loupe.errors import ConfigError
+from loupe.models.vectors import normalize
+
+log = logging.getLogger(__name__)
+
+DEMO_MODEL_NAME = "loupe/demo-tiny-clip"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    source: str
+    fingerprint: str
+    dim: int
+    image_size: int
+    max_text_tokens: int
+    is_demo: bool
+    device: str
+
+
+class ClipModel:
+    """Both towers of one CLIP checkpoint. Thread-safe: forward passes are serialized per model."""
+
+    def __init__(self, model: Any, tokenizer: Any, image_processor: Any, info: ModelInfo) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.info = info
+        self._lock = threading.Lock()
+
+    @property
+    def dim(self) -> int:
+        return self.info.dim
+
+    def preprocess(self, images: list[Image.Image]) -> Any:
+        return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+
+    def embed_pixels(self, pixel_values: Any) -> np.ndarray:
+        import torch
+
+        with self._lock, torch.inference_mode():
+            pv = pixel_values.to(self.model.device, dtype=self.model.dtype)
+            out = self.model.get_image_features(pixel_values=pv)
+            feats = out.pooler_output if hasattr(out, "pooler_output") else out
+            return normalize(feats.float().cpu().numpy())
+
+    def embed_images(self, images: list[Image.Image]) -> np.ndarray:
+        if not images:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return self.embed_pixels(self.preprocess(images))
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        import torch
+
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        enc = self.tokenizer(
+            texts, padding=True, truncation=True, max_length=self.info.max_text_tokens, return_tensors="pt"
+        )
+        with self._lock, torch.inference_mode():
+            enc = {k: v.to(self.model.device) for k, v in enc.items()}
+            out = self.model.get_text_features(**enc)
+            feats = out.pooler_output if hasattr(out, "pooler_output") else out
+            return normalize(feats.float().cpu().numpy())
+
+
+def _fingerprint(model: Any) -> str:
+    """Stable identity of the weights: the config plus samples of the first and last tensors."""
+    h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    state = model.state_dict()
+    keys = sorted(state)
+    for key in keys[:4] + keys[-4:]:
+        t = state[key].detach().flatten()[:4096].float().cpu().numpy()
+        h.update(key.encode())
+        h.update(t.tobytes())
+    return h.hexdigest()[:32]
+
+
+def _resolve_device(setting: str) -> str:
+    import torch
+
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return setting
+
+
+def load_clip(
+    source: str, *, device: str = "auto", is_demo: bool = False, local_only: bool = False
+) -> ClipModel:
+    """Load a CLIP checkpoint (hub id or directory) with the Pillow image processor (no torchvision)."""
+    import torch
+    from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel
+
+    dev = _resolve_device(device)
+    kwargs: dict[str, Any] = {"local_files_only": local_only}
+    model = CLIPModel.from_pretrained(source, **kwargs)
+    if dev.startswith("cuda"):
+        model = model.to(dev, dtype=torch.float16)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    image_processor = CLIPImageProcessorPil.from_pretrained(source, **kwargs)
+    vision = model.config.vision_config
+    info = ModelInfo(
+        name=DEMO_MODEL_NAME if is_demo else source,
+        source=str(source),
+        fingerprint=_fingerprint(model),
+        dim=int(model.config.projection_dim),
+        image_size=int(vision.image_size),
+        max_text_tokens=int(model.config.text_config.max_position_embeddings),
+        is_demo=is_demo,
+        device=dev,
+    )
+    return ClipModel(model, tokenizer, image_processor, info)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}:
+        return False
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    parsed = urlparse(endpoint)
+    host = parsed.hostname or "huggingface.co"
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def demo_model_dir(data_dir: Path) -> Path:
+    return data_dir / "models" / "demo-tiny-clip"
+
+
+def open_clip_for_settings(
+    clip_model: str, *, is_default: bool, data_dir: Path, device: str, demo_fallback: bool
+) -> ClipModel:
+    """The configured model, or (offline, default model, nothing cached) the demo model, trained once if needed."""
+    path = Path(clip_model).expanduser()
+    if path.exists():
+        try:
+            return load_clip(str(path), device=device)
+        except Exception as exc:
+            raise ConfigError(
+                f"LOUPE_CLIP_MODEL={clip_model!r} is a directory but not a loadable CLIP checkpoint: {exc}"
+            ) from exc
+    try:
+        return load_clip(clip_model, device=device, local_only=True)  # already in the Hugging Face cache
+    except OSError:
+        pass
+    online = hub_reachable()
+    if online:
+        try:
+            return load_clip(clip_model, device=device)
+        except OSError as exc:
+            if not is_default:
+                raise ConfigError(f"LOUPE_CLIP_MODEL={clip_model!r} cannot be loaded: {exc}") from exc
+    elif not is_default:
+        raise ConfigError(
+            f"LOUPE_CLIP_MODEL={clip_model!r} is not cached locally and the model hub cannot be reached "
+            "(offline). Point LOUPE_CLIP_MODEL at a local checkpoint directory, or go online once to fetch it."
+        )
+    if not demo_fallback:
+        raise ConfigError(
+            f"LOUPE_CLIP_MODEL={clip_model!r} cannot be loaded (offline?) and LOUPE_MODEL__DEMO_FALLBACK is off."
+        )
+    from loupe.models import tiny_clip
+
+    target = demo_model_dir(data_dir)
+    log.warning("=" * 78)
+    log.warning("OFFLINE DEMO MODEL: %s cannot be loaded (no network, not cached).", clip_model)
+    log.warning("Loupe runs on its tiny demo CLIP (coloured shapes only): search quality on real photos")
+    log.warning("will be poor. Set LOUPE_CLIP_MODEL to a local checkpoint directory for real use.")
+    log.warning("=" * 78)
+    if not (target / "loupe_recipe.json").exists():
+        log.warning("training the demo model once into %s (a few minutes on 2 CPU cores)...", target)
+    tiny_clip.ensure_model(
+        target,
+        progress=lambda step, total, loss: log.info(
+            "demo model training: step %d/%d loss %.3f", step, total, loss
+        ),
+    )
+    return load_clip(str(target), device=device, is_demo=True)

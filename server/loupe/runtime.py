@@ -1,0 +1,334 @@
+"""Builds every store and service from Settings: used by the app's lifespan, the CLI and the tests alike."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+from pathlib import Path
+from typing import IO, Any
+
+from sqlalchemy import Engine
+
+from loupe.config import Settings
+from loupe.errors import ConfigError, DataDirLocked
+from loupe.index.faiss_mirror import FaissMirror
+from loupe.ingest.service import IngestService, IngestWorker
+from loupe.models.clip import DEMO_MODEL_NAME, ClipModel, demo_model_dir, load_clip, open_clip_for_settings
+from loupe.search.service import SearchService
+from loupe.signing import load_or_create_secret
+from loupe.storage.blobs.files import FileBlobStore
+from loupe.storage.metadata.engine import create_db_engine, is_sqlite, upgrade
+from loupe.storage.metadata.repo import MetadataRepo
+from loupe.storage.metadata.tables import ModelVersion
+from loupe.storage.vectors.base import VectorStore
+
+log = logging.getLogger(__name__)
+
+
+class DataDirLock:
+    """Embedded stores belong to one process: an exclusive flock on <data_dir>/loupe.lock."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = data_dir / "loupe.lock"
+        self._file: IO[str] | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")  # noqa: SIM115 - held for the life of the process
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            f.close()
+            raise DataDirLocked(
+                f"the data directory {self.path.parent} is in use by another Loupe process "
+                "(a running server?): stop it first, or use that server's API"
+            ) from exc
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        self._file = f
+
+    def release(self) -> None:
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+
+
+def open_vector_store(settings: Settings) -> VectorStore:
+    if settings.qdrant_url:
+        from loupe.storage.vectors.server import QdrantServerVectorStore
+
+        if settings.qdrant_url.startswith(":memory:") or settings.qdrant_url.startswith("local:"):
+            # qdrant-client's local mode: the server protocol's stand-in for tests, never for real use.
+            from qdrant_client import QdrantClient
+
+            path = settings.qdrant_url.removeprefix("local:")
+            client = QdrantClient(location=":memory:") if path == ":memory:" else QdrantClient(path=path)
+            return QdrantServerVectorStore(client)
+        return QdrantServerVectorStore.connect(settings.qdrant_url, settings.qdrant_api_key)
+    from loupe.storage.vectors.edge import EdgeVectorStore
+
+    return EdgeVectorStore(settings.data_dir / "qdrant")
+
+
+def collection_name(version: ModelVersion) -> str:
+    return f"clip_v{version.id}_{version.dim}"
+
+
+def resolve_model(settings: Settings, repo: MetadataRepo) -> tuple[ClipModel, ModelVersion]:
+    """Load the library's model. The active version in the database wins over LOUPE_CLIP_MODEL; a different
+    explicit value is refused rather than silently mixing two embedding spaces."""
+    device = settings.model.device
+    active = repo.active_model("clip")
+    if active is None:
+        clip = open_clip_for_settings(
+            settings.clip_model,
+            is_default=settings.clip_model_is_default,
+            data_dir=settings.data_dir,
+            device=device,
+            demo_fallback=settings.model.demo_fallback,
+        )
+        version = repo.activate_first_model(
+            "clip", clip.info.name, clip.info.fingerprint, clip.info.dim, clip.info.is_demo
+        )
+        return clip, version
+    configured_differs = not settings.clip_model_is_default and settings.clip_model != active.name
+    if configured_differs:
+        raise ConfigError(
+            f"LOUPE_CLIP_MODEL={settings.clip_model!r} differs from this library's model {active.name!r}. "
+            "Unset it to keep the library's model, or switch models with `loupe model use NAME` "
+            "(re-embeds into a new collection)."
+        )
+    if active.is_demo:
+        if settings.clip_model_is_default:
+            clip = open_clip_for_settings(
+                settings.clip_model,
+                is_default=True,
+                data_dir=settings.data_dir,
+                device=device,
+                demo_fallback=True,
+            )
+            if not clip.info.is_demo:
+                log.warning(
+                    "%s is now available, but this library was built with the demo model; "
+                    "it stays on the demo model until `loupe model use %s`",
+                    settings.clip_model,
+                    settings.clip_model,
+                )
+                clip = load_clip(str(demo_model_dir(settings.data_dir)), device=device, is_demo=True)
+        else:
+            clip = load_clip(str(demo_model_dir(settings.data_dir)), device=device, is_demo=True)
+    else:
+        try:
+            clip = open_clip_for_settings(
+                active.name, is_default=False, data_dir=settings.data_dir, device=device, demo_fallback=False
+            )
+        except ConfigError as exc:
+            raise ConfigError(
+                f"this library's model {active.name!r} cannot be loaded: {exc.message}"
+            ) from exc
+    if clip.info.fingerprint != active.fingerprint or clip.info.dim != active.dim:
+        raise ConfigError(
+            f"the weights of {active.name!r} changed since this library was embedded with them "
+            f"(fingerprint {clip.info.fingerprint} != {active.fingerprint}); re-embed with `loupe model use`"
+        )
+    return clip, active
+
+
+class Runtime:
+    """Every store and service of one Loupe process. A plain class (not a dataclass): Litestar injects it as is."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        engine: Engine,
+        repo: MetadataRepo,
+        blobs: FileBlobStore,
+        vectors: VectorStore,
+        clip: ClipModel,
+        model_version: ModelVersion,
+        collection: str,
+        mirror: FaissMirror,
+        ingest: IngestService,
+        search: SearchService,
+        secret: bytes,
+        lock: DataDirLock | None,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.repo = repo
+        self.blobs = blobs
+        self.vectors = vectors
+        self.clip = clip
+        self.model_version = model_version
+        self.collection = collection
+        self.mirror = mirror
+        self.ingest = ingest
+        self.search = search
+        self.secret = secret
+        self.lock = lock
+        self.workers: list[IngestWorker] = []
+
+    @classmethod
+    def open(cls, settings: Settings, *, start_workers: bool = False, take_lock: bool = True) -> Runtime:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        lock = DataDirLock(settings.data_dir) if take_lock else None
+        if lock:
+            lock.acquire()
+        try:
+            return cls._build(settings, lock, start_workers)
+        except BaseException:
+            if lock:
+                lock.release()
+            raise
+
+    @classmethod
+    def _build(cls, settings: Settings, lock: DataDirLock | None, start_workers: bool) -> Runtime:
+        if settings.model.torch_threads:
+            import torch
+
+            torch.set_num_threads(settings.model.torch_threads)
+        engine = create_db_engine(settings.effective_database_url)
+        try:
+            upgrade(engine)
+        except Exception as exc:
+            raise ConfigError(
+                f"cannot open or migrate the database at LOUPE_DATABASE_URL "
+                f"({settings.public_dict()['database_url']}): {type(exc).__name__}: {exc}"
+            ) from exc
+        repo = MetadataRepo(engine)
+        if is_sqlite(engine):
+            released = repo.release_claims()
+            if released:
+                log.info("resuming %d images interrupted while processing", released)
+        blobs = FileBlobStore(settings.data_dir / "blobs")
+        vectors = open_vector_store(settings)
+        clip, version = resolve_model(settings, repo)
+        collection = collection_name(version)
+        vectors.ensure_collection(collection, version.dim)
+        mirror = FaissMirror(
+            settings.data_dir / "mirror" / collection,
+            collection=collection,
+            model_version_id=int(version.id),  # type: ignore[arg-type]
+            dim=version.dim,
+            settings=settings.index,
+        )
+        report = mirror.open(repo, vectors)
+        log.info(
+            "FAISS mirror %s: %d vectors (%s), %s",
+            collection,
+            mirror.live_count,
+            mirror.index_type,
+            "rebuilt from the vector store" if report.rebuilt else f"replayed {report.applied} changes",
+        )
+        secret = load_or_create_secret(settings.data_dir)
+        rt_holder: dict[str, Any] = {}
+
+        def on_indexed() -> None:
+            rt_holder["rt"].sync_mirror()
+
+        ingest = IngestService(
+            settings=settings.ingest,
+            repo=repo,
+            blobs=blobs,
+            vectors=vectors,
+            clip=clip,
+            collection=collection,
+            model_version_id=int(version.id),  # type: ignore[arg-type]
+            on_indexed=on_indexed,
+        )
+        search = SearchService(
+            settings=settings.search,
+            repo=repo,
+            clip=clip,
+            mirror=mirror,
+            vectors=vectors,
+            collection=collection,
+            secret=secret,
+            text_cache_size=settings.model.text_cache_size,
+        )
+        rt = cls(
+            settings=settings,
+            engine=engine,
+            repo=repo,
+            blobs=blobs,
+            vectors=vectors,
+            clip=clip,
+            model_version=version,
+            collection=collection,
+            mirror=mirror,
+            ingest=ingest,
+            search=search,
+            secret=secret,
+            lock=lock,
+        )
+        rt_holder["rt"] = rt
+        if start_workers:
+            rt.start_workers()
+        return rt
+
+    def sync_mirror(self) -> None:
+        self.mirror.sync(self.repo, self.vectors)
+
+    def start_workers(self) -> None:
+        for n in range(self.settings.ingest.workers):
+            worker = IngestWorker(self.ingest, self.settings.ingest.poll_s, name=f"loupe-ingest-{n}")
+            worker.start()
+            self.workers.append(worker)
+        if self.repo.counts_by_state().get("pending"):
+            self.ingest.work_available.set()
+
+    def health(self) -> dict[str, Any]:
+        info = self.clip.info
+        out: dict[str, Any] = {
+            "status": "ok",
+            "counts": self.repo.counts_by_state(),
+            "model": {
+                "name": info.name,
+                "source": info.source,
+                "version": self.model_version.id,
+                "fingerprint": info.fingerprint,
+                "dim": info.dim,
+                "device": info.device,
+                "demo": info.is_demo,
+            },
+            "stores": {
+                "metadata": self.engine.dialect.name,
+                "vectors": self.vectors.kind,
+                "collection": self.collection,
+                "mirror": self.mirror.stats(),
+                "blobs": "files",
+            },
+            "warnings": [],
+        }
+        if info.is_demo:
+            out["status"] = "degraded"
+            out["warnings"].append(
+                {
+                    "code": "demo_model",
+                    "message": "Running on the offline demo model (tiny CLIP trained on coloured shapes): "
+                    "search quality on real pictures is poor. Set LOUPE_CLIP_MODEL to a real CLIP checkpoint.",
+                }
+            )
+        return out
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+        self.workers.clear()
+        try:
+            self.sync_mirror()
+            self.mirror.save()
+        except Exception:
+            log.exception("saving the FAISS mirror at shutdown failed (it will catch up at the next start)")
+        self.vectors.close()
+        self.engine.dispose()
+        if self.lock:
+            self.lock.release()
+
+
+__all__ = ["DEMO_MODEL_NAME", "Runtime"]

@@ -1,0 +1,255 @@
+"""The read path: compose the query vector, generate candidates from the FAISS mirror, join metadata, page.
+
+Paging is keyset on (score desc, id asc) inside a signed cursor that also carries the page depth and a digest
+of the query, so the next page never repeats or skips a hit and any API node can serve it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from loupe.config import SearchSettings
+from loupe.errors import InvalidQuery, NotFound
+from loupe.index.faiss_mirror import FaissMirror
+from loupe.models.clip import ClipModel
+from loupe.models.vectors import normalize
+from loupe.search.query import Channel, Hit, SearchRequest, SearchResponse, Term
+from loupe.signing import Signer, digest
+from loupe.storage.metadata.repo import MetadataRepo
+from loupe.storage.metadata.tables import ImageState
+from loupe.storage.vectors.base import VectorStore
+
+
+class TextEmbeddingCache:
+    """LRU of query-text embeddings (text -> unit vector)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._data: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def get_many(self, clip: ClipModel, texts: Sequence[str]) -> list[np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        missing: list[str] = []
+        with self._lock:
+            for t in texts:
+                v = self._data.get(t)
+                if v is None:
+                    missing.append(t)
+                else:
+                    self._data.move_to_end(t)
+                    out[t] = v
+                    self.hits += 1
+        if missing:
+            uniq = list(dict.fromkeys(missing))
+            vecs = clip.embed_texts(uniq)
+            with self._lock:
+                for t, v in zip(uniq, vecs, strict=True):
+                    out[t] = v
+                    self.misses += 1
+                    if self.size:
+                        self._data[t] = v
+                        while len(self._data) > self.size:
+                            self._data.popitem(last=False)
+        return [out[t] for t in texts]
+
+
+class SearchService:
+    def __init__(
+        self,
+        *,
+        settings: SearchSettings,
+        repo: MetadataRepo,
+        clip: ClipModel,
+        mirror: FaissMirror,
+        vectors: VectorStore,
+        collection: str,
+        secret: bytes,
+        text_cache_size: int = 4096,
+    ) -> None:
+        self.settings = settings
+        self.repo = repo
+        self.clip = clip
+        self.mirror = mirror
+        self.vectors = vectors
+        self.collection = collection
+        self.cursors = Signer(secret, "search-cursor")
+        self.text_cache = TextEmbeddingCache(text_cache_size)
+
+    # ------------------------------------------------------------ composition
+
+    def image_vector(self, image_id: int) -> np.ndarray:
+        v = self.mirror.vector(image_id)
+        if v is None:
+            got = self.vectors.retrieve(self.collection, [image_id])
+            v = got.get(image_id)
+        if v is None:
+            image = self.repo.get_image(image_id)
+            if image is None:
+                raise NotFound(f"image {image_id} does not exist", detail={"field": "image_id"})
+            raise InvalidQuery(
+                f"image {image_id} is {image.state} and has no vector yet",
+                code="image_not_ready",
+                detail={"field": "image_id"},
+            )
+        return v
+
+    def compose(self, terms: Sequence[Term], extra: Sequence[tuple[np.ndarray, float]] = ()) -> np.ndarray:
+        """normalize(sum(w_i * e_i)) over the clip-channel terms (and any extra pre-embedded vectors)."""
+        if len(terms) + len(extra) > self.settings.max_terms:
+            raise InvalidQuery(
+                f"{len(terms) + len(extra)} terms, over the limit of {self.settings.max_terms}",
+                detail={"field": "query"},
+            )
+        for i, t in enumerate(terms):
+            if t.channel not in (Channel.clip,):
+                raise InvalidQuery(
+                    f"channel {t.channel.value!r} is not available yet (only 'clip')",
+                    detail={"field": f"query[{i}].channel"},
+                )
+        total = np.zeros(self.clip.dim, dtype=np.float32)
+        texts = [t.text for t in terms if t.text is not None]
+        text_vecs = iter(self.text_cache.get_many(self.clip, texts)) if texts else iter(())
+        for i, t in enumerate(terms):
+            if t.text is not None:
+                e = next(text_vecs)
+            elif t.image_id is not None:
+                e = self.image_vector(t.image_id)
+            else:
+                e = np.asarray(t.vector, dtype=np.float32)
+                if e.shape != (self.clip.dim,):
+                    raise InvalidQuery(
+                        f"vector has {e.shape[0]} dimensions, the model's space has {self.clip.dim}",
+                        detail={"field": f"query[{i}].vector"},
+                    )
+                if not np.all(np.isfinite(e)):
+                    raise InvalidQuery("vector has non-finite values", detail={"field": f"query[{i}].vector"})
+                e = normalize(e)
+            total += np.float32(t.weight) * e
+        for e, w in extra:
+            total += np.float32(w) * normalize(e)
+        if float(np.linalg.norm(total)) < 1e-6:
+            raise InvalidQuery("the terms cancel out: the composed query is empty", detail={"field": "query"})
+        return normalize(total)
+
+    # ------------------------------------------------------------ search
+
+    def search(
+        self,
+        req: SearchRequest,
+        *,
+        extra: Sequence[tuple[np.ndarray, float]] = (),
+        exclude: Sequence[int] = (),
+        return_query_term: bool = False,
+        cursor_scope: Any = None,
+    ) -> SearchResponse:
+        t0 = time.perf_counter()
+        limit = min(req.limit, self.settings.max_limit)
+        scope = cursor_scope if cursor_scope is not None else req.model_dump(mode="json", exclude={"cursor"})
+        qhash = digest(scope)
+        offset, after = 0, None
+        if req.cursor:
+            cur = self.cursors.loads(req.cursor)
+            if cur.get("q") != qhash:
+                raise InvalidQuery(
+                    "cursor belongs to a different query", code="bad_cursor", detail={"field": "cursor"}
+                )
+            offset, after = int(cur["o"]), (float(cur["s"]), int(cur["i"]))
+        if offset > self.settings.max_offset:
+            raise InvalidQuery(
+                f"results deeper than {self.settings.max_offset} are not served", detail={"field": "cursor"}
+            )
+        query = self.compose(req.query, extra)
+        t1 = time.perf_counter()
+        hits, last, plan, t_search, t_join = self._page(
+            query, offset, after, limit, set(exclude), req.min_score
+        )
+        t2 = time.perf_counter()
+        next_cursor = None
+        if last is not None:
+            next_cursor = self.cursors.dumps(
+                {"q": qhash, "o": offset + len(hits), "s": last[1], "i": last[0]}
+            )
+        term = Term(vector=query.tolist(), weight=1.0) if return_query_term else None
+        timing = {
+            "embed": (t1 - t0) * 1000,
+            "search": t_search * 1000,
+            "join": t_join * 1000,
+            "total": (t2 - t0) * 1000,
+        }
+        return SearchResponse(
+            hits=hits,
+            next_cursor=next_cursor,
+            timing_ms={k: round(v, 3) for k, v in timing.items()},
+            plan=plan,
+            query_term=term,
+        )
+
+    def _page(
+        self,
+        query: np.ndarray,
+        offset: int,
+        after: tuple[float, int] | None,
+        limit: int,
+        exclude: set[int],
+        min_score: float | None,
+    ) -> tuple[list[Hit], tuple[int, float] | None, dict[str, Any], float, float]:
+        """One page of hits, and the raw (id, score) of its last hit when more follow."""
+        k = offset + limit + len(exclude) + self.settings.overfetch + 1
+        t_search = t_join = 0.0
+        while True:
+            ts = time.perf_counter()
+            ids, scores = self.mirror.search(query, k)
+            t_search += time.perf_counter() - ts
+            exhausted = len(ids) < k
+            cand: list[tuple[int, float]] = []
+            for i, s in zip(ids.tolist(), scores.tolist(), strict=True):
+                if i in exclude:
+                    continue
+                if after is not None and (s > after[0] or (s == after[0] and i <= after[1])):
+                    continue  # on or before the previous page's last hit
+                if min_score is not None and s < min_score:
+                    exhausted = True
+                    break
+                cand.append((i, s))
+            tj = time.perf_counter()
+            rows = self.repo.get_images([i for i, _ in cand[: limit + self.settings.overfetch + 1]])
+            t_join += time.perf_counter() - tj
+            # Ids the database no longer has (deleted, not yet out of the mirror) are masked here.
+            live = [(i, s) for i, s in cand if i in rows and rows[i].state == ImageState.ready]
+            enough = len(live) > limit or exhausted
+            if enough or k >= self.settings.max_offset + limit + 1024:
+                break
+            k *= 2
+        page = live[:limit]
+        more = len(live) > limit
+        hits = [
+            Hit(
+                id=i,
+                score=round(s, 6),
+                channels={"clip": round(s, 6)},
+                width=rows[i].width,
+                height=rows[i].height,
+                thumbnail_url=f"/api/images/{i}/thumbnail",
+                file_url=f"/api/images/{i}/file",
+            )
+            for i, s in page
+        ]
+        plan = {
+            "candidates": "faiss-mirror",
+            "index": self.mirror.index_type,
+            "k": k,
+            "vectors": self.mirror.live_count,
+        }
+        return hits, (page[-1] if more and page else None), plan, t_search, t_join
+
+    def similar(self, image_id: int, limit: int, cursor: str | None) -> SearchResponse:
+        req = SearchRequest(query=[Term(image_id=image_id)], limit=limit, cursor=cursor)
+        return self.search(req, exclude=[image_id])

@@ -1,0 +1,308 @@
+"""The metadata repository: every query Loupe makes of the relational database, on SQLite and Postgres alike."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import Engine, delete, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session
+
+from loupe.storage.metadata.engine import is_sqlite
+from loupe.storage.metadata.tables import (
+    ChangeLog,
+    ChangeOp,
+    Image,
+    ImageState,
+    ImageTag,
+    ModelVersion,
+    utcnow,
+)
+
+
+@dataclass(frozen=True)
+class NewImage:
+    sha256: str
+    original_name: str
+    format: str
+    mime: str
+    size_bytes: int
+    width: int
+    height: int
+    frames: int
+    tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Change:
+    seq: int
+    image_id: int
+    op: ChangeOp
+
+
+class MetadataRepo:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._sqlite = is_sqlite(engine)
+
+    def session(self) -> Session:
+        return Session(self.engine, expire_on_commit=False)
+
+    # ------------------------------------------------------------ images
+
+    def insert_image(self, new: NewImage) -> tuple[Image, bool]:
+        """Insert a pending image. Returns (image, created); the same bytes twice return the existing row."""
+        with self.session() as s:
+            existing = s.execute(select(Image).where(Image.sha256 == new.sha256)).scalars().first()
+            if existing is not None:
+                return existing, False
+            image = Image(
+                sha256=new.sha256,
+                original_name=new.original_name,
+                format=new.format,
+                mime=new.mime,
+                size_bytes=new.size_bytes,
+                width=new.width,
+                height=new.height,
+                frames=new.frames,
+                state=ImageState.pending,
+            )
+            s.add(image)
+            try:
+                s.flush()
+                for tag in dict.fromkeys(new.tags):
+                    s.add(ImageTag(image_id=image.id, tag=tag))
+                s.commit()
+            except IntegrityError:
+                # Lost a race with a concurrent upload of the same bytes.
+                s.rollback()
+                row = s.execute(select(Image).where(Image.sha256 == new.sha256)).scalars().first()
+                if row is None:
+                    raise
+                return row, False
+            return image, True
+
+    def get_image(self, image_id: int) -> Image | None:
+        with self.session() as s:
+            return s.get(Image, image_id)
+
+    def get_images(self, ids: Sequence[int]) -> dict[int, Image]:
+        """One round trip for a page of hits."""
+        if not ids:
+            return {}
+        with self.session() as s:
+            rows = s.execute(select(Image).where(Image.id.in_(list(ids)))).scalars().all()
+            return {r.id: r for r in rows}
+
+    def ready_ids(self, ids: Sequence[int]) -> set[int]:
+        if not ids:
+            return set()
+        with self.session() as s:
+            rows = s.execute(
+                select(Image.id).where(Image.id.in_(list(ids)), Image.state == ImageState.ready)
+            ).all()
+            return {r[0] for r in rows}
+
+    def get_by_sha(self, sha256: str) -> Image | None:
+        with self.session() as s:
+            return s.execute(select(Image).where(Image.sha256 == sha256)).scalars().first()
+
+    def existing_hashes(self, hashes: Iterable[str]) -> dict[str, int]:
+        hs = list(dict.fromkeys(hashes))
+        if not hs:
+            return {}
+        with self.session() as s:
+            rows = s.execute(select(Image.sha256, Image.id).where(Image.sha256.in_(hs))).all()
+            return {sha: i for sha, i in rows}
+
+    def tags_for(self, ids: Sequence[int]) -> dict[int, list[str]]:
+        out: dict[int, list[str]] = {i: [] for i in ids}
+        if not ids:
+            return out
+        with self.session() as s:
+            rows = s.execute(
+                select(ImageTag.image_id, ImageTag.tag)
+                .where(ImageTag.image_id.in_(list(ids)))
+                .order_by(ImageTag.tag)
+            ).all()
+            for image_id, tag in rows:
+                out.setdefault(image_id, []).append(tag)
+        return out
+
+    def browse(
+        self, *, before_id: int | None, limit: int, states: Sequence[str] | None = None
+    ) -> list[Image]:
+        """Newest first (ids are assigned in insertion order), keyset-paged by id."""
+        stmt = select(Image).order_by(Image.id.desc())
+        if before_id is not None:
+            stmt = stmt.where(Image.id < before_id)
+        if states:
+            stmt = stmt.where(Image.state.in_(list(states)))
+        with self.session() as s:
+            return list(s.execute(stmt.limit(limit)).scalars().all())
+
+    def counts_by_state(self) -> dict[str, int]:
+        with self.session() as s:
+            rows = s.execute(select(Image.state, func.count()).group_by(Image.state)).all()
+        counts = {st.value: 0 for st in ImageState}
+        counts.update({state: n for state, n in rows})
+        return counts
+
+    def delete_image(self, image_id: int, model_version_id: int | None) -> Image | None:
+        """Remove the row and log the deletion in one transaction. Returns the deleted row."""
+        with self.session() as s:
+            image = s.get(Image, image_id)
+            if image is None:
+                return None
+            s.execute(delete(ImageTag).where(ImageTag.image_id == image_id))
+            s.delete(image)
+            if model_version_id is not None and image.state == ImageState.ready:
+                s.add(ChangeLog(image_id=image_id, model_version_id=model_version_id, op=ChangeOp.delete))
+            s.commit()
+            return image
+
+    # ------------------------------------------------------------ the ingest queue
+
+    def claim_pending(self, limit: int, lease_s: float) -> list[Image]:
+        """Claim up to `limit` due pending images (or stale claims) for this worker.
+
+        One UPDATE ... WHERE id IN (SELECT ... [FOR UPDATE SKIP LOCKED]) RETURNING: on Postgres several workers
+        never claim the same row; SQLite serializes writers, so the single statement is enough there.
+        """
+        now = utcnow()
+        due = or_(
+            (Image.state == ImageState.pending)
+            & (or_(Image.next_attempt_at.is_(None), Image.next_attempt_at <= now)),
+            (Image.state == ImageState.processing) & (Image.claimed_at < now - timedelta(seconds=lease_s)),
+        )
+        sub = select(Image.id).where(due).order_by(Image.id).limit(limit)
+        if not self._sqlite:
+            sub = sub.with_for_update(skip_locked=True)
+        stmt = (
+            update(Image)
+            .where(Image.id.in_(sub.scalar_subquery()))
+            .values(state=ImageState.processing, claimed_at=now, attempts=Image.attempts + 1, updated_at=now)
+            .returning(Image.id)
+        )
+        with self.session() as s:
+            ids = [r[0] for r in s.execute(stmt).all()]
+            s.commit()
+            if not ids:
+                return []
+            rows = s.execute(select(Image).where(Image.id.in_(ids)).order_by(Image.id)).scalars().all()
+            return list(rows)
+
+    def release_claims(self) -> int:
+        """At the start of an embedded (single-process) server every `processing` row is an interrupted claim."""
+        with self.session() as s:
+            result = s.execute(
+                update(Image)
+                .where(Image.state == ImageState.processing)
+                .values(state=ImageState.pending, claimed_at=None, next_attempt_at=None)
+            )
+            s.commit()
+            return int(result.rowcount or 0)
+
+    def mark_ready(
+        self, image_ids: Sequence[int], model_version_id: int, dims: dict[int, tuple[int, int]]
+    ) -> None:
+        """Mark embedded images ready and append their upserts to the change log, atomically."""
+        if not image_ids:
+            return
+        now = utcnow()
+        with self.session() as s:
+            for image_id in image_ids:
+                values: dict[str, object] = {
+                    "state": ImageState.ready,
+                    "ready_at": now,
+                    "updated_at": now,
+                    "claimed_at": None,
+                    "error_code": None,
+                    "error_message": None,
+                }
+                if image_id in dims:
+                    values["width"], values["height"] = dims[image_id]
+                res = s.execute(update(Image).where(Image.id == image_id).values(**values))
+                if res.rowcount:  # deleted meanwhile: nothing to log
+                    s.add(ChangeLog(image_id=image_id, model_version_id=model_version_id, op=ChangeOp.upsert))
+            s.commit()
+
+    def mark_failed(self, image_id: int, code: str, message: str, *, retry_at: datetime | None) -> None:
+        """A failure: back to pending with a retry time, or `failed` for good when retry_at is None."""
+        now = utcnow()
+        with self.session() as s:
+            s.execute(
+                update(Image)
+                .where(Image.id == image_id)
+                .values(
+                    state=ImageState.pending if retry_at else ImageState.failed,
+                    next_attempt_at=retry_at,
+                    claimed_at=None,
+                    error_code=code,
+                    error_message=message[:1000],
+                    updated_at=now,
+                )
+            )
+            s.commit()
+
+    # ------------------------------------------------------------ change log
+
+    def changes_since(self, model_version_id: int, after_seq: int, limit: int) -> list[Change]:
+        with self.session() as s:
+            rows = s.execute(
+                select(ChangeLog.seq, ChangeLog.image_id, ChangeLog.op)
+                .where(ChangeLog.model_version_id == model_version_id, ChangeLog.seq > after_seq)
+                .order_by(ChangeLog.seq)
+                .limit(limit)
+            ).all()
+        return [Change(seq, image_id, ChangeOp(op)) for seq, image_id, op in rows]
+
+    def count_changes_since(self, model_version_id: int, after_seq: int) -> int:
+        with self.session() as s:
+            return int(
+                s.execute(
+                    select(func.count()).where(
+                        ChangeLog.model_version_id == model_version_id,
+                        ChangeLog.seq > after_seq,
+                    )
+                ).one()[0]
+            )
+
+    def last_seq(self) -> int:
+        with self.session() as s:
+            return int(s.execute(select(func.coalesce(func.max(ChangeLog.seq), 0))).one()[0])
+
+    def ready_count(self) -> int:
+        with self.session() as s:
+            return int(s.execute(select(func.count()).where(Image.state == ImageState.ready)).one()[0])
+
+    # ------------------------------------------------------------ model versions
+
+    def active_model(self, channel: str) -> ModelVersion | None:
+        with self.session() as s:
+            return (
+                s.execute(select(ModelVersion).where(ModelVersion.channel == channel, ModelVersion.active))
+                .scalars()
+                .first()
+            )
+
+    def activate_first_model(
+        self, channel: str, name: str, fingerprint: str, dim: int, is_demo: bool
+    ) -> ModelVersion:
+        """Record the model of a new library (the first start). Returns the active version."""
+        with self.session() as s:
+            current = (
+                s.execute(select(ModelVersion).where(ModelVersion.channel == channel, ModelVersion.active))
+                .scalars()
+                .first()
+            )
+            if current is not None:
+                return current
+            version = ModelVersion(
+                channel=channel, name=name, fingerprint=fingerprint, dim=dim, is_demo=is_demo, active=True
+            )
+            s.add(version)
+            s.commit()
+            return version

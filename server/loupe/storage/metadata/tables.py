@@ -1,0 +1,88 @@
+"""SQLModel tables: the source of truth for what exists. Schema changes go through Alembic (migrations/)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+
+from sqlalchemy import BigInteger, Column, ForeignKey, Integer, String
+from sqlmodel import Field, SQLModel
+
+# 63-bit ids everywhere; SQLite only auto-increments a column declared exactly INTEGER PRIMARY KEY.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def utcnow() -> datetime:
+    """Aware UTC (SQLModel's UTCDateTime stores UTC on SQLite and Postgres alike)."""
+    return datetime.now(UTC)
+
+
+class ImageState(StrEnum):
+    pending = "pending"
+    processing = "processing"
+    ready = "ready"
+    failed = "failed"
+
+
+class ChangeOp(StrEnum):
+    upsert = "upsert"
+    delete = "delete"
+
+
+class Image(SQLModel, table=True):
+    __tablename__ = "images"
+
+    id: int | None = Field(default=None, sa_column=Column(BigId, primary_key=True, autoincrement=True))
+    sha256: str = Field(sa_column=Column(String(64), nullable=False, unique=True))
+    original_name: str = Field(default="", max_length=255)
+    format: str = Field(max_length=16)
+    mime: str = Field(max_length=64)
+    size_bytes: int = Field(sa_column=Column(BigInteger, nullable=False))
+    width: int
+    height: int
+    frames: int = 1
+    state: str = Field(default=ImageState.pending, max_length=16, index=True)
+    error_code: str | None = Field(default=None, max_length=64)
+    error_message: str | None = Field(default=None, max_length=1000)
+    attempts: int = 0
+    next_attempt_at: datetime | None = None
+    claimed_at: datetime | None = None
+    created_at: datetime = Field(default_factory=utcnow, index=True)
+    updated_at: datetime = Field(default_factory=utcnow)
+    ready_at: datetime | None = None
+
+
+class ImageTag(SQLModel, table=True):
+    __tablename__ = "image_tags"
+
+    image_id: int = Field(
+        sa_column=Column(BigId, ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    )
+    tag: str = Field(sa_column=Column(String(100), primary_key=True, index=True))
+
+
+class ChangeLog(SQLModel, table=True):
+    """Monotonic log of vector changes; the FAISS mirror replays it from its last applied sequence."""
+
+    __tablename__ = "change_log"
+
+    seq: int | None = Field(default=None, sa_column=Column(BigId, primary_key=True, autoincrement=True))
+    image_id: int = Field(sa_column=Column(BigInteger, nullable=False, index=True))
+    model_version_id: int = Field(index=True)
+    op: str = Field(max_length=8)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class ModelVersion(SQLModel, table=True):
+    """A model whose vectors live in their own Qdrant collection and FAISS mirror."""
+
+    __tablename__ = "model_versions"
+
+    id: int | None = Field(default=None, primary_key=True)
+    channel: str = Field(max_length=16, index=True)
+    name: str = Field(max_length=500, description="hub id or local path as configured")
+    fingerprint: str = Field(max_length=64, description="hash of the model's config and weights")
+    dim: int
+    is_demo: bool = False
+    active: bool = False
+    created_at: datetime = Field(default_factory=utcnow)

@@ -1,0 +1,58 @@
+"""The VectorStore Protocol: what Loupe needs of Qdrant, embedded (Edge) or a server (qdrant-client).
+
+Both implementations are held to one contract test suite (tests/integration/test_vector_store_contract.py).
+Vectors are float32 and L2-normalized by the caller (loupe.models.vectors.normalize); scores are cosine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class VectorHit:
+    id: int
+    score: float
+
+
+class VectorStore(Protocol):
+    kind: str
+
+    def ensure_collection(self, name: str, dim: int) -> None: ...
+
+    def has_collection(self, name: str) -> bool: ...
+
+    def drop_collection(self, name: str) -> None: ...
+
+    def upsert(
+        self,
+        name: str,
+        ids: Sequence[int],
+        vectors: np.ndarray,
+        payloads: Sequence[Mapping[str, Any]] | None = None,
+    ) -> None: ...
+
+    def delete(self, name: str, ids: Sequence[int]) -> None: ...
+
+    def search(self, name: str, vector: np.ndarray, limit: int) -> list[VectorHit]: ...
+
+    def retrieve(self, name: str, ids: Sequence[int]) -> dict[int, np.ndarray]: ...
+
+    def iter_all(self, name: str, batch: int = 1024) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids int64, vectors float32 n x d) in batches, every point of the collection."""
+        ...
+
+    def count(self, name: str) -> int: ...
+
+    def close(self) -> None: ...
+
+
+def as_matrix(vectors: Sequence[Sequence[float]] | np.ndarray, dim: int) -> np.ndarray:
+    arr = np.asarray(vectors, dtype=np.float32)
+    if arr.ndim != 2 or arr.shape[1] != dim:
+        raise ValueError(f"expected vectors of shape (n, {dim}), got {arr.shape}")
+    return arr
