@@ -172,6 +172,7 @@ class Runtime:
         self.secret = secret
         self.lock = lock
         self.workers: list[IngestWorker] = []
+        self.closed = False
 
     @classmethod
     def open(cls, settings: Settings, *, start_workers: bool = False, take_lock: bool = True) -> Runtime:
@@ -317,6 +318,9 @@ class Runtime:
         return out
 
     def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
         for worker in self.workers:
             worker.stop()
         self.workers.clear()

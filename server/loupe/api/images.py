@@ -108,7 +108,9 @@ class ImageController(Controller):
         rt: RT,
         limit: Annotated[int, Parameter(ge=1, le=500)] = 50,
         cursor: Annotated[str | None, Parameter(max_length=512)] = None,
-        only: Annotated[ImageState | None, Parameter(query="state", description="only images in this state")] = None,
+        only: Annotated[
+            ImageState | None, Parameter(query="state", description="only images in this state")
+        ] = None,
     ) -> ImagePage:
         signer = Signer(rt.secret, "browse")
         before = int(signer.loads(cursor)["before"]) if cursor else None

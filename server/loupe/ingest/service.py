@@ -208,12 +208,10 @@ class IngestService:
         vecs = normalize(np.asarray(vectors, dtype=np.float32))
         if vecs.ndim != 2 or vecs.shape[1] != self.clip.dim:
             raise ValueError(f"expected (n, {self.clip.dim}) vectors, got {vecs.shape}")
-        ids: list[int] = []
-        for k, v in enumerate(vecs):
-            sha = hashlib.sha256(b"vector:" + v.tobytes()).hexdigest()
-            image, _ = self.repo.insert_image(
+        ids = self.repo.insert_images_bulk(
+            [
                 NewImage(
-                    sha256=sha,
+                    sha256=hashlib.sha256(b"vector:" + v.tobytes()).hexdigest(),
                     original_name=f"vector-{k}",
                     format="VECTOR",
                     mime="application/octet-stream",
@@ -223,8 +221,9 @@ class IngestService:
                     frames=1,
                     tags=tuple(tags[k]) if tags else (),
                 )
-            )
-            ids.append(int(image.id))  # type: ignore[arg-type]
+                for k, v in enumerate(vecs)
+            ]
+        )
         for start in range(0, len(ids), 1024):
             chunk = ids[start : start + 1024]
             self.vectors.upsert(

@@ -112,7 +112,9 @@ def load_clip(
     """Load a CLIP checkpoint (hub id or directory) with the Pillow image processor (no torchvision)."""
     import torch
     from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     dev = _resolve_device(device)
     kwargs: dict[str, Any] = {"local_files_only": local_only}
     model = CLIPModel.from_pretrained(source, **kwargs)

@@ -84,6 +84,31 @@ class MetadataRepo:
                 return row, False
             return image, True
 
+    def insert_images_bulk(self, news: Sequence[NewImage]) -> list[int]:
+        """Insert many new images in one transaction (vectors without pictures: tests, benchmarks)."""
+        with self.session() as s:
+            rows = [
+                Image(
+                    sha256=n.sha256,
+                    original_name=n.original_name,
+                    format=n.format,
+                    mime=n.mime,
+                    size_bytes=n.size_bytes,
+                    width=n.width,
+                    height=n.height,
+                    frames=n.frames,
+                    state=ImageState.pending,
+                )
+                for n in news
+            ]
+            s.add_all(rows)
+            s.flush()
+            for row, n in zip(rows, news, strict=True):
+                for tag in dict.fromkeys(n.tags):
+                    s.add(ImageTag(image_id=row.id, tag=tag))  # type: ignore[arg-type]
+            s.commit()
+            return [int(r.id) for r in rows]  # type: ignore[arg-type]
+
     def get_image(self, image_id: int) -> Image | None:
         with self.session() as s:
             return s.get(Image, image_id)

@@ -1,0 +1,118 @@
+"""The metadata repository on SQLite and PostgreSQL: identity, the ingest queue, the change log."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+
+import pytest
+
+from loupe.storage.metadata.engine import create_db_engine, upgrade
+from loupe.storage.metadata.repo import MetadataRepo, NewImage
+from loupe.storage.metadata.tables import ChangeOp, ImageState, utcnow
+
+
+@pytest.fixture
+def repo(db_url: str):
+    engine = create_db_engine(db_url)
+    upgrade(engine)
+    yield MetadataRepo(engine)
+    engine.dispose()
+
+
+def new(n: int, tags: tuple[str, ...] = ()) -> NewImage:
+    return NewImage(
+        sha256=f"{n:064x}", original_name=f"{n}.png", format="PNG", mime="image/png",
+        size_bytes=10, width=4, height=3, frames=1, tags=tags,
+    )
+
+
+def test_same_bytes_twice_are_one_image(repo: MetadataRepo):
+    first, created = repo.insert_image(new(1, ("a", "b", "a")))
+    again, created_again = repo.insert_image(new(1))
+    assert created and not created_again
+    assert again.id == first.id
+    assert repo.tags_for([first.id]) == {first.id: ["a", "b"]}
+
+
+def test_ids_are_increasing_integers_and_browse_is_newest_first(repo: MetadataRepo):
+    ids = [repo.insert_image(new(i))[0].id for i in range(1, 8)]
+    assert ids == sorted(ids)
+    page = repo.browse(before_id=None, limit=3)
+    assert [p.id for p in page] == ids[::-1][:3]
+    page2 = repo.browse(before_id=page[-1].id, limit=10)
+    assert [p.id for p in page2] == ids[::-1][3:]
+
+
+def test_concurrent_claims_never_hand_out_the_same_image(repo: MetadataRepo):
+    for i in range(1, 61):
+        repo.insert_image(new(i))
+    claimed: list[list[int]] = []
+    barrier = threading.Barrier(4)
+
+    def worker() -> None:
+        barrier.wait()
+        mine: list[int] = []
+        while batch := repo.claim_pending(5, lease_s=600):
+            mine.extend(int(b.id) for b in batch)
+        claimed.append(mine)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    flat = [i for part in claimed for i in part]
+    assert len(flat) == 60 and len(set(flat)) == 60
+    assert repo.counts_by_state()["processing"] == 60
+
+
+def test_a_stale_claim_is_taken_back_after_the_lease(repo: MetadataRepo):
+    image, _ = repo.insert_image(new(1))
+    assert [i.id for i in repo.claim_pending(10, lease_s=600)] == [image.id]
+    assert repo.claim_pending(10, lease_s=600) == []
+    # With a lease of zero seconds the claim is already stale: another worker may take it.
+    again = repo.claim_pending(10, lease_s=0)
+    assert [i.id for i in again] == [image.id]
+    assert again[0].attempts == 2
+
+
+def test_release_claims_puts_interrupted_work_back_in_the_queue(repo: MetadataRepo):
+    for i in range(1, 4):
+        repo.insert_image(new(i))
+    repo.claim_pending(10, lease_s=600)
+    assert repo.release_claims() == 3
+    assert repo.counts_by_state()["pending"] == 3
+
+
+def test_failures_wait_for_their_retry_time_then_fail_for_good(repo: MetadataRepo):
+    image, _ = repo.insert_image(new(1))
+    repo.claim_pending(1, 600)
+    repo.mark_failed(image.id, "decode_error", "boom", retry_at=utcnow() + timedelta(hours=1))
+    assert repo.claim_pending(1, 600) == []  # not due yet
+    assert repo.get_image(image.id).state == ImageState.pending
+    repo.mark_failed(image.id, "decode_error", "boom", retry_at=utcnow() - timedelta(seconds=1))
+    assert [i.id for i in repo.claim_pending(1, 600)] == [image.id]
+    repo.mark_failed(image.id, "decode_error", "boom", retry_at=None)
+    row = repo.get_image(image.id)
+    assert (row.state, row.error_code) == (ImageState.failed, "decode_error")
+
+
+def test_ready_and_delete_are_logged_in_order(repo: MetadataRepo):
+    a, _ = repo.insert_image(new(1))
+    b, _ = repo.insert_image(new(2))
+    repo.mark_ready([a.id, b.id], model_version_id=1, dims={a.id: (30, 20)})
+    assert repo.get_image(a.id).width == 30
+    repo.delete_image(a.id, model_version_id=1)
+    changes = repo.changes_since(1, 0, 100)
+    assert [(c.image_id, c.op) for c in changes] == [(a.id, ChangeOp.upsert), (b.id, ChangeOp.upsert), (a.id, ChangeOp.delete)]
+    assert [c.seq for c in changes] == sorted(c.seq for c in changes)
+    assert repo.count_changes_since(1, changes[0].seq) == 2
+    assert repo.changes_since(2, 0, 100) == []  # another model version's log is separate
+    assert repo.get_image(a.id) is None and repo.tags_for([a.id]) == {a.id: []}
+
+
+def test_first_model_is_recorded_once(repo: MetadataRepo):
+    v1 = repo.activate_first_model("clip", "m1", "f1", 64, False)
+    v2 = repo.activate_first_model("clip", "m2", "f2", 32, True)
+    assert v2.id == v1.id and repo.active_model("clip").name == "m1"

@@ -1,0 +1,83 @@
+"""One contract, two VectorStores: Qdrant Edge (embedded) and qdrant-client against the server protocol
+(its local mode stands in for a Qdrant server here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from qdrant_client import QdrantClient
+
+from loupe.storage.vectors.edge import EdgeVectorStore
+from loupe.storage.vectors.server import QdrantServerVectorStore
+
+
+@pytest.fixture(params=["edge", "server"])
+def store(request: pytest.FixtureRequest, tmp_path: Path):
+    s = EdgeVectorStore(tmp_path / "edge") if request.param == "edge" else QdrantServerVectorStore(QdrantClient(location=":memory:"))
+    yield s
+    s.close()
+
+
+def unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    v = rng.normal(size=(n, d)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def test_search_ranks_by_cosine_exactly_like_brute_force(store):
+    rng = np.random.default_rng(0)
+    vecs = unit(rng, 300, 16)
+    ids = list(range(1000, 1300))
+    store.ensure_collection("c", 16)
+    store.upsert("c", ids, vecs, [{"image_id": i} for i in ids])
+    q = unit(rng, 1, 16)[0]
+    hits = store.search("c", q, 10)
+    expected = np.argsort(-(vecs @ q))[:10]
+    assert [h.id for h in hits] == [ids[i] for i in expected]
+    assert hits[0].score == pytest.approx(float(vecs[expected[0]] @ q), abs=1e-5)
+
+
+def test_upsert_replaces_retrieve_returns_vectors_and_delete_removes(store):
+    store.ensure_collection("c", 4)
+    eye = np.eye(4, dtype=np.float32)
+    store.upsert("c", [1, 2, 3], eye[:3])
+    store.upsert("c", [2], eye[3:4])  # same id again: replaced, not duplicated
+    assert store.count("c") == 3
+    got = store.retrieve("c", [2, 99])
+    assert set(got) == {2} and np.allclose(got[2], eye[3])
+    store.delete("c", [1])
+    assert store.count("c") == 2
+    assert 1 not in {h.id for h in store.search("c", eye[0], 10)}
+
+
+def test_iter_all_pages_through_every_point(store):
+    rng = np.random.default_rng(1)
+    store.ensure_collection("c", 8)
+    ids = list(range(1, 2501))
+    store.upsert("c", ids, unit(rng, len(ids), 8))
+    seen = []
+    for batch_ids, batch_vecs in store.iter_all("c", batch=700):
+        assert batch_vecs.shape == (len(batch_ids), 8)
+        seen.extend(batch_ids.tolist())
+    assert sorted(seen) == ids
+
+
+def test_collections_are_separate_and_can_be_dropped(store):
+    store.ensure_collection("a", 4)
+    store.ensure_collection("b", 4)
+    store.upsert("a", [1], np.eye(4, dtype=np.float32)[:1])
+    assert store.count("b") == 0 and store.has_collection("a")
+    store.drop_collection("a")
+    assert not store.has_collection("a")
+
+
+def test_edge_store_survives_a_reopen(tmp_path: Path):
+    s = EdgeVectorStore(tmp_path / "edge")
+    s.ensure_collection("c", 4)
+    s.upsert("c", [7, 8], np.eye(4, dtype=np.float32)[:2])
+    s.close()
+    s2 = EdgeVectorStore(tmp_path / "edge")
+    s2.ensure_collection("c", 4)
+    assert s2.count("c") == 2 and set(s2.retrieve("c", [7, 8])) == {7, 8}
+    s2.close()

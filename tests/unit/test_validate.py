@@ -1,0 +1,139 @@
+"""Upload checks and the worker's decode: every awkward file gets a clear code, good ones decode right."""
+
+from __future__ import annotations
+
+import pytest
+
+from loupe.errors import InvalidImage, LoupeError, TooLarge, UnsupportedFormat
+from loupe.ingest.validate import clean_name, decode_rgb, inspect_upload, make_thumbnail
+from tests.fixtures import images as mk
+
+LIMITS = {"max_bytes": 10 * 1024 * 1024, "max_pixels": 50_000_000}
+
+
+def code_of(data: bytes, **limits: int) -> str:
+    with pytest.raises(LoupeError) as info:
+        inspect_upload(data, **{**LIMITS, **limits})
+    return info.value.code
+
+
+def test_empty_file_is_rejected_as_empty():
+    assert code_of(b"") == "empty_file"
+
+
+def test_text_file_is_not_an_image():
+    assert code_of(b"hello, I am not a picture at all") == "not_an_image"
+
+
+def test_file_over_the_size_limit_is_rejected_before_decoding():
+    assert code_of(mk.jpeg(), max_bytes=100) == "file_too_large"
+
+
+def test_decompression_bomb_is_rejected_by_pixel_count():
+    with pytest.raises(TooLarge) as info:
+        inspect_upload(mk.png_bomb(20000, 20000), **LIMITS)
+    assert info.value.code == "too_many_pixels"
+    assert "pixels" in info.value.message
+
+
+def test_unsupported_format_is_named():
+    with pytest.raises(UnsupportedFormat) as info:
+        inspect_upload(mk.ppm(), **LIMITS)
+    assert "PPM" in info.value.message
+
+
+@pytest.mark.parametrize("keep", [0.3, 0.6, 0.9])
+def test_truncated_png_is_corrupt(keep: float):
+    data = mk.noise_png(1, 96)
+    with pytest.raises(InvalidImage) as info:
+        inspect_upload(mk.truncated(data, keep), **LIMITS)
+    assert info.value.code in {"corrupt_image", "not_an_image"}
+
+
+def test_truncated_jpeg_is_caught_by_the_reduced_decode():
+    from PIL import Image
+    import numpy as np
+
+    arr = np.random.default_rng(3).integers(0, 255, (400, 400, 3), dtype=np.uint8)
+    data = mk.encode(Image.fromarray(arr), "JPEG", quality=95)
+    with pytest.raises(InvalidImage):
+        inspect_upload(mk.truncated(data, 0.5), **LIMITS)
+
+
+def test_good_formats_report_their_facts():
+    facts = inspect_upload(mk.jpeg(64, 48), **LIMITS)
+    assert (facts.format, facts.mime, facts.width, facts.height) == ("JPEG", "image/jpeg", 64, 48)
+    assert inspect_upload(mk.png(10, 20), **LIMITS).format == "PNG"
+    assert inspect_upload(mk.encode(mk.Image.new("RGB", (9, 9)), "WEBP"), **LIMITS).format == "WEBP"
+
+
+def test_exif_rotation_swaps_reported_dimensions_and_is_applied_on_decode():
+    data = mk.exif_rotated_jpeg(80, 40, orientation=6)
+    facts = inspect_upload(data, **LIMITS)
+    assert (facts.width, facts.height) == (40, 80)
+    assert decode_rgb(data, max_pixels=LIMITS["max_pixels"]).size == (40, 80)
+
+
+def test_animated_gif_counts_frames_and_decodes_the_first():
+    data = mk.animated_gif(3)
+    assert inspect_upload(data, **LIMITS).frames == 3
+    img = decode_rgb(data, max_pixels=LIMITS["max_pixels"])
+    assert img.mode == "RGB" and img.size == (40, 40)
+    assert img.getpixel((5, 5))[2] > 150  # first frame is blue-ish (0, 20, 200)
+
+
+@pytest.mark.parametrize(
+    "maker",
+    [mk.cmyk_jpeg, mk.png16, mk.rgba_png, mk.palette_png_with_transparency],
+    ids=["cmyk", "16-bit", "alpha", "palette-transparent"],
+)
+def test_every_mode_decodes_to_rgb(maker):
+    data = maker()
+    inspect_upload(data, **LIMITS)
+    img = decode_rgb(data, max_pixels=LIMITS["max_pixels"])
+    assert img.mode == "RGB"
+    assert len(make_thumbnail(img, 64, 80)) > 0
+
+
+def test_sixteen_bit_greyscale_keeps_its_gradient():
+    img = decode_rgb(mk.png16(), max_pixels=LIMITS["max_pixels"])
+    left, right = img.getpixel((0, 16))[0], img.getpixel((63, 16))[0]
+    assert left < 20 and right > 235  # scaled, not clipped to white
+
+
+def test_alpha_is_composited_on_white():
+    img = decode_rgb(mk.rgba_png(), max_pixels=LIMITS["max_pixels"])
+    r, g, b = img.getpixel((10, 10))
+    assert r > 250 and 120 < g < 135  # half-transparent red over white
+
+
+def test_jpeg_draft_decode_keeps_the_shorter_side_at_least_min_side():
+    data = mk.jpeg(2000, 1000)
+    img = decode_rgb(data, max_pixels=LIMITS["max_pixels"], min_side=200)
+    assert min(img.size) >= 200 and img.size[0] < 2000
+
+
+@pytest.mark.parametrize(
+    ("raw", "clean"),
+    [
+        ("../../etc/passwd", "passwd"),
+        ("..\\..\\windows\\system32\\x.png", "x.png"),
+        ("a\x00b\x1f.png", "ab.png"),
+        (".hidden.png", "hidden.png"),
+        ("x" * 400 + ".png", "x" * 255),
+        (None, ""),
+    ],
+)
+def test_hostile_file_names_are_reduced_to_a_display_name(raw, clean):
+    assert clean_name(raw) == clean
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_bit_flipped_files_never_escape_as_unexpected_exceptions(seed: int):
+    for data in (mk.jpeg(120, 90), mk.noise_png(seed, 48), mk.animated_gif(2)):
+        broken = mk.bit_flipped(data, seed)
+        try:
+            inspect_upload(broken, **LIMITS)
+            decode_rgb(broken, max_pixels=LIMITS["max_pixels"])
+        except LoupeError:
+            pass  # a clear code is the point; any other exception type fails the test
