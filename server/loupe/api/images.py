@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from litestar import Controller, Request, delete, get, post
 from litestar.datastructures import UploadFile
-from litestar.params import Parameter
+from litestar.params import FromPath, QueryParameter
 from litestar.response import File, Response
 
 from loupe.api.deps import RT, blocking
@@ -106,10 +106,10 @@ class ImageController(Controller):
     async def browse(
         self,
         rt: RT,
-        limit: Annotated[int, Parameter(ge=1, le=500)] = 50,
-        cursor: Annotated[str | None, Parameter(max_length=512)] = None,
+        limit: Annotated[int, QueryParameter(ge=1, le=500)] = 50,
+        cursor: Annotated[str | None, QueryParameter(max_length=512)] = None,
         only: Annotated[
-            ImageState | None, Parameter(query="state", description="only images in this state")
+            ImageState | None, QueryParameter(query="state", description="only images in this state")
         ] = None,
     ) -> ImagePage:
         signer = Signer(rt.secret, "browse")
@@ -125,7 +125,7 @@ class ImageController(Controller):
         )  # type: ignore[arg-type]
 
     @get("/{image_id:int}", summary="One image: metadata and state")
-    async def detail(self, rt: RT, image_id: int) -> ImageDetail:
+    async def detail(self, rt: RT, image_id: FromPath[int]) -> ImageDetail:
         image = await blocking(rt.repo.get_image, image_id)
         if image is None:
             raise NotFound(f"image {image_id} does not exist")
@@ -133,7 +133,7 @@ class ImageController(Controller):
         return image_detail(image, tags.get(image_id, []))
 
     @get("/{image_id:int}/file", summary="The original file", media_type="application/octet-stream")
-    async def file(self, rt: RT, image_id: int) -> File:
+    async def file(self, rt: RT, image_id: FromPath[int]) -> File:
         image = await blocking(rt.repo.get_image, image_id)
         if image is None or image.format == "VECTOR":
             raise NotFound(f"image {image_id} has no file")
@@ -149,7 +149,7 @@ class ImageController(Controller):
         )
 
     @get("/{image_id:int}/thumbnail", summary="A WebP thumbnail", media_type="image/webp")
-    async def thumbnail(self, rt: RT, image_id: int) -> File:
+    async def thumbnail(self, rt: RT, image_id: FromPath[int]) -> File:
         image = await blocking(rt.repo.get_image, image_id)
         if image is None or image.format == "VECTOR":
             raise NotFound(f"image {image_id} has no thumbnail")
@@ -164,16 +164,16 @@ class ImageController(Controller):
         )
 
     @delete("/{image_id:int}", summary="Delete an image from every store", status_code=204)
-    async def remove(self, rt: RT, image_id: int) -> None:
+    async def remove(self, rt: RT, image_id: FromPath[int]) -> None:
         await blocking(rt.ingest.delete, image_id)
 
     @get("/{image_id:int}/similar", summary="More like this (the image itself excluded)")
     async def similar(
         self,
         rt: RT,
-        image_id: int,
-        limit: Annotated[int, Parameter(ge=1, le=500)] = 50,
-        cursor: Annotated[str | None, Parameter(max_length=4096)] = None,
+        image_id: FromPath[int],
+        limit: Annotated[int, QueryParameter(ge=1, le=500)] = 50,
+        cursor: Annotated[str | None, QueryParameter(max_length=4096)] = None,
     ) -> SearchResponse:
         image = await blocking(rt.repo.get_image, image_id)
         if image is None:

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from litestar import Controller, Request, post
+from litestar.params import JSONBody
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from loupe.api.deps import RT, blocking
@@ -42,7 +43,7 @@ class SearchController(Controller):
     tags = ["search"]
 
     @post("/", status_code=200, summary="Search by weighted text, image-id and vector terms")
-    async def search(self, rt: RT, data: SearchRequest) -> SearchResponse:
+    async def search(self, rt: RT, data: JSONBody[SearchRequest]) -> SearchResponse:
         return await blocking(rt.search.search, data)
 
     @post(

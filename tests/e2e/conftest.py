@@ -1,0 +1,59 @@
+"""HTTP fixtures: a library of labelled shape pictures uploaded through the API of a real app."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from litestar.testing import TestClient
+
+from loupe.app import create_app
+from loupe.config import Settings
+from loupe.runtime import Runtime
+from tests.fixtures.images import Shape, shape_set
+
+PER_CLASS = 8  # 30 classes x 8 = 240 pictures
+
+
+@dataclass
+class Library:
+    client: TestClient
+    runtime: Runtime
+    settings: Settings
+    shapes: dict[int, Shape]  # image id -> what it shows
+
+    def label(self, image_id: int) -> tuple[str, str]:
+        s = self.shapes[image_id]
+        return s.colour, s.shape
+
+
+def upload(client: TestClient, files: list[tuple[str, bytes]], **data: str):
+    return client.post(
+        "/api/images", files=[("file", (name, blob, "application/octet-stream")) for name, blob in files], data=data
+    )
+
+
+def open_library(settings: Settings, shapes: list[Shape]) -> Iterator[Library]:
+    rt = Runtime.open(settings)
+    app = create_app(settings, runtime=rt)
+    with TestClient(app, timeout=120) as client:
+        ids: dict[int, Shape] = {}
+        for start in range(0, len(shapes), 60):
+            chunk = shapes[start : start + 60]
+            res = upload(client, [(s.name, s.data) for s in chunk], tags="shapes")
+            assert res.status_code == 200, res.text
+            for s, outcome in zip(chunk, res.json()["files"], strict=True):
+                assert outcome["status"] == "accepted", outcome
+                ids[outcome["id"]] = s
+        rt.ingest.drain()
+        yield Library(client, rt, settings, ids)
+    rt.close()
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory: pytest.TempPathFactory, tiny_clip_dir: Path) -> Iterator[Library]:
+    """SQLite library (ranking does not depend on the database)."""
+    settings = Settings(data_dir=tmp_path_factory.mktemp("lib"), clip_model=str(tiny_clip_dir))  # type: ignore[arg-type]
+    yield from open_library(settings, shape_set(PER_CLASS))
