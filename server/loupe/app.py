@@ -73,4 +73,5 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Litestar:
             render_plugins=[ScalarRenderPlugin()],
         ),
         debug=False,
+        logging_config=None,  # the CLI configures logging; tests and embedders keep theirs
     )

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Annotated, Any, TypeVar
+from typing import Any, TypeVar
 
 import anyio.to_thread
 from litestar.datastructures import State
-from litestar.params import Dependency
+from litestar.params import SkipValidation
 
 from loupe.runtime import Runtime
 
 T = TypeVar("T")
 
 # The runtime is injected as is: it is our own object, there is nothing to validate or convert.
-RT = Annotated[Runtime, Dependency(skip_validation=True)]
+RT = SkipValidation[Runtime]
 
 
 def provide_runtime(state: State) -> Runtime:

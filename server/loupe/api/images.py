@@ -109,7 +109,7 @@ class ImageController(Controller):
         limit: Annotated[int, QueryParameter(ge=1, le=500)] = 50,
         cursor: Annotated[str | None, QueryParameter(max_length=512)] = None,
         only: Annotated[
-            ImageState | None, QueryParameter(query="state", description="only images in this state")
+            ImageState | None, QueryParameter(name="state", description="only images in this state")
         ] = None,
     ) -> ImagePage:
         signer = Signer(rt.secret, "browse")

@@ -233,8 +233,8 @@ class SearchService:
         hits = [
             Hit(
                 id=i,
-                score=round(s, 6),
-                channels={"clip": round(s, 6)},
+                score=s,
+                channels={"clip": s},
                 width=rows[i].width,
                 height=rows[i].height,
                 thumbnail_url=f"/api/images/{i}/thumbnail",
