@@ -17,7 +17,9 @@ def run_migrations_online() -> None:
         from loupe.config import Settings
         from loupe.storage.metadata.engine import create_db_engine
 
-        engine = create_db_engine(config.get_main_option("sqlalchemy.url") or Settings().effective_database_url)
+        engine = create_db_engine(
+            config.get_main_option("sqlalchemy.url") or Settings().effective_database_url
+        )
     with engine.connect() as connection:
         context.configure(
             connection=connection,

@@ -15,8 +15,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never reach a model hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from loupe.config import Settings  # noqa: E402
-from loupe.models import tiny_clip  # noqa: E402
+from loupe.config import Settings
+from loupe.models import tiny_clip
 
 IN_CI = bool(os.environ.get("CI"))
 

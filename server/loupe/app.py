@@ -44,7 +44,11 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Litestar:
         limiter = anyio.to_thread.current_default_thread_limiter()
         limiter.total_tokens = settings.server.threads
         own = runtime is None
-        rt = runtime or await anyio.to_thread.run_sync(lambda: Runtime.open(settings, start_workers=True))
+        rt = (
+            runtime
+            if runtime is not None
+            else await anyio.to_thread.run_sync(lambda: Runtime.open(settings, start_workers=True))
+        )
         app.state.runtime = rt
         if rt.clip.info.is_demo:
             log.warning("Loupe is serving with the OFFLINE DEMO MODEL (see /api/health)")

@@ -31,7 +31,9 @@ class Library:
 
 def upload(client: TestClient, files: list[tuple[str, bytes]], **data: str):
     return client.post(
-        "/api/images", files=[("file", (name, blob, "application/octet-stream")) for name, blob in files], data=data
+        "/api/images",
+        files=[("file", (name, blob, "application/octet-stream")) for name, blob in files],
+        data=data,
     )
 
 

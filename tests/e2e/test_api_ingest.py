@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+
 import numpy as np
 import pytest
 from litestar.testing import TestClient
@@ -65,7 +66,9 @@ def test_a_few_hundred_uploads_with_duplicates_and_bad_files(api):
     assert rt.ingest.drain() == len(shapes)
     health = client.get("/api/health").json()
     assert health["counts"] == {"pending": 0, "processing": 0, "ready": len(shapes), "failed": 0}
-    assert health["stores"]["vectors"] == "qdrant-edge" and health["stores"]["mirror"]["vectors"] == len(shapes)
+    assert health["stores"]["vectors"] == "qdrant-edge" and health["stores"]["mirror"]["vectors"] == len(
+        shapes
+    )
     assert rt.vectors.count(rt.collection) == len(shapes)
 
     some = accepted[shapes[0].name]
@@ -173,7 +176,7 @@ def test_delete_removes_the_image_from_every_store(api):
 
 
 def test_browse_pages_newest_first_without_gaps(api):
-    client, rt = api
+    client, _rt = api
     res = upload(client, [(f"n{i}.png", mk.noise_png(100 + i, 32)) for i in range(7)])
     ids = [o["id"] for o in res.json()["files"]]
     seen, cursor = [], None
@@ -185,7 +188,9 @@ def test_browse_pages_newest_first_without_gaps(api):
             break
     assert seen == sorted(ids, reverse=True)
     assert client.get("/api/images", params={"state": "ready"}).json()["images"] == []
-    assert client.get("/api/images", params={"cursor": "forged.cursor"}).json()["error"]["code"] == "bad_cursor"
+    assert (
+        client.get("/api/images", params={"cursor": "forged.cursor"}).json()["error"]["code"] == "bad_cursor"
+    )
     assert client.get("/api/images", params={"limit": 0}).status_code == 400
 
 

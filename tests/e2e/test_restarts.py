@@ -47,7 +47,9 @@ class Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+                raise AssertionError(
+                    f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}"
+                )
             try:
                 res = httpx.get(self.url + "/api/health", timeout=2)
                 if res.status_code == 200:
@@ -68,7 +70,9 @@ class Server:
 
 
 @pytest.mark.slow
-def test_kill_9_during_ingest_then_restart_every_accepted_image_becomes_ready(tmp_path: Path, tiny_clip_dir: Path):
+def test_kill_9_during_ingest_then_restart_every_accepted_image_becomes_ready(
+    tmp_path: Path, tiny_clip_dir: Path
+):
     data = tmp_path / "data"
     env = {"LOUPE_CLIP_MODEL": str(tiny_clip_dir), "LOUPE_INGEST__BATCH_SIZE": "4"}
     server = Server(data, env, tmp_path / "server.log")
@@ -77,7 +81,10 @@ def test_kill_9_during_ingest_then_restart_every_accepted_image_becomes_ready(tm
         server.wait_healthy()
         # Large noisy PNGs make decoding and thumbnails slow enough that the kill lands mid-ingest.
         for batch in range(4):
-            files = [("file", (f"b{batch}-{i}.png", mk.noise_png(batch * 100 + i, 900), "image/png")) for i in range(15)]
+            files = [
+                ("file", (f"b{batch}-{i}.png", mk.noise_png(batch * 100 + i, 900), "image/png"))
+                for i in range(15)
+            ]
             res = httpx.post(server.url + "/api/images", files=files, timeout=60)
             assert res.status_code == 200
             accepted |= {f["id"] for f in res.json()["files"] if f["status"] == "accepted"}
@@ -101,7 +108,12 @@ def test_kill_9_during_ingest_then_restart_every_accepted_image_becomes_ready(tm
         health = httpx.get(server.url + "/api/health").json()
         assert health["counts"] == {"pending": 0, "processing": 0, "ready": 60, "failed": 0}
         assert health["stores"]["mirror"]["vectors"] == 60
-        ids = {h["id"] for h in httpx.post(server.url + "/api/search", json={"query": [{"text": "noise"}], "limit": 100}).json()["hits"]}
+        ids = {
+            h["id"]
+            for h in httpx.post(
+                server.url + "/api/search", json={"query": [{"text": "noise"}], "limit": 100}
+            ).json()["hits"]
+        }
         assert ids == accepted
     finally:
         server.stop()
@@ -184,7 +196,12 @@ def test_a_configured_model_that_cannot_load_stops_the_start_naming_the_setting(
         Runtime.open(Settings(data_dir=tmp_path / "d2", clip_model=str(bad_dir)))  # type: ignore[arg-type]
     proc = subprocess.run(
         [sys.executable, "-m", "loupe.cli", "serve", "--port", str(free_port())],
-        env={**os.environ, "LOUPE_DATA_DIR": str(tmp_path / "d3"), "LOUPE_CLIP_MODEL": "someone/not-a-real-model", "HF_HUB_OFFLINE": "1"},
+        env={
+            **os.environ,
+            "LOUPE_DATA_DIR": str(tmp_path / "d3"),
+            "LOUPE_CLIP_MODEL": "someone/not-a-real-model",
+            "HF_HUB_OFFLINE": "1",
+        },
         capture_output=True,
         text=True,
         timeout=120,
@@ -193,7 +210,9 @@ def test_a_configured_model_that_cannot_load_stops_the_start_naming_the_setting(
     assert "LOUPE_CLIP_MODEL" in proc.stderr + proc.stdout
 
 
-def test_a_different_model_for_an_existing_library_is_refused(make_settings, runtime_factory, tmp_path: Path, tiny_clip_dir: Path):
+def test_a_different_model_for_an_existing_library_is_refused(
+    make_settings, runtime_factory, tmp_path: Path, tiny_clip_dir: Path
+):
     settings = make_settings()
     runtime_factory(settings).close()
     other = tmp_path / "other-model"

@@ -36,7 +36,9 @@ def test_text_queries_find_the_right_colour_and_shape(library: Library):
         per_class[f"{c} {s}"] = p
         both.append(p)
         colour.append(sum(g[0] == c for g in got) / 5)
-    print(f"\ntext->image precision@5: mean {np.mean(both):.3f}, colour {np.mean(colour):.3f}; per class {per_class}")
+    print(
+        f"\ntext->image precision@5: mean {np.mean(both):.3f}, colour {np.mean(colour):.3f}; per class {per_class}"
+    )
     assert np.mean(both) >= 0.8
     assert np.mean(colour) >= 0.95
     assert per_class["a red circle".removeprefix("a ")] >= 0.8
@@ -46,7 +48,11 @@ def test_image_queries_return_the_same_class(library: Library):
     held_out = shape_set(per_class=2, seed=999)
     precisions = []
     for item in held_out:
-        res = library.client.post("/api/search/image", files=[("image", (item.name, item.data, "image/png"))], data={"query": json.dumps({"limit": 5})})
+        res = library.client.post(
+            "/api/search/image",
+            files=[("image", (item.name, item.data, "image/png"))],
+            data={"query": json.dumps({"limit": 5})},
+        )
         assert res.status_code == 200, res.text
         got = labels(library, res.json()["hits"])
         precisions.append(sum(g == (item.colour, item.shape) for g in got) / 5)
@@ -58,7 +64,10 @@ def test_a_negative_weight_moves_results_away(library: Library):
     plain = labels(library, search(library, {"query": [{"text": "a red circle"}], "limit": 16})["hits"])
     pushed = labels(
         library,
-        search(library, {"query": [{"text": "a red circle"}, {"text": "a red square", "weight": -0.8}], "limit": 16})["hits"],
+        search(
+            library,
+            {"query": [{"text": "a red circle"}, {"text": "a red square", "weight": -0.8}], "limit": 16},
+        )["hits"],
     )
     assert Counter(plain)[("red", "square")] > Counter(pushed)[("red", "square")]
     assert pushed[0][1] == "circle"  # still a search for circles, just away from red squares
@@ -177,14 +186,16 @@ def test_malformed_queries_are_400_naming_the_field(library: Library, body: dict
 def test_unknown_image_id_is_404_and_bad_json_is_400(library: Library):
     res = library.client.post("/api/search", json={"query": [{"image_id": 987654}]})
     assert res.status_code == 404 and res.json()["error"]["code"] == "not_found"
-    res = library.client.post("/api/search", content=b"{not json", headers={"content-type": "application/json"})
-    assert res.status_code == 400
     res = library.client.post(
-        "/api/search/image", files=[("image", ("x.txt", b"text", "text/plain"))]
+        "/api/search", content=b"{not json", headers={"content-type": "application/json"}
     )
+    assert res.status_code == 400
+    res = library.client.post("/api/search/image", files=[("image", ("x.txt", b"text", "text/plain"))])
     assert res.status_code == 400 and res.json()["error"]["detail"]["field"] == "image[0]"
     res = library.client.post(
-        "/api/search/image", files=[("image", ("x.png", library.shapes[next(iter(library.shapes))].data, "image/png"))], data={"query": "{bad"}
+        "/api/search/image",
+        files=[("image", ("x.png", library.shapes[next(iter(library.shapes))].data, "image/png"))],
+        data={"query": "{bad"},
     )
     assert res.status_code == 400 and res.json()["error"]["detail"]["field"] == "query"
 

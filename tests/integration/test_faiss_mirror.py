@@ -49,7 +49,10 @@ def test_approximate_index_past_the_threshold_keeps_recall(make_settings, runtim
     assert rt.mirror.index_type.startswith("IVF"), rt.mirror.stats()
     queries = clustered(200, rt.clip.dim, seed=4, clusters=200)
     recall = np.mean(
-        [len(set(rt.mirror.search(q, 10)[0].tolist()) & set(exact_top(vecs, ids, q, 10))) / 10 for q in queries]
+        [
+            len(set(rt.mirror.search(q, 10)[0].tolist()) & set(exact_top(vecs, ids, q, 10))) / 10
+            for q in queries
+        ]
     )
     print(f"IVF-PQ + exact re-rank recall@10 at {n} vectors: {recall:.3f} ({rt.mirror.stats()})")
     assert recall >= 0.95
@@ -63,8 +66,13 @@ def test_the_mirror_catches_up_by_replaying_the_change_log(make_settings, runtim
     more = rt.ingest.add_vectors(clustered(300, rt.clip.dim, seed=6))
     rt.ingest.delete(first[0])
     # A second mirror on the same files starts from the saved manifest and replays what came after.
-    fresh = FaissMirror(rt.mirror.directory, collection=rt.collection, model_version_id=rt.mirror.model_version_id,
-                        dim=rt.clip.dim, settings=rt.settings.index)
+    fresh = FaissMirror(
+        rt.mirror.directory,
+        collection=rt.collection,
+        model_version_id=rt.mirror.model_version_id,
+        dim=rt.clip.dim,
+        settings=rt.settings.index,
+    )
     report = fresh.open(rt.repo, rt.vectors)
     assert not report.rebuilt and report.applied == 301 and fresh.last_seq > saved_seq
     assert fresh.live_count == 799 and fresh.vector(first[0]) is None and fresh.vector(more[-1]) is not None
@@ -92,8 +100,13 @@ def test_a_mirror_of_another_model_version_is_not_trusted(make_settings, runtime
     rt = runtime_factory(make_settings())
     rt.ingest.add_vectors(clustered(100, rt.clip.dim, seed=10))
     rt.mirror.save()
-    other = FaissMirror(rt.mirror.directory, collection=rt.collection, model_version_id=999,
-                        dim=rt.clip.dim, settings=rt.settings.index)
+    other = FaissMirror(
+        rt.mirror.directory,
+        collection=rt.collection,
+        model_version_id=999,
+        dim=rt.clip.dim,
+        settings=rt.settings.index,
+    )
     assert other.load() is False
 
 

@@ -22,8 +22,15 @@ def repo(db_url: str):
 
 def new(n: int, tags: tuple[str, ...] = ()) -> NewImage:
     return NewImage(
-        sha256=f"{n:064x}", original_name=f"{n}.png", format="PNG", mime="image/png",
-        size_bytes=10, width=4, height=3, frames=1, tags=tags,
+        sha256=f"{n:064x}",
+        original_name=f"{n}.png",
+        format="PNG",
+        mime="image/png",
+        size_bytes=10,
+        width=4,
+        height=3,
+        frames=1,
+        tags=tags,
     )
 
 
@@ -105,7 +112,11 @@ def test_ready_and_delete_are_logged_in_order(repo: MetadataRepo):
     assert repo.get_image(a.id).width == 30
     repo.delete_image(a.id, model_version_id=1)
     changes = repo.changes_since(1, 0, 100)
-    assert [(c.image_id, c.op) for c in changes] == [(a.id, ChangeOp.upsert), (b.id, ChangeOp.upsert), (a.id, ChangeOp.delete)]
+    assert [(c.image_id, c.op) for c in changes] == [
+        (a.id, ChangeOp.upsert),
+        (b.id, ChangeOp.upsert),
+        (a.id, ChangeOp.delete),
+    ]
     assert [c.seq for c in changes] == sorted(c.seq for c in changes)
     assert repo.count_changes_since(1, changes[0].seq) == 2
     assert repo.changes_since(2, 0, 100) == []  # another model version's log is separate

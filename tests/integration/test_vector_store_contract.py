@@ -15,7 +15,11 @@ from loupe.storage.vectors.server import QdrantServerVectorStore
 
 @pytest.fixture(params=["edge", "server"])
 def store(request: pytest.FixtureRequest, tmp_path: Path):
-    s = EdgeVectorStore(tmp_path / "edge") if request.param == "edge" else QdrantServerVectorStore(QdrantClient(location=":memory:"))
+    s = (
+        EdgeVectorStore(tmp_path / "edge")
+        if request.param == "edge"
+        else QdrantServerVectorStore(QdrantClient(location=":memory:"))
+    )
     yield s
     s.close()
 

@@ -51,8 +51,8 @@ def test_truncated_png_is_corrupt(keep: float):
 
 
 def test_truncated_jpeg_is_caught_by_the_reduced_decode():
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     arr = np.random.default_rng(3).integers(0, 255, (400, 400, 3), dtype=np.uint8)
     data = mk.encode(Image.fromarray(arr), "JPEG", quality=95)
@@ -103,7 +103,7 @@ def test_sixteen_bit_greyscale_keeps_its_gradient():
 
 def test_alpha_is_composited_on_white():
     img = decode_rgb(mk.rgba_png(), max_pixels=LIMITS["max_pixels"])
-    r, g, b = img.getpixel((10, 10))
+    r, g, _b = img.getpixel((10, 10))
     assert r > 250 and 120 < g < 135  # half-transparent red over white
 
 

@@ -121,8 +121,8 @@ class ImageController(Controller):
         tags = await blocking(rt.repo.tags_for, [int(r.id) for r in page])  # type: ignore[arg-type]
         next_cursor = signer.dumps({"before": int(page[-1].id)}) if len(rows) > limit and page else None  # type: ignore[arg-type]
         return ImagePage(
-            images=[image_summary(r, tags.get(int(r.id), [])) for r in page], next_cursor=next_cursor
-        )  # type: ignore[arg-type]
+            images=[image_summary(r, tags.get(r.id or 0, [])) for r in page], next_cursor=next_cursor
+        )
 
     @get("/{image_id:int}", summary="One image: metadata and state")
     async def detail(self, rt: RT, image_id: FromPath[int]) -> ImageDetail:

@@ -155,7 +155,7 @@ class FaissMirror:
     def _tombstone(self, rows: np.ndarray) -> None:
         self._alive[rows] = False
         if self._ann is not None:
-            self._ann.remove_ids(rows)
+            self._ann.remove_ids(rows)  # faiss takes an id array too
 
     def vector(self, image_id: int) -> np.ndarray | None:
         with self._lock:
@@ -230,7 +230,7 @@ class FaissMirror:
                 index.add_with_ids(self._vecs[new_rows], new_rows)
             dead = rows[~self._alive[rows]]
             if len(dead):
-                index.remove_ids(dead)
+                index.remove_ids(dead)  # type: ignore[arg-type]
             self._ann = _to_gpu(index) if self.use_gpu else index
             self._ann_type = factory
             self._ann_params = params

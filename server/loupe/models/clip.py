@@ -117,20 +117,20 @@ def load_clip(
     hf_logging.disable_progress_bar()
     dev = _resolve_device(device)
     kwargs: dict[str, Any] = {"local_files_only": local_only}
-    model = CLIPModel.from_pretrained(source, **kwargs)
+    model: Any = CLIPModel.from_pretrained(source, **kwargs)
     if dev.startswith("cuda"):
         model = model.to(dev, dtype=torch.float16)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     image_processor = CLIPImageProcessorPil.from_pretrained(source, **kwargs)
-    vision = model.config.vision_config
+    config: Any = model.config
     info = ModelInfo(
         name=DEMO_MODEL_NAME if is_demo else source,
         source=str(source),
         fingerprint=_fingerprint(model),
-        dim=int(model.config.projection_dim),
-        image_size=int(vision.image_size),
-        max_text_tokens=int(model.config.text_config.max_position_embeddings),
+        dim=int(config.projection_dim),
+        image_size=int(config.vision_config.image_size),
+        max_text_tokens=int(config.text_config.max_position_embeddings),
         is_demo=is_demo,
         device=dev,
     )

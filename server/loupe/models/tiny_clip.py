@@ -192,8 +192,8 @@ def train_bpe(words: Counter[str], num_merges: int = 400) -> tuple[dict[str, int
     merges: list[tuple[str, str]] = []
     for _ in range(num_merges):
         pairs: Counter[tuple[str, str]] = Counter()
-        for syms, freq in corpus.items():
-            for a, b in itertools.pairwise(syms):
+        for seq, freq in corpus.items():
+            for a, b in itertools.pairwise(seq):
                 pairs[(a, b)] += freq
         if not pairs:
             break
@@ -203,15 +203,15 @@ def train_bpe(words: Counter[str], num_merges: int = 400) -> tuple[dict[str, int
         merges.append((a, b))
         merged = a + b
         new_corpus: dict[tuple[str, ...], int] = {}
-        for syms, freq in corpus.items():
+        for seq, freq in corpus.items():
             out: list[str] = []
             i = 0
-            while i < len(syms):
-                if i + 1 < len(syms) and syms[i] == a and syms[i + 1] == b:
+            while i < len(seq):
+                if i + 1 < len(seq) and seq[i] == a and seq[i + 1] == b:
                     out.append(merged)
                     i += 2
                 else:
-                    out.append(syms[i])
+                    out.append(seq[i])
                     i += 1
             new_corpus[tuple(out)] = new_corpus.get(tuple(out), 0) + freq
         corpus = new_corpus

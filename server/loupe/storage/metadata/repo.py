@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import Engine, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from loupe.storage.metadata.engine import is_sqlite
 from loupe.storage.metadata.tables import (
@@ -55,7 +55,7 @@ class MetadataRepo:
     def insert_image(self, new: NewImage) -> tuple[Image, bool]:
         """Insert a pending image. Returns (image, created); the same bytes twice return the existing row."""
         with self.session() as s:
-            existing = s.execute(select(Image).where(Image.sha256 == new.sha256)).scalars().first()
+            existing = s.execute(select(Image).where(col(Image.sha256) == new.sha256)).scalars().first()
             if existing is not None:
                 return existing, False
             image = Image(
@@ -73,12 +73,12 @@ class MetadataRepo:
             try:
                 s.flush()
                 for tag in dict.fromkeys(new.tags):
-                    s.add(ImageTag(image_id=image.id, tag=tag))
+                    s.add(ImageTag(image_id=int(image.id), tag=tag))  # type: ignore[arg-type]
                 s.commit()
             except IntegrityError:
                 # Lost a race with a concurrent upload of the same bytes.
                 s.rollback()
-                row = s.execute(select(Image).where(Image.sha256 == new.sha256)).scalars().first()
+                row = s.execute(select(Image).where(col(Image.sha256) == new.sha256)).scalars().first()
                 if row is None:
                     raise
                 return row, False
@@ -118,7 +118,7 @@ class MetadataRepo:
         if not ids:
             return {}
         with self.session() as s:
-            rows = s.execute(select(Image).where(Image.id.in_(list(ids)))).scalars().all()
+            rows = s.execute(select(Image).where(col(Image.id).in_(list(ids)))).scalars().all()
             return {r.id: r for r in rows}
 
     def ready_ids(self, ids: Sequence[int]) -> set[int]:
@@ -126,20 +126,22 @@ class MetadataRepo:
             return set()
         with self.session() as s:
             rows = s.execute(
-                select(Image.id).where(Image.id.in_(list(ids)), Image.state == ImageState.ready)
+                select(col(Image.id)).where(
+                    col(Image.id).in_(list(ids)), col(Image.state) == ImageState.ready
+                )
             ).all()
             return {r[0] for r in rows}
 
     def get_by_sha(self, sha256: str) -> Image | None:
         with self.session() as s:
-            return s.execute(select(Image).where(Image.sha256 == sha256)).scalars().first()
+            return s.execute(select(Image).where(col(Image.sha256) == sha256)).scalars().first()
 
     def existing_hashes(self, hashes: Iterable[str]) -> dict[str, int]:
         hs = list(dict.fromkeys(hashes))
         if not hs:
             return {}
         with self.session() as s:
-            rows = s.execute(select(Image.sha256, Image.id).where(Image.sha256.in_(hs))).all()
+            rows = s.execute(select(col(Image.sha256), col(Image.id)).where(col(Image.sha256).in_(hs))).all()
             return {sha: i for sha, i in rows}
 
     def tags_for(self, ids: Sequence[int]) -> dict[int, list[str]]:
@@ -148,9 +150,9 @@ class MetadataRepo:
             return out
         with self.session() as s:
             rows = s.execute(
-                select(ImageTag.image_id, ImageTag.tag)
-                .where(ImageTag.image_id.in_(list(ids)))
-                .order_by(ImageTag.tag)
+                select(col(ImageTag.image_id), col(ImageTag.tag))
+                .where(col(ImageTag.image_id).in_(list(ids)))
+                .order_by(col(ImageTag.tag))
             ).all()
             for image_id, tag in rows:
                 out.setdefault(image_id, []).append(tag)
@@ -160,17 +162,17 @@ class MetadataRepo:
         self, *, before_id: int | None, limit: int, states: Sequence[str] | None = None
     ) -> list[Image]:
         """Newest first (ids are assigned in insertion order), keyset-paged by id."""
-        stmt = select(Image).order_by(Image.id.desc())
+        stmt = select(Image).order_by(col(Image.id).desc())
         if before_id is not None:
-            stmt = stmt.where(Image.id < before_id)
+            stmt = stmt.where(col(Image.id) < before_id)
         if states:
-            stmt = stmt.where(Image.state.in_(list(states)))
+            stmt = stmt.where(col(Image.state).in_(list(states)))
         with self.session() as s:
             return list(s.execute(stmt.limit(limit)).scalars().all())
 
     def counts_by_state(self) -> dict[str, int]:
         with self.session() as s:
-            rows = s.execute(select(Image.state, func.count()).group_by(Image.state)).all()
+            rows = s.execute(select(col(Image.state), func.count()).group_by(col(Image.state))).all()
         counts = {st.value: 0 for st in ImageState}
         counts.update({state: n for state, n in rows})
         return counts
@@ -181,7 +183,7 @@ class MetadataRepo:
             image = s.get(Image, image_id)
             if image is None:
                 return None
-            s.execute(delete(ImageTag).where(ImageTag.image_id == image_id))
+            s.execute(delete(ImageTag).where(col(ImageTag.image_id) == image_id))
             s.delete(image)
             if model_version_id is not None and image.state == ImageState.ready:
                 s.add(ChangeLog(image_id=image_id, model_version_id=model_version_id, op=ChangeOp.delete))
@@ -198,25 +200,30 @@ class MetadataRepo:
         """
         now = utcnow()
         due = or_(
-            (Image.state == ImageState.pending)
-            & (or_(Image.next_attempt_at.is_(None), Image.next_attempt_at <= now)),
-            (Image.state == ImageState.processing) & (Image.claimed_at < now - timedelta(seconds=lease_s)),
+            (col(Image.state) == ImageState.pending)
+            & (or_(col(Image.next_attempt_at).is_(None), col(Image.next_attempt_at) <= now)),
+            (col(Image.state) == ImageState.processing)
+            & (col(Image.claimed_at) < now - timedelta(seconds=lease_s)),
         )
-        sub = select(Image.id).where(due).order_by(Image.id).limit(limit)
+        sub = select(col(Image.id)).where(due).order_by(col(Image.id)).limit(limit)
         if not self._sqlite:
             sub = sub.with_for_update(skip_locked=True)
         stmt = (
             update(Image)
-            .where(Image.id.in_(sub.scalar_subquery()))
-            .values(state=ImageState.processing, claimed_at=now, attempts=Image.attempts + 1, updated_at=now)
-            .returning(Image.id)
+            .where(col(Image.id).in_(sub.scalar_subquery()))
+            .values(
+                state=ImageState.processing, claimed_at=now, attempts=col(Image.attempts) + 1, updated_at=now
+            )
+            .returning(col(Image.id))
         )
         with self.session() as s:
             ids = [r[0] for r in s.execute(stmt).all()]
             s.commit()
             if not ids:
                 return []
-            rows = s.execute(select(Image).where(Image.id.in_(ids)).order_by(Image.id)).scalars().all()
+            rows = (
+                s.execute(select(Image).where(col(Image.id).in_(ids)).order_by(col(Image.id))).scalars().all()
+            )
             return list(rows)
 
     def release_claims(self) -> int:
@@ -224,11 +231,11 @@ class MetadataRepo:
         with self.session() as s:
             result = s.execute(
                 update(Image)
-                .where(Image.state == ImageState.processing)
+                .where(col(Image.state) == ImageState.processing)
                 .values(state=ImageState.pending, claimed_at=None, next_attempt_at=None)
             )
             s.commit()
-            return int(result.rowcount or 0)
+            return int(getattr(result, "rowcount", 0) or 0)
 
     def mark_ready(
         self, image_ids: Sequence[int], model_version_id: int, dims: dict[int, tuple[int, int]]
@@ -249,8 +256,8 @@ class MetadataRepo:
                 }
                 if image_id in dims:
                     values["width"], values["height"] = dims[image_id]
-                res = s.execute(update(Image).where(Image.id == image_id).values(**values))
-                if res.rowcount:  # deleted meanwhile: nothing to log
+                res = s.execute(update(Image).where(col(Image.id) == image_id).values(**values))
+                if getattr(res, "rowcount", 0):  # deleted meanwhile: nothing to log
                     s.add(ChangeLog(image_id=image_id, model_version_id=model_version_id, op=ChangeOp.upsert))
             s.commit()
 
@@ -260,7 +267,7 @@ class MetadataRepo:
         with self.session() as s:
             s.execute(
                 update(Image)
-                .where(Image.id == image_id)
+                .where(col(Image.id) == image_id)
                 .values(
                     state=ImageState.pending if retry_at else ImageState.failed,
                     next_attempt_at=retry_at,
@@ -277,9 +284,9 @@ class MetadataRepo:
     def changes_since(self, model_version_id: int, after_seq: int, limit: int) -> list[Change]:
         with self.session() as s:
             rows = s.execute(
-                select(ChangeLog.seq, ChangeLog.image_id, ChangeLog.op)
-                .where(ChangeLog.model_version_id == model_version_id, ChangeLog.seq > after_seq)
-                .order_by(ChangeLog.seq)
+                select(col(ChangeLog.seq), col(ChangeLog.image_id), col(ChangeLog.op))
+                .where(col(ChangeLog.model_version_id) == model_version_id, col(ChangeLog.seq) > after_seq)
+                .order_by(col(ChangeLog.seq))
                 .limit(limit)
             ).all()
         return [Change(seq, image_id, ChangeOp(op)) for seq, image_id, op in rows]
@@ -289,26 +296,28 @@ class MetadataRepo:
             return int(
                 s.execute(
                     select(func.count()).where(
-                        ChangeLog.model_version_id == model_version_id,
-                        ChangeLog.seq > after_seq,
+                        col(ChangeLog.model_version_id) == model_version_id,
+                        col(ChangeLog.seq) > after_seq,
                     )
                 ).one()[0]
             )
 
     def last_seq(self) -> int:
         with self.session() as s:
-            return int(s.execute(select(func.coalesce(func.max(ChangeLog.seq), 0))).one()[0])
+            return int(s.execute(select(func.coalesce(func.max(col(ChangeLog.seq)), 0))).one()[0])
 
     def ready_count(self) -> int:
         with self.session() as s:
-            return int(s.execute(select(func.count()).where(Image.state == ImageState.ready)).one()[0])
+            return int(s.execute(select(func.count()).where(col(Image.state) == ImageState.ready)).one()[0])
 
     # ------------------------------------------------------------ model versions
 
     def active_model(self, channel: str) -> ModelVersion | None:
         with self.session() as s:
             return (
-                s.execute(select(ModelVersion).where(ModelVersion.channel == channel, ModelVersion.active))
+                s.execute(
+                    select(ModelVersion).where(col(ModelVersion.channel) == channel, col(ModelVersion.active))
+                )
                 .scalars()
                 .first()
             )
@@ -319,7 +328,9 @@ class MetadataRepo:
         """Record the model of a new library (the first start). Returns the active version."""
         with self.session() as s:
             current = (
-                s.execute(select(ModelVersion).where(ModelVersion.channel == channel, ModelVersion.active))
+                s.execute(
+                    select(ModelVersion).where(col(ModelVersion.channel) == channel, col(ModelVersion.active))
+                )
                 .scalars()
                 .first()
             )
