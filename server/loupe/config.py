@@ -46,6 +46,10 @@ class ModelSettings(BaseModel):
 
 
 class IndexSettings(BaseModel):
+    directory: Path | None = Field(
+        None,
+        description="where the FAISS mirror lives (default <data_dir>/mirror); node-local with many API nodes",
+    )
     exact_max: int = Field(
         20_000,
         ge=0,

@@ -175,8 +175,14 @@ class Runtime:
         self.closed = False
 
     @classmethod
-    def open(cls, settings: Settings, *, start_workers: bool = False, take_lock: bool = True) -> Runtime:
+    def open(
+        cls, settings: Settings, *, start_workers: bool = False, take_lock: bool | None = None
+    ) -> Runtime:
+        """Open every store. The data-directory lock is taken when an embedded store (SQLite, Qdrant Edge) lives
+        there; with Postgres and a Qdrant server, many API nodes may share the directory."""
         settings.data_dir.mkdir(parents=True, exist_ok=True)
+        if take_lock is None:
+            take_lock = settings.qdrant_url is None or settings.effective_database_url.startswith("sqlite")
         lock = DataDirLock(settings.data_dir) if take_lock else None
         if lock:
             lock.acquire()
@@ -212,7 +218,7 @@ class Runtime:
         collection = collection_name(version)
         vectors.ensure_collection(collection, version.dim)
         mirror = FaissMirror(
-            settings.data_dir / "mirror" / collection,
+            (settings.index.directory or settings.data_dir / "mirror") / collection,
             collection=collection,
             model_version_id=int(version.id),  # type: ignore[arg-type]
             dim=version.dim,
