@@ -2,12 +2,13 @@
 # Print a PostgreSQL URL the tests can create databases on. In order:
 #  1. $LOUPE_TEST_POSTGRES_URL as given;
 #  2. a server already listening on 127.0.0.1:5432 that lets us in (trust auth);
-#  3. a throwaway cluster: install PostgreSQL from Debian if needed, initdb into .loupe-test/pg, start it on a
-#     free loopback port (stop it with: scripts/ensure-postgres.sh --stop).
+#  3. a throwaway cluster: install PostgreSQL from Debian if needed, initdb into a temporary folder, start it on a
+#     free loopback port (stop it with: scripts/ensure-postgres.sh --stop). It lives under /tmp, which the
+#     postgres user can reach wherever the checkout is.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-PGDIR=$ROOT/.loupe-test/pg
+PGDIR=${TMPDIR:-/tmp}/loupe-test-pg-$(echo "$ROOT" | sha1sum | cut -c1-10)
 say() { printf '\033[1;34m==>\033[0m %s\n' "$*" >&2; }
 SUDO=""; [[ $(id -u) -ne 0 ]] && command -v sudo >/dev/null && SUDO="sudo"
 

@@ -121,3 +121,22 @@ def test_corrupt_mirror_files_lead_to_a_rebuild_not_a_crash(make_settings, runti
     target.write_bytes(b"garbage")
     rt2 = runtime_factory(settings)
     assert rt2.mirror.live_count == 200
+
+
+def test_a_mirror_too_far_behind_is_rebuilt_instead_of_replayed(make_settings, runtime_factory):
+    settings = make_settings()
+    rt = runtime_factory(settings)
+    rt.ingest.add_vectors(clustered(100, rt.clip.dim, seed=12))
+    rt.mirror.save()
+    rt.ingest.add_vectors(clustered(400, rt.clip.dim, seed=13))
+    lagging = FaissMirror(
+        rt.mirror.directory,
+        collection=rt.collection,
+        model_version_id=rt.mirror.model_version_id,
+        dim=rt.clip.dim,
+        settings=settings.index.model_copy(update={"rebuild_lag": 50}),
+    )
+    report = lagging.open(rt.repo, rt.vectors)
+    assert report.rebuilt and lagging.live_count == 500 and lagging.last_seq == rt.repo.last_seq()
+    q = clustered(1, rt.clip.dim, seed=14)[0]
+    assert lagging.search(q, 10)[0].tolist() == rt.mirror.search(q, 10)[0].tolist()
