@@ -36,19 +36,23 @@ def frontend_dir() -> Path | None:
     return None
 
 
-def create_app(settings: Settings, runtime: Runtime | None = None) -> Litestar:
-    """Build the app. With `runtime`, the caller owns the stores (tests); otherwise the lifespan opens them."""
+def create_app(settings: Settings, runtime: Runtime | None = None, *, owns_runtime: bool = False) -> Litestar:
+    """Build the app. Without `runtime` the lifespan opens the stores; with one, the caller opened them (the CLI,
+    to report a bad setting in one line before the server starts; tests) and `owns_runtime` says whether the app
+    starts its workers and closes it at shutdown."""
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         limiter = anyio.to_thread.current_default_thread_limiter()
         limiter.total_tokens = settings.server.threads
-        own = runtime is None
+        own = runtime is None or owns_runtime
         rt = (
             runtime
             if runtime is not None
             else await anyio.to_thread.run_sync(lambda: Runtime.open(settings, start_workers=True))
         )
+        if owns_runtime and not rt.workers:
+            rt.start_workers()
         app.state.runtime = rt
         if rt.clip.info.is_demo:
             log.warning("Loupe is serving with the OFFLINE DEMO MODEL (see /api/health)")

@@ -43,13 +43,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from loupe.app import create_app
+    from loupe.runtime import Runtime
 
     settings = _load_settings()
     host = args.host or settings.server.host
     port = args.port or settings.server.port
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    # Open the stores and the model before the server: a bad setting is one clear line, not a traceback.
+    runtime = Runtime.open(settings)
     log.info("Loupe on http://%s:%d  (data: %s)", host, port, settings.data_dir)
-    app = create_app(settings)
+    app = create_app(settings, runtime, owns_runtime=True)
     uvicorn.run(app, host=host, port=port, log_level=settings.log_level.lower(), timeout_graceful_shutdown=30)
     return 0
 
@@ -168,7 +170,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except LoupeError as exc:
-        log.error("%s", exc.message)
         print(f"loupe: error: {exc.message}", file=sys.stderr)
         return 2
 

@@ -24,11 +24,15 @@ def test_ingest_search_delete_and_rebuild_over_the_server_protocol(make_settings
             ids = {o["id"]: s for o, s in zip(res.json()["files"], shapes, strict=True)}
             rt.ingest.drain()
             assert rt.vectors.count(rt.collection) == len(shapes)
-            hits = client.post("/api/search", json={"query": [{"text": "a blue square"}], "limit": 2}).json()["hits"]
+            hits = client.post("/api/search", json={"query": [{"text": "a blue square"}], "limit": 2}).json()[
+                "hits"
+            ]
             assert [(ids[h["id"]].colour, ids[h["id"]].shape) for h in hits] == [("blue", "square")] * 2
             gone = hits[0]["id"]
             assert client.delete(f"/api/images/{gone}").status_code == 204
-            before = client.post("/api/search", json={"query": [{"text": "a blue square"}], "limit": 10}).json()["hits"]
+            before = client.post(
+                "/api/search", json={"query": [{"text": "a blue square"}], "limit": 10}
+            ).json()["hits"]
             assert gone not in [h["id"] for h in before]
     finally:
         rt.close()
@@ -38,7 +42,9 @@ def test_ingest_search_delete_and_rebuild_over_the_server_protocol(make_settings
     try:
         assert rt.mirror.live_count == len(shapes) - 1
         with TestClient(create_app(settings, runtime=rt)) as client:
-            after = client.post("/api/search", json={"query": [{"text": "a blue square"}], "limit": 10}).json()["hits"]
+            after = client.post(
+                "/api/search", json={"query": [{"text": "a blue square"}], "limit": 10}
+            ).json()["hits"]
         assert [h["id"] for h in after] == [h["id"] for h in before]
     finally:
         rt.close()

@@ -206,8 +206,9 @@ def test_a_configured_model_that_cannot_load_stops_the_start_naming_the_setting(
         text=True,
         timeout=120,
     )
-    assert proc.returncode != 0
-    assert "LOUPE_CLIP_MODEL" in proc.stderr + proc.stdout
+    assert proc.returncode == 2
+    assert "LOUPE_CLIP_MODEL" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
 
 
 def test_a_different_model_for_an_existing_library_is_refused(
