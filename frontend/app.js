@@ -82,14 +82,8 @@ function browse() { terms = []; run(); }
 $("search").onsubmit = (ev) => {
   ev.preventDefault();
   const q = $("q").value.trim();
-  if (!q) return // A text search in the URL (?q=...) can be bookmarked and shared; back/forward restore it.
-function fromUrl() {
-  const q = new URLSearchParams(location.search).get("q");
-  $("q").value = q || "";
-  if (q) { terms = [{ text: q, weight: 1 }]; run(); } else browse();
-}
-window.onpopstate = fromUrl;
-fromUrl();
+  history.pushState(null, "", q ? "?q=" + encodeURIComponent(q) : "/");
+  if (!q) return browse();
   terms = [{ text: q, weight: 1 }];
   run();
 };

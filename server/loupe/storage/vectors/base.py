@@ -51,6 +51,19 @@ class VectorStore(Protocol):
     def close(self) -> None: ...
 
 
+def vector_of(raw: Any) -> list[float]:
+    """The default (unnamed) dense vector of a record, whichever way the client returns it."""
+    if isinstance(raw, dict):
+        raw = raw.get("", next(iter(raw.values())))
+    return raw  # type: ignore[no-any-return]
+
+
+def records_to_arrays(records: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(ids int64, vectors float32) of retrieved or scrolled records (Qdrant Edge and qdrant-client alike)."""
+    ids = np.fromiter((int(r.id) for r in records), dtype=np.int64, count=len(records))
+    return ids, np.asarray([vector_of(r.vector) for r in records], dtype=np.float32)
+
+
 def as_matrix(vectors: Sequence[Sequence[float]] | np.ndarray, dim: int) -> np.ndarray:
     arr = np.asarray(vectors, dtype=np.float32)
     if arr.ndim != 2 or arr.shape[1] != dim:

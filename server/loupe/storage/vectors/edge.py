@@ -25,15 +25,9 @@ from qdrant_edge import (
     UpdateOperation,
 )
 
-from loupe.storage.vectors.base import VectorHit, as_matrix
+from loupe.storage.vectors.base import VectorHit, as_matrix, records_to_arrays, vector_of
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
-
-
-def _vector_of(raw: Any) -> list[float]:
-    if isinstance(raw, dict):  # named vectors: the default one is ""
-        raw = raw.get("", next(iter(raw.values())))
-    return raw  # type: ignore[no-any-return]
 
 
 class EdgeVectorStore:
@@ -123,7 +117,7 @@ class EdgeVectorStore:
         if len(ids) == 0:
             return {}
         records = self._shard(name).retrieve([int(i) for i in ids], with_payload=False, with_vector=True)
-        return {int(r.id): np.asarray(_vector_of(r.vector), dtype=np.float32) for r in records}
+        return {int(r.id): np.asarray(vector_of(r.vector), dtype=np.float32) for r in records}
 
     def iter_all(self, name: str, batch: int = 1024) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         shard = self._shard(name)
@@ -133,9 +127,7 @@ class EdgeVectorStore:
                 ScrollRequest(offset=offset, limit=batch, with_payload=False, with_vector=True)
             )
             if records:
-                ids = np.fromiter((int(r.id) for r in records), dtype=np.int64, count=len(records))
-                vecs = np.asarray([_vector_of(r.vector) for r in records], dtype=np.float32)
-                yield ids, vecs
+                yield records_to_arrays(records)
             if offset is None:
                 return
 

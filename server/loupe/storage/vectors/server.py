@@ -12,13 +12,7 @@ from typing import Any
 import numpy as np
 from qdrant_client import QdrantClient, models
 
-from loupe.storage.vectors.base import VectorHit, as_matrix
-
-
-def _vector_of(raw: Any) -> list[float]:
-    if isinstance(raw, dict):
-        raw = raw.get("", next(iter(raw.values())))
-    return raw  # type: ignore[no-any-return]
+from loupe.storage.vectors.base import VectorHit, as_matrix, records_to_arrays, vector_of
 
 
 class QdrantServerVectorStore:
@@ -88,7 +82,7 @@ class QdrantServerVectorStore:
         if len(ids) == 0:
             return {}
         records = self.client.retrieve(name, ids=[int(i) for i in ids], with_payload=False, with_vectors=True)
-        return {int(r.id): np.asarray(_vector_of(r.vector), dtype=np.float32) for r in records}
+        return {int(r.id): np.asarray(vector_of(r.vector), dtype=np.float32) for r in records}
 
     def iter_all(self, name: str, batch: int = 1024) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         offset: Any = None
@@ -97,9 +91,7 @@ class QdrantServerVectorStore:
                 name, offset=offset, limit=batch, with_payload=False, with_vectors=True
             )
             if records:
-                ids = np.fromiter((int(r.id) for r in records), dtype=np.int64, count=len(records))
-                vecs = np.asarray([_vector_of(r.vector) for r in records], dtype=np.float32)
-                yield ids, vecs
+                yield records_to_arrays(records)
             if offset is None:
                 return
 
