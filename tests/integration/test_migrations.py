@@ -8,18 +8,23 @@ from sqlalchemy import inspect
 from sqlmodel import SQLModel
 
 import loupe.storage.metadata.tables  # noqa: F401
-from loupe.storage.metadata.engine import alembic_config, create_db_engine, upgrade
+from loupe.storage.metadata.engine import alembic_config, create_db_engine, include_object, upgrade
 
 
 def test_migrations_apply_and_autogenerate_finds_no_drift(db_url: str):
     engine = create_db_engine(db_url)
     upgrade(engine)
-    assert {"images", "image_tags", "change_log", "model_versions", "alembic_version"} <= set(
+    assert {"images", "image_tags", "image_text", "change_log", "model_versions", "alembic_version"} <= set(
         inspect(engine).get_table_names()
     )
     with engine.connect() as conn:
         ctx = MigrationContext.configure(
-            conn, opts={"compare_type": True, "render_as_batch": engine.dialect.name == "sqlite"}
+            conn,
+            opts={
+                "compare_type": True,
+                "render_as_batch": engine.dialect.name == "sqlite",
+                "include_object": include_object,
+            },
         )
         diff = compare_metadata(ctx, SQLModel.metadata)
     assert diff == [], f"models and migrations differ: {diff}"

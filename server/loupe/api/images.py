@@ -130,7 +130,8 @@ class ImageController(Controller):
         if image is None:
             raise NotFound(f"image {image_id} does not exist")
         tags = await blocking(rt.repo.tags_for, [image_id])
-        return image_detail(image, tags.get(image_id, []))
+        texts = await blocking(rt.repo.get_texts, [image_id])
+        return image_detail(image, tags.get(image_id, []), texts.get(image_id))
 
     @get("/{image_id:int}/file", summary="The original file", media_type="application/octet-stream")
     async def file(self, rt: RT, image_id: FromPath[int]) -> File:

@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from loupe.search.query import Hit, SearchRequest, SearchResponse, Term
-from loupe.storage.metadata.tables import Image
+from loupe.storage.metadata.tables import Image, ImageText
 
 __all__ = ["Hit", "SearchRequest", "SearchResponse", "Term"]
 
@@ -51,6 +51,29 @@ class ImageSummary(BaseModel):
     tags: list[str]
 
 
+class TextWord(BaseModel):
+    text: str
+    conf: float
+    box: list[int] = Field(description="[x, y, width, height] in the (EXIF-oriented) image")
+    line: int
+
+
+class TextLine(BaseModel):
+    text: str
+    block: int
+    box: list[int]
+
+
+class ImageTextOut(BaseModel):
+    content: str = Field(description="the text read, lines joined by newlines, blocks by blank lines")
+    has_text: bool
+    checked: bool = Field(description="false: the text-presence check found no text, Tesseract was skipped")
+    languages: str
+    ocr_ms: float
+    lines: list[TextLine]
+    words: list[TextWord]
+
+
 class ImageDetail(ImageSummary):
     sha256: str
     mime: str
@@ -58,6 +81,7 @@ class ImageDetail(ImageSummary):
     attempts: int
     ready_at: datetime | None
     error: ErrorBody | None
+    text: ImageTextOut | None = Field(None, description="what OCR read (null until processed, or OCR off)")
 
 
 class ImagePage(BaseModel):
@@ -90,7 +114,20 @@ def image_summary(image: Image, tags: list[str]) -> ImageSummary:
     )
 
 
-def image_detail(image: Image, tags: list[str]) -> ImageDetail:
+def text_out(row: ImageText) -> ImageTextOut:
+    data = row.data or {}
+    return ImageTextOut(
+        content=row.content,
+        has_text=row.has_text,
+        checked=row.checked,
+        languages=row.languages,
+        ocr_ms=row.ocr_ms,
+        lines=[TextLine(text=ln[0], block=ln[1], box=list(ln[2:6])) for ln in data.get("lines", [])],
+        words=[TextWord(text=w[0], conf=w[1], box=list(w[2:6]), line=w[7]) for w in data.get("words", [])],
+    )
+
+
+def image_detail(image: Image, tags: list[str], text: ImageText | None = None) -> ImageDetail:
     base = image_summary(image, tags).model_dump()
     error = ErrorBody(code=image.error_code, message=image.error_message or "") if image.error_code else None
     return ImageDetail(
@@ -101,4 +138,5 @@ def image_detail(image: Image, tags: list[str]) -> ImageDetail:
         attempts=image.attempts,
         ready_at=image.ready_at,
         error=error,
+        text=text_out(text) if text is not None else None,
     )

@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -15,12 +16,14 @@ import numpy as np
 
 from loupe.config import IngestSettings
 from loupe.errors import LoupeError, NotFound, TooLarge
+from loupe.ingest.text import TextIndexer
 from loupe.ingest.validate import clean_name, decode_rgb, inspect_upload, make_thumbnail
 from loupe.models.clip import ClipModel
 from loupe.models.vectors import normalize
+from loupe.ocr.tesseract import OcrResult
 from loupe.storage.blobs.files import FileBlobStore
 from loupe.storage.metadata.repo import MetadataRepo, NewImage
-from loupe.storage.metadata.tables import Image, utcnow
+from loupe.storage.metadata.tables import Image, ImageText, utcnow
 from loupe.storage.vectors.base import VectorStore
 
 log = logging.getLogger(__name__)
@@ -55,6 +58,7 @@ class IngestService:
         collection: str,
         model_version_id: int,
         on_indexed: Callable[[], None] | None = None,
+        text_indexer: TextIndexer | None = None,
     ) -> None:
         self.settings = settings
         self.repo = repo
@@ -64,6 +68,7 @@ class IngestService:
         self.collection = collection
         self.model_version_id = model_version_id
         self.on_indexed = on_indexed
+        self.text_indexer = text_indexer
         self.work_available = threading.Event()
 
     # ------------------------------------------------------------ upload
@@ -147,16 +152,26 @@ class IngestService:
         t1 = time.perf_counter()
         if decoded:
             try:
+                # OCR (Tesseract subprocesses) runs in threads while the CLIP forward pass runs here.
+                ocr = (
+                    {img.id or 0: self.text_indexer.read_async(rgb) for img, rgb in decoded}
+                    if self.text_indexer
+                    else {}
+                )
                 vecs = self.clip.embed_images([rgb for _, rgb in decoded])
                 t2 = time.perf_counter()
                 ids = [int(img.id) for img, _ in decoded]  # type: ignore[arg-type]
                 self.vectors.upsert(self.collection, ids, vecs, [{"image_id": i} for i in ids])
                 t3 = time.perf_counter()
+                texts = self._index_text(ocr) if self.text_indexer else []
+                t4 = time.perf_counter()
                 # The image tower saw the oriented picture; record oriented dimensions.
                 dims = {int(img.id): rgb.size for img, rgb in decoded}  # type: ignore[arg-type]
-                self.repo.mark_ready(ids, self.model_version_id, dims)
+                self.repo.mark_ready(ids, self.model_version_id, dims, texts)
                 report.ready += len(ids)
-                report.seconds.update(embed=t2 - t1, upsert=t3 - t2, commit=time.perf_counter() - t3)
+                report.seconds.update(
+                    embed=t2 - t1, upsert=t3 - t2, ocr_wait=t4 - t3, commit=time.perf_counter() - t4
+                )
             except Exception as exc:
                 log.exception("embedding/indexing a batch of %d failed", len(decoded))
                 for img, _ in decoded:
@@ -171,6 +186,19 @@ class IngestService:
         if report.ready and self.on_indexed:
             self.on_indexed()
         return report
+
+    def _index_text(self, pending: dict[int, Future[OcrResult]]) -> list[ImageText]:
+        """Collect the OCR results (a failed read leaves the image searchable by CLIP, with no text) and index
+        their chunks in the OCR channel."""
+        assert self.text_indexer is not None
+        items: list[tuple[int, OcrResult]] = []
+        for image_id, fut in pending.items():
+            try:
+                items.append((image_id, fut.result()))
+            except Exception as exc:  # Tesseract crashed or timed out on this picture
+                log.warning("OCR of image %s failed: %s: %s", image_id, type(exc).__name__, exc)
+                items.append((image_id, OcrResult(checked=False)))
+        return self.text_indexer.index(items)
 
     def _fail(self, image: Image, code: str, message: str, report: BatchReport, *, permanent: bool) -> None:
         attempts = image.attempts  # already counts this attempt (claim increments it)
@@ -238,10 +266,13 @@ class IngestService:
 
     def delete(self, image_id: int) -> None:
         """Gone from every store: the row (and a change-log entry) first, then the vector and the files."""
+        text = self.repo.get_texts([image_id]).get(image_id)
         image = self.repo.delete_image(image_id, self.model_version_id)
         if image is None:
             raise NotFound(f"image {image_id} does not exist")
         self.vectors.delete(self.collection, [image_id])
+        if text is not None and self.text_indexer is not None:
+            self.text_indexer.delete(image_id, text.chunks)
         if image.format != "VECTOR":
             self.blobs.delete(image.sha256)
         if self.on_indexed:

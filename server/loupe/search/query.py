@@ -7,7 +7,7 @@ of SearchService; bounds are checked here, once, at the edge.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -51,6 +51,16 @@ class Term(BaseModel):
         return self
 
 
+class Fusion(BaseModel):
+    """How channels are combined when a query uses several (auto, or terms on different channels)."""
+
+    model_config = ConfigDict(extra="forbid")
+    method: Literal["rrf", "weighted"] = "rrf"
+    weights: dict[Literal["clip", "ocr", "keyword"], float] = Field(
+        default_factory=dict, description="per-channel weights (default: the server's settings)"
+    )
+
+
 class SearchRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
@@ -70,7 +80,10 @@ class SearchRequest(BaseModel):
     )
     limit: int = Field(50, ge=1, le=1000)
     cursor: str | None = Field(None, max_length=4096, description="next_cursor of the previous page")
-    min_score: float | None = Field(None, ge=-1, le=1, description="drop hits scoring below this cosine")
+    min_score: float | None = Field(
+        None, ge=-1, le=10, description="drop hits scoring below this (the score shown)"
+    )
+    fusion: Fusion | None = None
 
     @model_validator(mode="after")
     def _no_filters_yet(self) -> SearchRequest:
@@ -79,10 +92,17 @@ class SearchRequest(BaseModel):
         return self
 
 
+class TextMatch(BaseModel):
+    matched: list[str] = Field(description="the words in the image that matched")
+    snippet: str = Field(description="the line(s) with the matched words, HTML with <mark>")
+    boxes: list[list[int]] = Field(description="[x, y, width, height] of each matched word in the image")
+
+
 class Hit(BaseModel):
     id: int
     score: float
-    channels: dict[str, float]
+    channels: dict[str, float] = Field(description="the channels that matched and each one's own score")
+    text: TextMatch | None = Field(None, description="for OCR and keyword matches: what matched, and where")
     width: int
     height: int
     thumbnail_url: str

@@ -17,9 +17,12 @@ import numpy as np
 from loupe.config import SearchSettings
 from loupe.errors import InvalidQuery, NotFound
 from loupe.index.faiss_mirror import FaissMirror
+from loupe.ingest.text import TextIndexer
 from loupe.models.clip import ClipModel
 from loupe.models.vectors import normalize
-from loupe.search.query import Channel, Hit, SearchRequest, SearchResponse, Term
+from loupe.search import keyword as kw
+from loupe.search.fusion import fuse
+from loupe.search.query import Channel, Hit, SearchRequest, SearchResponse, Term, TextMatch
 from loupe.signing import Signer, digest
 from loupe.storage.metadata.repo import MetadataRepo
 from loupe.storage.metadata.tables import ImageState
@@ -73,6 +76,7 @@ class SearchService:
         collection: str,
         secret: bytes,
         text_cache_size: int = 4096,
+        text_indexer: TextIndexer | None = None,
     ) -> None:
         self.settings = settings
         self.repo = repo
@@ -82,6 +86,7 @@ class SearchService:
         self.collection = collection
         self.cursors = Signer(secret, "search-cursor")
         self.text_cache = TextEmbeddingCache(text_cache_size)
+        self.text_indexer = text_indexer
 
     # ------------------------------------------------------------ composition
 
@@ -108,12 +113,7 @@ class SearchService:
                 f"{len(terms) + len(extra)} terms, over the limit of {self.settings.max_terms}",
                 detail={"field": "query"},
             )
-        for i, t in enumerate(terms):
-            if t.channel not in (Channel.clip,):
-                raise InvalidQuery(
-                    f"channel {t.channel.value!r} is not available yet (only 'clip')",
-                    detail={"field": f"query[{i}].channel"},
-                )
+        terms = [t for t in terms if t.channel in (Channel.clip, Channel.auto)]
         total = np.zeros(self.clip.dim, dtype=np.float32)
         texts = [t.text for t in terms if t.text is not None]
         text_vecs = iter(self.text_cache.get_many(self.clip, texts)) if texts else iter(())
@@ -166,18 +166,26 @@ class SearchService:
             raise InvalidQuery(
                 f"results deeper than {self.settings.max_offset} are not served", detail={"field": "cursor"}
             )
-        query = self.compose(req.query, extra)
-        t1 = time.perf_counter()
-        hits, last, plan, t_search, t_join = self._page(
-            query, offset, after, limit, set(exclude), req.min_score
-        )
+        channels = {t.channel for t in req.query if t.weight != 0} | ({Channel.clip} if extra else set())
+        if channels <= {Channel.clip}:
+            query = self.compose(req.query, extra)
+            t1 = time.perf_counter()
+            hits, last, plan, t_search, t_join = self._page(
+                query, offset, after, limit, set(exclude), req.min_score
+            )
+            term = Term(vector=query.tolist(), weight=1.0) if return_query_term else None
+        else:
+            t1 = t0
+            hits, last, plan, t_search, t_join = self._fused_page(
+                req, extra, offset, after, limit, set(exclude)
+            )
+            term = None
         t2 = time.perf_counter()
         next_cursor = None
         if last is not None:
             next_cursor = self.cursors.dumps(
                 {"q": qhash, "o": offset + len(hits), "s": last[1], "i": last[0]}
             )
-        term = Term(vector=query.tolist(), weight=1.0) if return_query_term else None
         timing = {
             "embed": (t1 - t0) * 1000,
             "search": t_search * 1000,
@@ -191,6 +199,133 @@ class SearchService:
             plan=plan,
             query_term=term,
         )
+
+    # ------------------------------------------------------------ several channels
+
+    def _ocr_query(self, terms: Sequence[Term]) -> np.ndarray | None:
+        picked = [t for t in terms if t.text is not None and t.channel in (Channel.ocr, Channel.auto)]
+        if not picked:
+            return None
+        if self.text_indexer is None:
+            raise InvalidQuery(
+                "the OCR channel is off on this server (LOUPE_OCR__ENABLED)", detail={"field": "query"}
+            )
+        vecs = self.text_indexer.encoder.embed([t.text for t in picked])  # type: ignore[misc]
+        total = sum(
+            (np.float32(t.weight) * v for t, v in zip(picked, vecs, strict=True)),
+            np.zeros(vecs.shape[1], np.float32),
+        )
+        if float(np.linalg.norm(total)) < 1e-6:
+            raise InvalidQuery("the OCR terms cancel out", detail={"field": "query"})
+        return normalize(total)
+
+    def _keyword_rank(
+        self, terms: Sequence[Term], depth: int
+    ) -> tuple[list[tuple[int, float]], dict[int, set[str]]]:
+        picked = [t for t in terms if t.text is not None and t.channel in (Channel.keyword, Channel.auto)]
+        positive = [tok for t in picked if t.weight > 0 for tok in kw.tokens(t.text or "")]
+        negative = [tok for t in picked if t.weight < 0 for tok in kw.tokens(t.text or "")]
+        if not positive:
+            return [], {}
+        cands = self.repo.keyword_candidates(list(dict.fromkeys(positive + negative)), depth * 4)
+        rows = self.repo.get_texts(cands)
+        ranked: list[tuple[int, float]] = []
+        matched: dict[int, set[str]] = {}
+        for image_id, row in rows.items():
+            m = kw.score_text(positive, row.content)
+            if m.score <= 0:
+                continue
+            if negative and kw.score_text(negative, row.content).score >= 0.8:
+                continue  # a negative keyword term excludes the images that contain it
+            ranked.append((image_id, m.score))
+            matched[image_id] = set(m.matched)
+        ranked.sort(key=lambda x: (-x[1], x[0]))
+        return ranked[:depth], matched
+
+    def _fused_page(
+        self,
+        req: SearchRequest,
+        extra: Sequence[tuple[np.ndarray, float]],
+        offset: int,
+        after: tuple[float, int] | None,
+        limit: int,
+        exclude: set[int],
+    ) -> tuple[list[Hit], tuple[int, float] | None, dict[str, Any], float, float]:
+        depth = max(self.settings.channel_depth, offset + limit + len(exclude) + self.settings.overfetch + 1)
+        ts = time.perf_counter()
+        lists: dict[str, list[tuple[int, float]]] = {}
+        chunk_of: dict[int, int] = {}
+        clip_terms = [t for t in req.query if t.channel in (Channel.clip, Channel.auto)]
+        if clip_terms or extra:
+            q = self.compose(clip_terms, extra)
+            ids, scores = self.mirror.search(q, depth)
+            lists["clip"] = list(zip(ids.tolist(), scores.tolist(), strict=True))
+        q_ocr = self._ocr_query(req.query)
+        if q_ocr is not None and self.text_indexer is not None:
+            found = self.text_indexer.search(q_ocr, depth)
+            lists["ocr"] = [(i, sc) for i, sc, _ in found]
+            chunk_of = {i: k for i, _, k in found}
+        kw_ranked, kw_matched = self._keyword_rank(req.query, depth)
+        if any(t.channel in (Channel.keyword, Channel.auto) for t in req.query):
+            lists["keyword"] = kw_ranked
+        fusion = req.fusion
+        weights: dict[str, float] = {
+            "clip": self.settings.fusion.clip,
+            "ocr": self.settings.fusion.ocr,
+            "keyword": self.settings.fusion.keyword,
+        }
+        if fusion:
+            weights.update({str(ch): w for ch, w in fusion.weights.items()})
+        method = fusion.method if fusion else self.settings.fusion.method
+        fused = (
+            fuse(lists, weights, method=method, k=self.settings.fusion.rrf_k)
+            if len(lists) > 1
+            else [(i, sc, {ch: sc}) for ch, ranked in lists.items() for i, sc in ranked]
+        )
+        t_search = time.perf_counter() - ts
+        cand = [
+            (i, sc, ev)
+            for i, sc, ev in fused
+            if i not in exclude
+            and not (after is not None and (sc > after[0] or (sc == after[0] and i <= after[1])))
+            and not (req.min_score is not None and sc < req.min_score)
+        ]
+        tj = time.perf_counter()
+        window = cand[: limit + self.settings.overfetch + 1]
+        rows = self.repo.get_images([i for i, _, _ in window])
+        live = [(i, sc, ev) for i, sc, ev in window if i in rows and rows[i].state == ImageState.ready]
+        page = live[:limit]
+        texts = self.repo.get_texts([i for i, _, ev in page if "ocr" in ev or "keyword" in ev])
+        t_join = time.perf_counter() - tj
+        hits = []
+        for i, sc, ev in page:
+            text = None
+            if i in texts:
+                if "keyword" in ev:
+                    text = TextMatch(**kw.text_evidence(texts[i].data, kw_matched.get(i, set())))
+                elif "ocr" in ev:
+                    text = TextMatch(**kw.text_evidence(texts[i].data, set(), chunk=chunk_of.get(i, 0)))
+            hits.append(
+                Hit(
+                    id=i,
+                    score=sc,
+                    channels=ev,
+                    text=text,
+                    width=rows[i].width,
+                    height=rows[i].height,
+                    thumbnail_url=f"/api/images/{i}/thumbnail",
+                    file_url=f"/api/images/{i}/file",
+                )
+            )
+        more = len(live) > limit or len(cand) > len(window)
+        plan = {
+            "candidates": "fusion" if len(lists) > 1 else next(iter(lists), "none"),
+            "channels": {ch: len(r) for ch, r in lists.items()},
+            "fusion": method if len(lists) > 1 else None,
+            "depth": depth,
+        }
+        last = (page[-1][0], page[-1][1]) if more and page else None
+        return hits, last, plan, t_search, t_join
 
     def _page(
         self,

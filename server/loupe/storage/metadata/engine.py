@@ -66,3 +66,19 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     from alembic import command
 
     command.upgrade(alembic_config(engine), revision)
+
+
+# Objects the migrations create that the SQLModel tables cannot express: full-text shadow tables and indexes.
+FULL_TEXT_OBJECTS = ("image_text_fts", "image_text_trigram", "ix_image_text_tsv", "ix_image_text_trgm")
+
+
+def include_object(obj, name, type_, reflected, compare_to):  # type: ignore[no-untyped-def]
+    """Alembic autogenerate filter: leave the full-text machinery alone."""
+    if name and any(name == n or name.startswith(n + "_") for n in FULL_TEXT_OBJECTS):
+        return False
+    return not (
+        type_ == "column"
+        and name == "tsv"
+        and getattr(obj, "table", None) is not None
+        and obj.table.name == "image_text"
+    )

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Engine, delete, func, or_, select, update
+from sqlalchemy import Engine, delete, func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col
 
@@ -17,6 +17,7 @@ from loupe.storage.metadata.tables import (
     Image,
     ImageState,
     ImageTag,
+    ImageText,
     ModelVersion,
     utcnow,
 )
@@ -184,11 +185,69 @@ class MetadataRepo:
             if image is None:
                 return None
             s.execute(delete(ImageTag).where(col(ImageTag.image_id) == image_id))
+            s.execute(delete(ImageText).where(col(ImageText.image_id) == image_id))
             s.delete(image)
             if model_version_id is not None and image.state == ImageState.ready:
                 s.add(ChangeLog(image_id=image_id, model_version_id=model_version_id, op=ChangeOp.delete))
             s.commit()
             return image
+
+    # ------------------------------------------------------------ text read in images
+
+    def get_texts(self, ids: Sequence[int]) -> dict[int, ImageText]:
+        if not ids:
+            return {}
+        with self.session() as s:
+            rows = s.execute(select(ImageText).where(col(ImageText.image_id).in_(list(ids)))).scalars().all()
+            return {r.image_id: r for r in rows}
+
+    def keyword_candidates(self, tokens: Sequence[str], limit: int) -> list[int]:
+        """Images whose text has one of the tokens as a word (stemmed), a word prefix, or (3+ characters) a
+        substring, found through the full-text indexes (FTS5 on SQLite, tsvector + pg_trgm on Postgres)."""
+        tokens = [t for t in tokens if t]
+        if not tokens:
+            return []
+        found: dict[int, None] = {}
+        with self.session() as s:
+            if self._sqlite:
+                fts = " OR ".join(f'"{t}"*' for t in tokens)
+                rows = s.execute(
+                    text(
+                        "SELECT rowid FROM image_text_fts WHERE image_text_fts MATCH :q ORDER BY rank LIMIT :n"
+                    ),
+                    {"q": fts, "n": limit},
+                ).all()
+                found.update((int(r[0]), None) for r in rows)
+                subs = [t for t in tokens if len(t) >= 3]
+                if subs:
+                    tri = " OR ".join(f'"{t}"' for t in subs)
+                    rows = s.execute(
+                        text(
+                            "SELECT rowid FROM image_text_trigram WHERE image_text_trigram MATCH :q LIMIT :n"
+                        ),
+                        {"q": tri, "n": limit},
+                    ).all()
+                    found.update((int(r[0]), None) for r in rows)
+            else:
+                tsq = " | ".join(f"{t}:*" for t in tokens)
+                rows = s.execute(
+                    text(
+                        "SELECT image_id FROM image_text WHERE tsv @@ to_tsquery('english', :q) "
+                        "ORDER BY ts_rank_cd(tsv, to_tsquery('english', :q)) DESC LIMIT :n"
+                    ),
+                    {"q": tsq, "n": limit},
+                ).all()
+                found.update((int(r[0]), None) for r in rows)
+                for t in (t for t in tokens if len(t) >= 3):
+                    rows = s.execute(
+                        text("SELECT image_id FROM image_text WHERE content ILIKE :p LIMIT :n"),
+                        {
+                            "p": "%" + t.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%",
+                            "n": limit,
+                        },
+                    ).all()
+                    found.update((int(r[0]), None) for r in rows)
+        return list(found)
 
     # ------------------------------------------------------------ the ingest queue
 
@@ -238,27 +297,51 @@ class MetadataRepo:
             return int(getattr(result, "rowcount", 0) or 0)
 
     def mark_ready(
-        self, image_ids: Sequence[int], model_version_id: int, dims: dict[int, tuple[int, int]]
+        self,
+        image_ids: Sequence[int],
+        model_version_id: int,
+        dims: dict[int, tuple[int, int]],
+        texts: Sequence[ImageText] = (),
     ) -> None:
-        """Mark embedded images ready and append their upserts to the change log, atomically."""
+        """Mark embedded images ready, store what OCR read, and append the upserts to the change log: atomically.
+        Images deleted meanwhile are skipped (nothing is logged for them)."""
         if not image_ids:
             return
         now = utcnow()
+        done = {
+            "state": ImageState.ready,
+            "ready_at": now,
+            "updated_at": now,
+            "claimed_at": None,
+            "error_code": None,
+            "error_message": None,
+        }
         with self.session() as s:
-            for image_id in image_ids:
-                values: dict[str, object] = {
-                    "state": ImageState.ready,
-                    "ready_at": now,
-                    "updated_at": now,
-                    "claimed_at": None,
-                    "error_code": None,
-                    "error_message": None,
-                }
-                if image_id in dims:
-                    values["width"], values["height"] = dims[image_id]
-                res = s.execute(update(Image).where(col(Image.id) == image_id).values(**values))
-                if getattr(res, "rowcount", 0):  # deleted meanwhile: nothing to log
-                    s.add(ChangeLog(image_id=image_id, model_version_id=model_version_id, op=ChangeOp.upsert))
+            if dims:
+                live = []
+                for image_id in image_ids:
+                    values: dict[str, object] = dict(done)
+                    if image_id in dims:
+                        values["width"], values["height"] = dims[image_id]
+                    res = s.execute(update(Image).where(col(Image.id) == image_id).values(**values))
+                    if getattr(res, "rowcount", 0):
+                        live.append(image_id)
+            else:  # the bulk case (vectors without pictures): one statement
+                res = s.execute(
+                    update(Image)
+                    .where(col(Image.id).in_(list(image_ids)))
+                    .values(**done)
+                    .returning(col(Image.id))
+                )
+                live = sorted(int(r[0]) for r in res.all())
+            kept = set(live)
+            if texts:
+                # A retried image replaces what an interrupted attempt may have written.
+                s.execute(delete(ImageText).where(col(ImageText.image_id).in_([t.image_id for t in texts])))
+                s.add_all([t for t in texts if t.image_id in kept])
+            s.add_all(
+                [ChangeLog(image_id=i, model_version_id=model_version_id, op=ChangeOp.upsert) for i in live]
+            )
             s.commit()
 
     def mark_failed(self, image_id: int, code: str, message: str, *, retry_at: datetime | None) -> None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import StrEnum
+from typing import Any
 
-from sqlalchemy import BigInteger, Column, ForeignKey, Integer, String
+from sqlalchemy import JSON, BigInteger, Column, ForeignKey, Integer, String, Text
 from sqlmodel import Field, SQLModel
 
 # 63-bit ids everywhere; SQLite only auto-increments a column declared exactly INTEGER PRIMARY KEY.
@@ -59,6 +60,27 @@ class ImageTag(SQLModel, table=True):
         sa_column=Column(BigId, ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
     )
     tag: str = Field(sa_column=Column(String(100), primary_key=True, index=True))
+
+
+class ImageText(SQLModel, table=True):
+    """The words read in an image. Full-text indexes live beside it (migrations: SQLite FTS5 tables with porter
+    and trigram tokenizers kept in sync by triggers; Postgres a generated tsvector with GIN and a pg_trgm index)."""
+
+    __tablename__ = "image_text"
+
+    image_id: int = Field(
+        sa_column=Column(
+            BigId, ForeignKey("images.id", ondelete="CASCADE"), primary_key=True, autoincrement=False
+        )
+    )
+    content: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
+    has_text: bool = Field(default=False, index=True)
+    checked: bool = Field(default=True, description="False: the presence check skipped Tesseract")
+    data: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    chunks: int = 0
+    languages: str = Field(default="eng", max_length=100)
+    ocr_ms: float = 0.0
+    created_at: datetime = Field(default_factory=utcnow)
 
 
 class ChangeLog(SQLModel, table=True):
