@@ -10,8 +10,8 @@ LOUPE_TEST_POSTGRES_URL=$(scripts/ensure-postgres.sh)
 trap 'scripts/ensure-postgres.sh --stop' EXIT
 echo "==> PostgreSQL for tests: $LOUPE_TEST_POSTGRES_URL" >&2
 echo "==> ruff" >&2
-.venv/bin/ruff check server tests migrations
-.venv/bin/ruff format --check server tests migrations
+.venv/bin/ruff check server tests migrations bench
+.venv/bin/ruff format --check server tests migrations bench
 echo "==> mypy" >&2
 .venv/bin/mypy
 echo "==> pytest" >&2
