@@ -49,27 +49,37 @@ class ClipModel:
         self.image_processor = image_processor
         self.info = info
         self._lock = threading.Lock()
+        import torch
+
+        ip = image_processor
+        shortest = ip.size.get("shortest_edge") if hasattr(ip.size, "get") else ip.size["shortest_edge"]
+        self._sizes = (int(shortest or info.image_size), int(ip.crop_size["height"]))
+        self._mean = torch.tensor(ip.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self._std = torch.tensor(ip.image_std, dtype=torch.float32).view(1, 3, 1, 1)
 
     @property
     def dim(self) -> int:
         return self.info.dim
 
-    def preprocess(self, images: list[Image.Image]) -> Any:
-        return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    def resize_crop(self, img: Image.Image) -> np.ndarray:
+        return resize_crop(img, *self._sizes)
 
-    def embed_pixels(self, pixel_values: Any) -> np.ndarray:
+    def embed_uint8(self, batch: np.ndarray) -> np.ndarray:
+        """Embed resize_crop outputs (n, H, W, 3) uint8: rescale and normalize on the model's device."""
         import torch
 
         with self._lock, torch.inference_mode():
-            pv = pixel_values.to(self.model.device, dtype=self.model.dtype)
-            out = self.model.get_image_features(pixel_values=pv)
+            x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.model.device, non_blocking=True)
+            x = x.permute(0, 3, 1, 2).float().div_(255.0)
+            x = (x - self._mean.to(x.device)) / self._std.to(x.device)
+            out = self.model.get_image_features(pixel_values=x.to(self.model.dtype))
             feats = out.pooler_output if hasattr(out, "pooler_output") else out
             return normalize(feats.float().cpu().numpy())
 
     def embed_images(self, images: list[Image.Image]) -> np.ndarray:
         if not images:
             return np.zeros((0, self.dim), dtype=np.float32)
-        return self.embed_pixels(self.preprocess(images))
+        return self.embed_uint8(np.stack([self.resize_crop(im) for im in images]))
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         import torch
@@ -84,6 +94,19 @@ class ClipModel:
             out = self.model.get_text_features(**enc)
             feats = out.pooler_output if hasattr(out, "pooler_output") else out
             return normalize(feats.float().cpu().numpy())
+
+
+def resize_crop(img: Image.Image, size: int, crop: int) -> np.ndarray:
+    """The CLIP image processor's geometry (shortest edge to `size` with bicubic resampling, then a centre crop)
+    as a uint8 HWC array: the same pixels as CLIPImageProcessorPil (a test checks the embeddings are identical)
+    without its per-call overhead, and 4x less to move to a GPU than float32 (normalization runs on the device)."""
+    w, h = img.size
+    nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    r = img.resize((nw, nh), Image.Resampling.BICUBIC)
+    left, top = (nw - crop) // 2, (nh - crop) // 2
+    return np.asarray(r.crop((left, top, left + crop, top + crop)), dtype=np.uint8)
 
 
 def _fingerprint(model: Any) -> str:
