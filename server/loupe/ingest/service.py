@@ -70,6 +70,7 @@ class IngestService:
         self.on_indexed = on_indexed
         self.text_indexer = text_indexer
         self.work_available = threading.Event()
+        self._decode_side = max(clip.info.image_size, settings.thumbnail_px * 3 // 4)
 
     # ------------------------------------------------------------ upload
 
@@ -136,9 +137,9 @@ class IngestService:
                 self._fail(image, "blob_missing", "the stored original is missing", report, permanent=True)
                 continue
             try:
-                rgb = decode_rgb(
-                    data, max_pixels=self.settings.max_pixels, min_side=2 * self.clip.info.image_size
-                )
+                # JPEGs decode at a reduced DCT scale that still covers the model's input and the thumbnail
+                # (bench/RESULTS.md: 1.8x the end-to-end rate of a decode at twice the model's size).
+                rgb = decode_rgb(data, max_pixels=self.settings.max_pixels, min_side=self._decode_side)
                 self.blobs.put_thumbnail(
                     image.sha256,
                     make_thumbnail(rgb, self.settings.thumbnail_px, self.settings.thumbnail_quality),
