@@ -106,6 +106,11 @@ class SearchSettings(BaseModel):
     max_offset: int = Field(10_000, ge=0, description="deepest result a cursor can reach")
     overfetch: int = Field(16, ge=0, description="extra candidates fetched to make up for masked deletions")
     channel_depth: int = Field(200, ge=10, description="candidates each channel contributes before fusion")
+    exact_scan_max: int = Field(
+        50_000,
+        ge=0,
+        description="filters matching up to this many images are searched exactly over their vectors",
+    )
     fusion: FusionSettings = FusionSettings()
 
 

@@ -17,6 +17,7 @@ from loupe.ingest.service import IngestService, IngestWorker
 from loupe.ingest.text import TextIndexer
 from loupe.models.clip import DEMO_MODEL_NAME, ClipModel, demo_model_dir, load_clip, open_clip_for_settings
 from loupe.models.text_encoder import SentenceEncoder
+from loupe.search.filters import PAYLOAD_INDEXES
 from loupe.search.service import SearchService
 from loupe.signing import load_or_create_secret
 from loupe.storage.blobs.files import FileBlobStore
@@ -244,6 +245,7 @@ class Runtime:
         clip, version = resolve_model(settings, repo)
         collection = collection_name(version)
         vectors.ensure_collection(collection, version.dim)
+        vectors.create_payload_indexes(collection, PAYLOAD_INDEXES)
         mirror = FaissMirror(
             (settings.index.directory or settings.data_dir / "mirror") / collection,
             collection=collection,

@@ -108,7 +108,7 @@ def test_failures_wait_for_their_retry_time_then_fail_for_good(repo: MetadataRep
 def test_ready_and_delete_are_logged_in_order(repo: MetadataRepo):
     a, _ = repo.insert_image(new(1))
     b, _ = repo.insert_image(new(2))
-    repo.mark_ready([a.id, b.id], model_version_id=1, dims={a.id: (30, 20)})
+    repo.mark_ready([a.id, b.id], model_version_id=1, updates={a.id: {"width": 30, "height": 20}})
     assert repo.get_image(a.id).width == 30
     repo.delete_image(a.id, model_version_id=1)
     changes = repo.changes_since(1, 0, 100)

@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import json
+from typing import Annotated, Any, Literal
 
-from litestar import Controller, Request, delete, get, post
+from litestar import Controller, Request, delete, get, patch, post
 from litestar.datastructures import UploadFile
-from litestar.params import FromPath, QueryParameter
+from litestar.params import FromPath, JSONBody, QueryParameter
 from litestar.response import File, Response
+from pydantic import ValidationError
+from sqlalchemy import and_, true
+from sqlmodel import col
 
 from loupe.api.deps import RT, blocking
 from loupe.api.errors import envelope
 from loupe.api.schemas import (
+    BatchChanges,
+    BatchResult,
+    Duplicate,
+    DuplicatesResponse,
     ErrorBody,
+    ExistsRequest,
+    ExistsResponse,
     FileOutcome,
+    ImageChanges,
     ImageDetail,
     ImagePage,
     SearchResponse,
@@ -22,10 +33,34 @@ from loupe.api.schemas import (
     image_summary,
 )
 from loupe.errors import BadRequest, Conflict, NotFound
-from loupe.signing import Signer
-from loupe.storage.metadata.tables import ImageState
+from loupe.runtime import Runtime
+from loupe.search.filters import Filter, ready_and, to_sql
+from loupe.signing import Signer, digest
+from loupe.storage.metadata.tables import Image, ImageState
 
 TAG_MAX = 100
+
+
+def parse_filter(raw: str | None) -> Filter | None:
+    """The `filters` query parameter: JSON in the filter grammar; errors name the field."""
+    if raw is None or not raw.strip():
+        return None
+    try:
+        return Filter.model_validate(json.loads(raw))
+    except json.JSONDecodeError as exc:
+        raise BadRequest(
+            f"filters is not JSON: {exc.msg}", code="bad_filter", detail={"field": "filters"}
+        ) from exc
+    except ValidationError as exc:
+        problems = [
+            {"field": ".".join(["filters", *(str(p) for p in e["loc"])]), "message": e["msg"]}
+            for e in exc.errors()
+        ]
+        raise BadRequest(
+            "; ".join(f"{p['field']}: {p['message']}" for p in problems),
+            code="bad_filter",
+            detail={"fields": [p["field"] for p in problems], "problems": problems},
+        ) from exc
 
 
 def parse_tags(values: list[str]) -> list[str]:
@@ -56,6 +91,16 @@ async def read_files(request: Request[Any, Any, Any], field: str) -> list[tuple[
     return files
 
 
+async def load_detail(rt: Runtime, image_id: int) -> ImageDetail:
+    image = await blocking(rt.repo.get_image, image_id)
+    if image is None:
+        raise NotFound(f"image {image_id} does not exist")
+    tags = await blocking(rt.repo.tags_for, [image_id])
+    albums = await blocking(rt.repo.albums_for, [image_id])
+    texts = await blocking(rt.repo.get_texts, [image_id])
+    return image_detail(image, tags.get(image_id, []), texts.get(image_id), albums.get(image_id, []))
+
+
 class ImageController(Controller):
     path = "/api/images"
     tags = ["images"]
@@ -77,7 +122,10 @@ class ImageController(Controller):
             raise BadRequest("no `file` parts in the request", code="no_files", detail={"field": "file"})
         form = await request.form()
         tags = parse_tags([v for v in form.getall("tags") if isinstance(v, str)] if "tags" in form else [])
-        outcomes = await blocking(rt.ingest.upload, files, tags)
+        albums = parse_tags(
+            [v for v in form.getall("albums") if isinstance(v, str)] if "albums" in form else []
+        )
+        outcomes = await blocking(rt.ingest.upload, files, tags, albums)
         body = UploadResponse(
             files=[
                 FileOutcome(
@@ -102,7 +150,12 @@ class ImageController(Controller):
             return envelope(400, "all_rejected", "every file was rejected", body.model_dump(mode="json"))
         return Response(body)
 
-    @get("/", summary="Browse the library, newest first")
+    @get(
+        "/",
+        summary="Browse the library (newest first, or by capture time or name), optionally filtered",
+        description="`filters` is the search filter grammar as JSON, e.g. "
+        '`{"tags": {"any": ["family"]}, "taken": {"from": "2019-01-01"}}`.',
+    )
     async def browse(
         self,
         rt: RT,
@@ -111,27 +164,100 @@ class ImageController(Controller):
         only: Annotated[
             ImageState | None, QueryParameter(name="state", description="only images in this state")
         ] = None,
+        filters: Annotated[str | None, QueryParameter(max_length=20_000, description="filter JSON")] = None,
+        sort: Annotated[Literal["added", "taken", "name"], QueryParameter()] = "added",
     ) -> ImagePage:
-        signer = Signer(rt.secret, "browse")
-        before = int(signer.loads(cursor)["before"]) if cursor else None
-        rows = await blocking(
-            rt.repo.browse, before_id=before, limit=limit + 1, states=[only] if only else None
-        )
-        page = rows[:limit]
-        tags = await blocking(rt.repo.tags_for, [int(r.id) for r in page])  # type: ignore[arg-type]
-        next_cursor = signer.dumps({"before": int(page[-1].id)}) if len(rows) > limit and page else None  # type: ignore[arg-type]
+        flt = parse_filter(filters)
+        if flt is None and sort == "added":
+            signer = Signer(rt.secret, "browse")
+            before = int(signer.loads(cursor)["before"]) if cursor else None
+            rows = await blocking(
+                rt.repo.browse, before_id=before, limit=limit + 1, states=[only] if only else None
+            )
+            page = rows[:limit]
+            next_cursor = signer.dumps({"before": page[-1].id}) if len(rows) > limit and page else None
+            total = None
+        else:
+            signer = Signer(rt.secret, "browse-filtered")
+            scope = digest({"f": filters, "s": sort, "st": only})
+            offset = 0
+            if cursor:
+                data = signer.loads(cursor)
+                if data.get("h") != scope:
+                    raise BadRequest(
+                        "cursor belongs to other filters", code="bad_cursor", detail={"field": "cursor"}
+                    )
+                offset = int(data["o"])
+            where = to_sql(flt) if flt is not None else true()
+            if only:
+                where = and_(where, col(Image.state) == only)
+            rows = await blocking(rt.repo.browse_where, where, sort=sort, offset=offset, limit=limit + 1)
+            page = rows[:limit]
+            next_cursor = signer.dumps({"h": scope, "o": offset + limit}) if len(rows) > limit else None
+            total = await blocking(rt.repo.count_where, where)
+        ids = [r.id or 0 for r in page]
+        tags = await blocking(rt.repo.tags_for, ids)
+        albums = await blocking(rt.repo.albums_for, ids)
         return ImagePage(
-            images=[image_summary(r, tags.get(r.id or 0, [])) for r in page], next_cursor=next_cursor
+            images=[image_summary(r, tags.get(r.id or 0, []), albums.get(r.id or 0, [])) for r in page],
+            next_cursor=next_cursor,
+            total=total,
         )
 
-    @get("/{image_id:int}", summary="One image: metadata and state")
-    async def detail(self, rt: RT, image_id: FromPath[int]) -> ImageDetail:
+    @get("/facets", summary="Counts of tags, albums, years, cameras and formats among matching images")
+    async def facets(
+        self,
+        rt: RT,
+        filters: Annotated[str | None, QueryParameter(max_length=20_000, description="filter JSON")] = None,
+        limit: Annotated[int, QueryParameter(ge=1, le=200)] = 20,
+    ) -> dict[str, Any]:
+        flt = parse_filter(filters)
+        where = ready_and(flt)
+        facets = await blocking(rt.repo.facets, where, limit)
+        total = await blocking(rt.repo.count_where, where)
+        return {"total": total, "exact": True, **facets}
+
+    @patch("/{image_id:int}", summary="Change an image's tags, albums, description, rating or star")
+    async def edit(self, rt: RT, image_id: FromPath[int], data: JSONBody[ImageChanges]) -> ImageDetail:
+        changes = data.model_dump(exclude_unset=True)
+        found = await blocking(rt.ingest.edit, [image_id], changes)
+        if not found:
+            raise NotFound(f"image {image_id} does not exist")
+        return await load_detail(rt, image_id)
+
+    @post("/batch", status_code=200, summary="Apply the same changes to many images")
+    async def batch(self, rt: RT, data: JSONBody[BatchChanges]) -> BatchResult:
+        found = await blocking(rt.ingest.edit, data.ids, data.changes.model_dump(exclude_unset=True))
+        return BatchResult(updated=sorted(found), missing=sorted(set(data.ids) - set(found)))
+
+    @post("/exists", status_code=200, summary="Which of these SHA-256 hashes are stored already")
+    async def exists(self, rt: RT, data: JSONBody[ExistsRequest]) -> ExistsResponse:
+        found = await blocking(rt.repo.existing_hashes, [h.lower() for h in data.sha256])
+        return ExistsResponse(existing=found)
+
+    @get("/{image_id:int}/duplicates", summary="Near-duplicates by perceptual hash")
+    async def duplicates(
+        self,
+        rt: RT,
+        image_id: FromPath[int],
+        max_distance: Annotated[int, QueryParameter(ge=0, le=32)] = 6,
+        limit: Annotated[int, QueryParameter(ge=1, le=500)] = 50,
+    ) -> DuplicatesResponse:
         image = await blocking(rt.repo.get_image, image_id)
         if image is None:
             raise NotFound(f"image {image_id} does not exist")
-        tags = await blocking(rt.repo.tags_for, [image_id])
-        texts = await blocking(rt.repo.get_texts, [image_id])
-        return image_detail(image, tags.get(image_id, []), texts.get(image_id))
+        if image.phash is None:
+            return DuplicatesResponse(duplicates=[])
+        near = await blocking(rt.repo.near_duplicates, image.phash, image_id, max_distance, limit)
+        return DuplicatesResponse(
+            duplicates=[
+                Duplicate(id=i, distance=d, thumbnail_url=f"/api/images/{i}/thumbnail") for i, d in near
+            ]
+        )
+
+    @get("/{image_id:int}", summary="One image: metadata, state, EXIF, user fields and the text read in it")
+    async def detail(self, rt: RT, image_id: FromPath[int]) -> ImageDetail:
+        return await load_detail(rt, image_id)
 
     @get("/{image_id:int}/file", summary="The original file", media_type="application/octet-stream")
     async def file(self, rt: RT, image_id: FromPath[int]) -> File:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from loupe.search.query import Hit, SearchRequest, SearchResponse, Term
 from loupe.storage.metadata.tables import Image, ImageText
@@ -46,9 +46,13 @@ class ImageSummary(BaseModel):
     height: int
     size_bytes: int
     created_at: datetime
+    taken_at: datetime | None = None
     thumbnail_url: str
     file_url: str
     tags: list[str]
+    albums: list[str] = Field(default_factory=list)
+    rating: int | None = None
+    starred: bool = False
 
 
 class TextWord(BaseModel):
@@ -81,12 +85,70 @@ class ImageDetail(ImageSummary):
     attempts: int
     ready_at: datetime | None
     error: ErrorBody | None
+    description: str | None = None
+    camera: dict[str, str | None] = Field(default_factory=dict)
+    location: dict[str, float] | None = None
+    exif: dict[str, Any] | None = None
     text: ImageTextOut | None = Field(None, description="what OCR read (null until processed, or OCR off)")
 
 
 class ImagePage(BaseModel):
     images: list[ImageSummary]
     next_cursor: str | None
+    total: int | None = Field(None, description="exact count of images matching the filters")
+
+
+class ImageChanges(BaseModel):
+    """User fields. `tags`/`albums` replace the whole set; `add_*`/`remove_*` change it."""
+
+    model_config = ConfigDict(extra="forbid")
+    tags: (
+        list[Annotated[str, StringConstraints(min_length=1, max_length=100, strip_whitespace=True)]] | None
+    ) = Field(None, max_length=200)
+    add_tags: (
+        list[Annotated[str, StringConstraints(min_length=1, max_length=100, strip_whitespace=True)]] | None
+    ) = Field(None, max_length=200)
+    remove_tags: list[str] | None = Field(None, max_length=200)
+    albums: (
+        list[Annotated[str, StringConstraints(min_length=1, max_length=200, strip_whitespace=True)]] | None
+    ) = Field(None, max_length=100)
+    add_albums: (
+        list[Annotated[str, StringConstraints(min_length=1, max_length=200, strip_whitespace=True)]] | None
+    ) = Field(None, max_length=100)
+    remove_albums: list[str] | None = Field(None, max_length=100)
+    description: str | None = Field(None, max_length=10_000)
+    rating: int | None = Field(None, ge=0, le=5)
+    starred: bool | None = None
+
+
+class BatchChanges(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ids: list[Annotated[int, Field(ge=1)]] = Field(min_length=1, max_length=10_000)
+    changes: ImageChanges
+
+
+class BatchResult(BaseModel):
+    updated: list[int]
+    missing: list[int]
+
+
+class ExistsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sha256: list[Annotated[str, StringConstraints(pattern="^[0-9a-fA-F]{64}$")]] = Field(max_length=10_000)
+
+
+class ExistsResponse(BaseModel):
+    existing: dict[str, int] = Field(description="hash -> id of the images already stored")
+
+
+class Duplicate(BaseModel):
+    id: int
+    distance: int = Field(description="perceptual-hash distance in bits (0: the same picture)")
+    thumbnail_url: str
+
+
+class DuplicatesResponse(BaseModel):
+    duplicates: list[Duplicate]
 
 
 class HealthResponse(BaseModel):
@@ -98,7 +160,7 @@ class HealthResponse(BaseModel):
     warnings: list[dict[str, str]]
 
 
-def image_summary(image: Image, tags: list[str]) -> ImageSummary:
+def image_summary(image: Image, tags: list[str], albums: list[str] | None = None) -> ImageSummary:
     return ImageSummary(
         id=int(image.id),  # type: ignore[arg-type]
         state=image.state,
@@ -108,9 +170,13 @@ def image_summary(image: Image, tags: list[str]) -> ImageSummary:
         height=image.height,
         size_bytes=image.size_bytes,
         created_at=image.created_at,
+        taken_at=image.taken_at,
         thumbnail_url=f"/api/images/{image.id}/thumbnail",
         file_url=f"/api/images/{image.id}/file",
         tags=tags,
+        albums=albums or [],
+        rating=image.rating,
+        starred=image.starred,
     )
 
 
@@ -127,8 +193,10 @@ def text_out(row: ImageText) -> ImageTextOut:
     )
 
 
-def image_detail(image: Image, tags: list[str], text: ImageText | None = None) -> ImageDetail:
-    base = image_summary(image, tags).model_dump()
+def image_detail(
+    image: Image, tags: list[str], text: ImageText | None = None, albums: list[str] | None = None
+) -> ImageDetail:
+    base = image_summary(image, tags, albums).model_dump()
     error = ErrorBody(code=image.error_code, message=image.error_message or "") if image.error_code else None
     return ImageDetail(
         **base,
@@ -139,4 +207,10 @@ def image_detail(image: Image, tags: list[str], text: ImageText | None = None) -
         ready_at=image.ready_at,
         error=error,
         text=text_out(text) if text is not None else None,
+        description=image.description,
+        camera={"make": image.camera_make, "model": image.camera_model, "lens": image.lens},
+        location={"lat": image.gps_lat, "lon": image.gps_lon}
+        if image.gps_lat is not None and image.gps_lon is not None
+        else None,
+        exif=image.exif,
     )

@@ -99,6 +99,9 @@ class FaissMirror:
         self._ann_trained_on = 0
         self.last_seq = 0
         self._unsaved = 0
+        self._version = 0
+        self._sorted_at = -1
+        self._sorted: tuple[np.ndarray, np.ndarray] = (np.zeros(0, np.int64), np.zeros(0, np.int64))
 
     @property
     def live_count(self) -> int:
@@ -139,6 +142,7 @@ class FaissMirror:
             self._vecs[start : start + len(ids)] = vecs
             self._alive[start : start + len(ids)] = True
             self._n += len(ids)
+            self._version += 1
             for i, r in zip(ids.tolist(), rows.tolist(), strict=True):
                 self._row_of[i] = r
             if self._ann is not None:
@@ -154,6 +158,7 @@ class FaissMirror:
 
     def _tombstone(self, rows: np.ndarray) -> None:
         self._alive[rows] = False
+        self._version += 1
         if self._ann is not None:
             self._ann.remove_ids(rows)  # faiss takes an id array too
 
@@ -186,6 +191,64 @@ class FaissMirror:
             rows, scores = cand[order], None
             return _ordered(ids[rows], exact[order])
         return _ordered(ids[rows], scores[rows])
+
+    def _rows_of(self, ids: np.ndarray) -> np.ndarray:
+        """Rows of these ids (those present), vectorized through a sorted view rebuilt after changes."""
+        with self._lock:
+            if self._sorted_at != self._version:
+                live = self._ids[: self._n]
+                order = np.argsort(live, kind="stable")
+                self._sorted = (live[order], order)
+                self._sorted_at = self._version
+            sorted_ids, order = self._sorted
+            alive = self._alive
+        ids = np.asarray(ids, dtype=np.int64)
+        if len(sorted_ids) == 0 or len(ids) == 0:
+            return np.zeros(0, dtype=np.int64)
+        pos = np.clip(np.searchsorted(sorted_ids, ids), 0, len(sorted_ids) - 1)
+        hit = sorted_ids[pos] == ids
+        rows = order[pos[hit]]
+        # Upserted-again ids leave a dead row with the same id: keep the alive one.
+        rows = rows[alive[rows]]
+        return rows.astype(np.int64)
+
+    def search_subset(self, query: np.ndarray, k: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k among the given ids only (a filter's matching set): the true best matches."""
+        q = np.asarray(query, dtype=np.float32).reshape(-1)
+        rows = self._rows_of(ids)
+        if len(rows) == 0 or k <= 0:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+        with self._lock:
+            vecs, all_ids = self._vecs, self._ids
+        scores = vecs[rows] @ q
+        top = _top_rows(scores, k)
+        return _ordered(all_ids[rows[top]], scores[top])
+
+    def search_masked(self, query: np.ndarray, k: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k among the given ids through the approximate index (FAISS IDSelectorBitmap over rows), re-ranked
+        exactly; falls back to the exact subset scan when the mirror is flat."""
+        with self._lock:
+            ann, n = self._ann, self._n
+        if ann is None:
+            return self.search_subset(query, k, ids)
+        rows = self._rows_of(ids)
+        mask = np.zeros(n, dtype=bool)
+        mask[rows] = True
+        bitmap = np.packbits(mask, bitorder="little")
+        sel = faiss.IDSelectorBitmap(n, faiss.swig_ptr(bitmap))
+        params = faiss.SearchParametersIVF()
+        params.sel = sel  # `sel` and `bitmap` stay referenced here for the whole search
+        params.nprobe = max(self.settings.nprobe, 1)
+        q = np.ascontiguousarray(np.asarray(query, dtype=np.float32).reshape(1, -1))
+        _, cand = ann.search(q, max(k * self.settings.rerank_factor, k + 32), params=params)
+        cand = cand[0]
+        with self._lock:
+            vecs, all_ids, alive = self._vecs, self._ids, self._alive
+        cand = cand[(cand >= 0) & (cand < n)]
+        cand = cand[alive[cand] & mask[cand]]
+        exact = vecs[cand] @ q[0]
+        top = _top_rows(exact, k)
+        return _ordered(all_ids[cand[top]], exact[top])
 
     # ------------------------------------------------------------ approximate index
 
@@ -321,6 +384,7 @@ class FaissMirror:
             self._alive = np.ones(len(keep), dtype=bool)
             self._n = len(keep)
             self._row_of = {int(i): r for r, i in enumerate(self._ids.tolist())}
+            self._version += 1
             if self._ann is not None:
                 ann = _to_cpu(self._ann)
                 ann.reset()  # keeps the trained quantizers, drops the lists

@@ -6,7 +6,7 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -16,11 +16,13 @@ import numpy as np
 
 from loupe.config import IngestSettings
 from loupe.errors import LoupeError, NotFound, TooLarge
+from loupe.ingest.exif import dhash, read_exif
 from loupe.ingest.text import TextIndexer
 from loupe.ingest.validate import clean_name, decode_rgb, inspect_upload, make_thumbnail
 from loupe.models.clip import ClipModel
 from loupe.models.vectors import normalize
 from loupe.ocr.tesseract import OcrResult
+from loupe.search.filters import payload_for
 from loupe.storage.blobs.files import FileBlobStore
 from loupe.storage.metadata.repo import MetadataRepo, NewImage
 from loupe.storage.metadata.tables import Image, ImageText, utcnow
@@ -75,7 +77,7 @@ class IngestService:
     # ------------------------------------------------------------ upload
 
     def upload(
-        self, files: Sequence[tuple[str | None, bytes]], tags: Sequence[str] = ()
+        self, files: Sequence[tuple[str | None, bytes]], tags: Sequence[str] = (), albums: Sequence[str] = ()
     ) -> list[UploadOutcome]:
         """Check, store and record each file; answers per file. Nothing half-written on a rejection."""
         if len(files) > self.settings.max_files_per_request:
@@ -84,12 +86,14 @@ class IngestService:
                 "(use POST /api/images/bulk, or LOUPE_INGEST__MAX_FILES_PER_REQUEST)",
                 code="too_many_files",
             )
-        outcomes = [self._upload_one(name, data, tuple(tags)) for name, data in files]
+        outcomes = [self._upload_one(name, data, tuple(tags), tuple(albums)) for name, data in files]
         if any(o.status == "accepted" for o in outcomes):
             self.work_available.set()
         return outcomes
 
-    def _upload_one(self, name: str | None, data: bytes, tags: tuple[str, ...]) -> UploadOutcome:
+    def _upload_one(
+        self, name: str | None, data: bytes, tags: tuple[str, ...], albums: tuple[str, ...] = ()
+    ) -> UploadOutcome:
         filename = clean_name(name)
         try:
             facts = inspect_upload(
@@ -115,6 +119,7 @@ class IngestService:
                 height=facts.height,
                 frames=facts.frames,
                 tags=tags,
+                albums=albums,
             )
         )
         return UploadOutcome(filename, "accepted" if created else "duplicate", id=image.id)
@@ -130,6 +135,7 @@ class IngestService:
             return report
         t0 = time.perf_counter()
         decoded: list[tuple[Image, Any]] = []
+        meta: dict[int, dict[str, Any]] = {}
         for image in claimed:
             try:
                 data = self.blobs.read_original(image.sha256)
@@ -140,6 +146,8 @@ class IngestService:
                 # JPEGs decode at a reduced DCT scale that still covers the model's input and the thumbnail
                 # (bench/RESULTS.md: 1.8x the end-to-end rate of a decode at twice the model's size).
                 rgb = decode_rgb(data, max_pixels=self.settings.max_pixels, min_side=self._decode_side)
+                # Width and height were recorded (EXIF-oriented) at upload; a draft decode is smaller anyway.
+                meta[int(image.id)] = {**read_exif(data), "phash": dhash(rgb)}  # type: ignore[arg-type]
                 self.blobs.put_thumbnail(
                     image.sha256,
                     make_thumbnail(rgb, self.settings.thumbnail_px, self.settings.thumbnail_quality),
@@ -162,16 +170,20 @@ class IngestService:
                 vecs = self.clip.embed_images([rgb for _, rgb in decoded])
                 t2 = time.perf_counter()
                 ids = [int(img.id) for img, _ in decoded]  # type: ignore[arg-type]
-                self.vectors.upsert(self.collection, ids, vecs, [{"image_id": i} for i in ids])
-                t3 = time.perf_counter()
                 texts = self._index_text(ocr) if self.text_indexer else []
+                t3 = time.perf_counter()
+                with_text = {t.image_id for t in texts if t.has_text}
+                tags, albums = self.repo.tags_for(ids), self.repo.albums_for(ids)
+                payloads = [
+                    payload_for(img.model_copy(update=meta.get(i, {})), tags[i], albums[i], i in with_text)
+                    for i, (img, _) in zip(ids, decoded, strict=True)
+                ]
+                self.vectors.upsert(self.collection, ids, vecs, payloads)
                 t4 = time.perf_counter()
-                # The image tower saw the oriented picture; record oriented dimensions.
-                dims = {int(img.id): rgb.size for img, rgb in decoded}  # type: ignore[arg-type]
-                self.repo.mark_ready(ids, self.model_version_id, dims, texts)
+                self.repo.mark_ready(ids, self.model_version_id, meta, texts)
                 report.ready += len(ids)
                 report.seconds.update(
-                    embed=t2 - t1, upsert=t3 - t2, ocr_wait=t4 - t3, commit=time.perf_counter() - t4
+                    embed=t2 - t1, ocr_wait=t3 - t2, upsert=t4 - t3, commit=time.perf_counter() - t4
                 )
             except Exception as exc:
                 log.exception("embedding/indexing a batch of %d failed", len(decoded))
@@ -230,38 +242,84 @@ class IngestService:
         *,
         width: int = 1,
         height: int = 1,
-        tags: Sequence[Sequence[str]] | None = None,
+        meta: Sequence[dict[str, Any]] | None = None,
     ) -> list[int]:
-        """Add images that are only vectors (tests, benchmarks): the same rows, points, change log and mirror
-        updates as the worker writes, without a picture to decode."""
+        """Add images that are only vectors (tests, benchmarks): the same rows, payloads, points, change log and
+        mirror updates as the worker writes, without a picture to decode. `meta[i]` may give `tags`, `albums`
+        and image columns (taken_at, camera_make, camera_model, lens, gps_lat, gps_lon, rating, starred, width,
+        height, format)."""
         vecs = normalize(np.asarray(vectors, dtype=np.float32))
         if vecs.ndim != 2 or vecs.shape[1] != self.clip.dim:
             raise ValueError(f"expected (n, {self.clip.dim}) vectors, got {vecs.shape}")
+        metas = list(meta) if meta is not None else [{} for _ in range(len(vecs))]
         ids = self.repo.insert_images_bulk(
             [
                 NewImage(
                     sha256=hashlib.sha256(b"vector:" + v.tobytes()).hexdigest(),
                     original_name=f"vector-{k}",
-                    format="VECTOR",
+                    format=str(metas[k].get("format", "VECTOR")),
                     mime="application/octet-stream",
                     size_bytes=0,
-                    width=width,
-                    height=height,
+                    width=int(metas[k].get("width", width)),
+                    height=int(metas[k].get("height", height)),
                     frames=1,
-                    tags=tuple(tags[k]) if tags else (),
+                    tags=tuple(metas[k].get("tags", ())),
+                    albums=tuple(metas[k].get("albums", ())),
                 )
                 for k, v in enumerate(vecs)
             ]
         )
+        columns = {
+            i: {k: v for k, v in m.items() if k not in ("tags", "albums", "format", "width", "height")}
+            for i, m in zip(ids, metas, strict=True)
+        }
         for start in range(0, len(ids), 1024):
             chunk = ids[start : start + 1024]
-            self.vectors.upsert(
-                self.collection, chunk, vecs[start : start + 1024], [{"image_id": i} for i in chunk]
-            )
-            self.repo.mark_ready(chunk, self.model_version_id, {})
+            rows = self.repo.get_images(chunk)
+            tag_map, album_map = self.repo.tags_for(chunk), self.repo.albums_for(chunk)
+            payloads = [
+                payload_for(rows[i].model_copy(update=columns[i]), tag_map[i], album_map[i], False)
+                for i in chunk
+            ]
+            self.vectors.upsert(self.collection, chunk, vecs[start : start + 1024], payloads)
+            self.repo.mark_ready(chunk, self.model_version_id, {i: columns[i] for i in chunk if columns[i]})
         if self.on_indexed:
             self.on_indexed()
         return ids
+
+    # ------------------------------------------------------------ edit
+
+    def edit(self, ids: Sequence[int], changes: Mapping[str, Any]) -> list[int]:
+        """Apply user-field changes (tags/albums set, add or remove; description, rating, starred) and refresh
+        the Qdrant payload of the images that are searchable. Returns the ids that exist."""
+        fields = {k: changes[k] for k in ("description", "rating", "starred") if k in changes}
+        found = self.repo.edit(
+            ids,
+            fields,
+            tags_add=changes.get("add_tags") or (),
+            tags_remove=changes.get("remove_tags") or (),
+            tags_set=changes.get("tags"),
+            albums_add=changes.get("add_albums") or (),
+            albums_remove=changes.get("remove_albums") or (),
+            albums_set=changes.get("albums"),
+        )
+        self.refresh_payloads(found)
+        return found
+
+    def refresh_payloads(self, ids: Sequence[int]) -> None:
+        for start in range(0, len(ids), 512):
+            chunk = list(ids[start : start + 512])
+            rows = self.repo.get_images(chunk)
+            ready = [i for i in chunk if i in rows and rows[i].state == "ready"]
+            tags, albums, texts = (
+                self.repo.tags_for(ready),
+                self.repo.albums_for(ready),
+                self.repo.has_text_for(ready),
+            )
+            for i in ready:
+                self.vectors.set_payload(
+                    self.collection, [i], payload_for(rows[i], tags[i], albums[i], i in texts)
+                )
 
     # ------------------------------------------------------------ delete
 

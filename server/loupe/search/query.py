@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from loupe.search.filters import Filter
+
 
 class Channel(StrEnum):
     clip = "clip"
@@ -75,21 +77,13 @@ class SearchRequest(BaseModel):
     )
 
     query: list[Term] = Field(..., min_length=1, max_length=64)
-    filters: dict[str, Any] | None = Field(
-        None, description="reserved for the filter grammar; must be null for now"
-    )
+    filters: Filter | None = Field(None, description="only images matching this (see the Filter schema)")
     limit: int = Field(50, ge=1, le=1000)
     cursor: str | None = Field(None, max_length=4096, description="next_cursor of the previous page")
     min_score: float | None = Field(
         None, ge=-1, le=10, description="drop hits scoring below this (the score shown)"
     )
     fusion: Fusion | None = None
-
-    @model_validator(mode="after")
-    def _no_filters_yet(self) -> SearchRequest:
-        if self.filters:
-            raise ValueError("filters are not supported yet")
-        return self
 
 
 class TextMatch(BaseModel):

@@ -10,6 +10,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,7 @@ from loupe.ingest.text import TextIndexer
 from loupe.models.clip import ClipModel
 from loupe.models.vectors import normalize
 from loupe.search import keyword as kw
+from loupe.search.filters import ready_and
 from loupe.search.fusion import fuse
 from loupe.search.query import Channel, Hit, SearchRequest, SearchResponse, Term, TextMatch
 from loupe.signing import Signer, digest
@@ -62,6 +64,33 @@ class TextEmbeddingCache:
                         while len(self._data) > self.size:
                             self._data.popitem(last=False)
         return [out[t] for t in texts]
+
+
+@dataclass
+class FilterScope:
+    ids: np.ndarray  # matching image ids, sorted
+    selectivity: float
+    exact: bool
+
+    @property
+    def matching(self) -> int:
+        return len(self.ids)
+
+    def search(self, mirror: FaissMirror, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.exact:
+            return mirror.search_subset(query, k, self.ids)
+        return mirror.search_masked(query, k, self.ids)
+
+    def allows(self, image_id: int) -> bool:
+        pos = int(np.searchsorted(self.ids, image_id))
+        return pos < len(self.ids) and int(self.ids[pos]) == image_id
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "matching": self.matching,
+            "selectivity": round(self.selectivity, 6),
+            "strategy": "exact-scan" if self.exact else "faiss-masked+rerank",
+        }
 
 
 class SearchService:
@@ -166,20 +195,30 @@ class SearchService:
             raise InvalidQuery(
                 f"results deeper than {self.settings.max_offset} are not served", detail={"field": "cursor"}
             )
+        scope = self._plan_filter(req)
         channels = {t.channel for t in req.query if t.weight != 0} | ({Channel.clip} if extra else set())
-        if channels <= {Channel.clip}:
+        if scope is not None and scope.matching == 0:
+            t1 = time.perf_counter()
+            hits: list[Hit] = []
+            last: tuple[int, float] | None = None
+            plan: dict[str, Any] = {"candidates": "none"}
+            t_search = t_join = 0.0
+            term = None
+        elif channels <= {Channel.clip}:
             query = self.compose(req.query, extra)
             t1 = time.perf_counter()
             hits, last, plan, t_search, t_join = self._page(
-                query, offset, after, limit, set(exclude), req.min_score
+                query, offset, after, limit, set(exclude), req.min_score, scope
             )
             term = Term(vector=query.tolist(), weight=1.0) if return_query_term else None
         else:
             t1 = t0
             hits, last, plan, t_search, t_join = self._fused_page(
-                req, extra, offset, after, limit, set(exclude)
+                req, extra, offset, after, limit, set(exclude), scope
             )
             term = None
+        if scope is not None:
+            plan["filter"] = scope.describe()
         t2 = time.perf_counter()
         next_cursor = None
         if last is not None:
@@ -199,6 +238,21 @@ class SearchService:
             plan=plan,
             query_term=term,
         )
+
+    # ------------------------------------------------------------ filters: the planner
+
+    def _plan_filter(self, req: SearchRequest) -> FilterScope | None:
+        """Count the matching images with the authoritative SQL compilation, then choose how to search them:
+        few matches (<= exact_scan_max) -> an exact scan of just their vectors (always the true best matches);
+        many -> the mirror's ANN index restricted to them by a FAISS id bitmap, re-ranked exactly (at high
+        selectivity this has the unfiltered recall). A flat mirror is always exact."""
+        if req.filters is None:
+            return None
+        where = ready_and(req.filters)
+        ids = self.repo.ids_where(where)
+        total = max(self.mirror.live_count, 1)
+        exact = len(ids) <= self.settings.exact_scan_max or self.mirror.index_type == "flat"
+        return FilterScope(ids=ids, selectivity=len(ids) / total, exact=exact)
 
     # ------------------------------------------------------------ several channels
 
@@ -250,6 +304,7 @@ class SearchService:
         after: tuple[float, int] | None,
         limit: int,
         exclude: set[int],
+        scope: FilterScope | None = None,
     ) -> tuple[list[Hit], tuple[int, float] | None, dict[str, Any], float, float]:
         depth = max(self.settings.channel_depth, offset + limit + len(exclude) + self.settings.overfetch + 1)
         ts = time.perf_counter()
@@ -258,14 +313,20 @@ class SearchService:
         clip_terms = [t for t in req.query if t.channel in (Channel.clip, Channel.auto)]
         if clip_terms or extra:
             q = self.compose(clip_terms, extra)
-            ids, scores = self.mirror.search(q, depth)
+            ids, scores = scope.search(self.mirror, q, depth) if scope else self.mirror.search(q, depth)
             lists["clip"] = list(zip(ids.tolist(), scores.tolist(), strict=True))
         q_ocr = self._ocr_query(req.query)
         if q_ocr is not None and self.text_indexer is not None:
-            found = self.text_indexer.search(q_ocr, depth)
+            found = self.text_indexer.search(q_ocr, depth if scope is None else depth * 8)
+            if (
+                scope is not None
+            ):  # post-filtered with a deeper fetch: the OCR collection has no filter payload
+                found = [f for f in found if scope.allows(f[0])][:depth]
             lists["ocr"] = [(i, sc) for i, sc, _ in found]
             chunk_of = {i: k for i, _, k in found}
         kw_ranked, kw_matched = self._keyword_rank(req.query, depth)
+        if scope is not None:
+            kw_ranked = [r for r in kw_ranked if scope.allows(r[0])]
         if any(t.channel in (Channel.keyword, Channel.auto) for t in req.query):
             lists["keyword"] = kw_ranked
         fusion = req.fusion
@@ -335,13 +396,14 @@ class SearchService:
         limit: int,
         exclude: set[int],
         min_score: float | None,
+        scope: FilterScope | None = None,
     ) -> tuple[list[Hit], tuple[int, float] | None, dict[str, Any], float, float]:
         """One page of hits, and the raw (id, score) of its last hit when more follow."""
         k = offset + limit + len(exclude) + self.settings.overfetch + 1
         t_search = t_join = 0.0
         while True:
             ts = time.perf_counter()
-            ids, scores = self.mirror.search(query, k)
+            ids, scores = scope.search(self.mirror, query, k) if scope else self.mirror.search(query, k)
             t_search += time.perf_counter() - ts
             exhausted = len(ids) < k
             cand: list[tuple[int, float]] = []

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
+import numpy as np
 from sqlalchemy import Engine, delete, func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col
@@ -15,6 +17,7 @@ from loupe.storage.metadata.tables import (
     ChangeLog,
     ChangeOp,
     Image,
+    ImageAlbum,
     ImageState,
     ImageTag,
     ImageText,
@@ -34,6 +37,7 @@ class NewImage:
     height: int
     frames: int
     tags: tuple[str, ...] = ()
+    albums: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,8 @@ class MetadataRepo:
                 s.flush()
                 for tag in dict.fromkeys(new.tags):
                     s.add(ImageTag(image_id=int(image.id), tag=tag))  # type: ignore[arg-type]
+                for album in dict.fromkeys(new.albums):
+                    s.add(ImageAlbum(image_id=int(image.id), album=album))  # type: ignore[arg-type]
                 s.commit()
             except IntegrityError:
                 # Lost a race with a concurrent upload of the same bytes.
@@ -107,6 +113,8 @@ class MetadataRepo:
             for row, n in zip(rows, news, strict=True):
                 for tag in dict.fromkeys(n.tags):
                     s.add(ImageTag(image_id=row.id, tag=tag))  # type: ignore[arg-type]
+                for album in dict.fromkeys(n.albums):
+                    s.add(ImageAlbum(image_id=row.id, album=album))  # type: ignore[arg-type]
             s.commit()
             return [int(r.id) for r in rows]  # type: ignore[arg-type]
 
@@ -159,6 +167,165 @@ class MetadataRepo:
                 out.setdefault(image_id, []).append(tag)
         return out
 
+    def has_text_for(self, ids: Sequence[int]) -> set[int]:
+        if not ids:
+            return set()
+        with self.session() as s:
+            rows = s.execute(
+                select(col(ImageText.image_id)).where(
+                    col(ImageText.image_id).in_(list(ids)), col(ImageText.has_text)
+                )
+            ).all()
+            return {int(r[0]) for r in rows}
+
+    def albums_for(self, ids: Sequence[int]) -> dict[int, list[str]]:
+        out: dict[int, list[str]] = {i: [] for i in ids}
+        if not ids:
+            return out
+        with self.session() as s:
+            rows = s.execute(
+                select(col(ImageAlbum.image_id), col(ImageAlbum.album))
+                .where(col(ImageAlbum.image_id).in_(list(ids)))
+                .order_by(col(ImageAlbum.album))
+            ).all()
+            for image_id, album in rows:
+                out.setdefault(image_id, []).append(album)
+        return out
+
+    def edit(
+        self,
+        ids: Sequence[int],
+        fields: Mapping[str, Any],
+        *,
+        tags_add: Sequence[str] = (),
+        tags_remove: Sequence[str] = (),
+        tags_set: Sequence[str] | None = None,
+        albums_add: Sequence[str] = (),
+        albums_remove: Sequence[str] = (),
+        albums_set: Sequence[str] | None = None,
+    ) -> list[int]:
+        """Change user fields of images in one transaction; returns the ids that exist."""
+        with self.session() as s:
+            found = [
+                int(r[0]) for r in s.execute(select(col(Image.id)).where(col(Image.id).in_(list(ids)))).all()
+            ]
+            if not found:
+                return []
+            if fields:
+                s.execute(update(Image).where(col(Image.id).in_(found)).values(**fields, updated_at=utcnow()))
+            plan: list[tuple[Any, str, Sequence[str], Sequence[str], Sequence[str] | None]] = [
+                (ImageTag, "tag", tags_add, tags_remove, tags_set),
+                (ImageAlbum, "album", albums_add, albums_remove, albums_set),
+            ]
+            for table, column, add, remove, replace in plan:
+                image_col = col(table.image_id)
+                value_col = col(getattr(table, column))
+                if replace is not None:
+                    s.execute(delete(table).where(image_col.in_(found)))
+                    add = replace
+                if remove:
+                    s.execute(delete(table).where(image_col.in_(found), value_col.in_(list(remove))))
+                if add:
+                    have = {
+                        (int(a), b)
+                        for a, b in s.execute(
+                            select(image_col, value_col).where(image_col.in_(found), value_col.in_(list(add)))
+                        ).all()
+                    }
+                    s.add_all(
+                        [
+                            table(image_id=i, **{column: v})
+                            for i in found
+                            for v in dict.fromkeys(add)
+                            if (i, v) not in have
+                        ]
+                    )
+            s.commit()
+            return found
+
+    # ------------------------------------------------------------ filtered queries (where: a compiled filter)
+
+    def count_where(self, where: Any) -> int:
+        with self.session() as s:
+            return int(s.execute(select(func.count()).select_from(Image).where(where)).scalar_one())
+
+    def ids_where(self, where: Any, limit: int | None = None) -> np.ndarray:
+        stmt = select(col(Image.id)).where(where).order_by(col(Image.id))
+        if limit is not None:
+            stmt = stmt.limit(limit)
+        with self.session() as s:
+            return np.fromiter((r[0] for r in s.execute(stmt)), dtype=np.int64)
+
+    def browse_where(self, where: Any, *, sort: str, offset: int, limit: int) -> list[Image]:
+        """A page of images matching `where`, sorted by added (newest first), taken (newest first, undated
+        last) or name (A-Z); ties on id."""
+        order: list[Any]
+        if sort == "taken":
+            order = [col(Image.taken_at).is_(None), col(Image.taken_at).desc(), col(Image.id).desc()]
+        elif sort == "name":
+            order = [func.lower(col(Image.original_name)), col(Image.id)]
+        else:
+            order = [col(Image.id).desc()]
+        with self.session() as s:
+            stmt = select(Image).where(where).order_by(*order).offset(offset).limit(limit)
+            return list(s.execute(stmt).scalars().all())
+
+    def facets(self, where: Any, limit: int = 20) -> dict[str, list[dict[str, Any]]]:
+        """Counts of tags, albums, capture years, cameras and formats among the images matching `where`."""
+        matching = select(col(Image.id)).where(where).scalar_subquery()
+        out: dict[str, list[dict[str, Any]]] = {}
+        with self.session() as s:
+            for name, key_col, table in (
+                ("tags", col(ImageTag.tag), ImageTag),
+                ("albums", col(ImageAlbum.album), ImageAlbum),
+            ):
+                rows = s.execute(
+                    select(key_col, func.count())
+                    .where(col(table.image_id).in_(matching))
+                    .group_by(key_col)
+                    .order_by(func.count().desc(), key_col)
+                    .limit(limit)
+                ).all()
+                out[name] = [{"value": v, "count": int(n)} for v, n in rows]
+            year = func.extract("year", col(Image.taken_at))
+            for name, expr in (
+                ("years", year),
+                ("cameras", col(Image.camera_model)),
+                ("formats", col(Image.format)),
+            ):
+                rows = s.execute(
+                    select(expr, func.count())
+                    .where(where, expr.is_not(None))
+                    .group_by(expr)
+                    .order_by(func.count().desc(), expr)
+                    .limit(limit)
+                ).all()
+                out[name] = [{"value": int(v) if name == "years" else v, "count": int(n)} for v, n in rows]
+        return out
+
+    def near_duplicates(
+        self, phash: int, exclude: int, max_distance: int, limit: int
+    ) -> list[tuple[int, int]]:
+        """Images whose perceptual hash is within `max_distance` bits (a scan of the hashes: fast enough for
+        libraries of a few hundred thousand; a BK-tree or multi-index hashing would be next)."""
+        from loupe.ingest.exif import hamming
+
+        out: list[tuple[int, int]] = []
+        with self.session() as s:
+            rows = s.execute(
+                select(col(Image.id), col(Image.phash)).where(
+                    col(Image.phash).is_not(None),
+                    col(Image.id) != exclude,
+                    col(Image.state) == ImageState.ready,
+                )
+            )
+            for image_id, ph in rows:
+                d = hamming(phash, ph)
+                if d <= max_distance:
+                    out.append((int(image_id), d))
+        out.sort(key=lambda x: (x[1], x[0]))
+        return out[:limit]
+
     def browse(
         self, *, before_id: int | None, limit: int, states: Sequence[str] | None = None
     ) -> list[Image]:
@@ -185,6 +352,7 @@ class MetadataRepo:
             if image is None:
                 return None
             s.execute(delete(ImageTag).where(col(ImageTag.image_id) == image_id))
+            s.execute(delete(ImageAlbum).where(col(ImageAlbum.image_id) == image_id))
             s.execute(delete(ImageText).where(col(ImageText.image_id) == image_id))
             s.delete(image)
             if model_version_id is not None and image.state == ImageState.ready:
@@ -300,7 +468,7 @@ class MetadataRepo:
         self,
         image_ids: Sequence[int],
         model_version_id: int,
-        dims: dict[int, tuple[int, int]],
+        updates: dict[int, dict[str, Any]],
         texts: Sequence[ImageText] = (),
     ) -> None:
         """Mark embedded images ready, store what OCR read, and append the upserts to the change log: atomically.
@@ -317,12 +485,10 @@ class MetadataRepo:
             "error_message": None,
         }
         with self.session() as s:
-            if dims:
+            if updates:
                 live = []
                 for image_id in image_ids:
-                    values: dict[str, object] = dict(done)
-                    if image_id in dims:
-                        values["width"], values["height"] = dims[image_id]
+                    values: dict[str, object] = {**done, **updates.get(image_id, {})}
                     res = s.execute(update(Image).where(col(Image.id) == image_id).values(**values))
                     if getattr(res, "rowcount", 0):
                         live.append(image_id)

@@ -51,6 +51,20 @@ class Image(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow, index=True)
     updated_at: datetime = Field(default_factory=utcnow)
     ready_at: datetime | None = None
+    # From EXIF at ingest (all optional: many pictures carry none).
+    taken_at: datetime | None = Field(default=None, index=True)
+    camera_make: str | None = Field(default=None, max_length=100, index=True)
+    camera_model: str | None = Field(default=None, max_length=100, index=True)
+    lens: str | None = Field(default=None, max_length=200)
+    gps_lat: float | None = Field(default=None, index=True)
+    gps_lon: float | None = Field(default=None, index=True)
+    orientation: int | None = None
+    exif: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    phash: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True, index=True))
+    # Set by people.
+    description: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    rating: int | None = Field(default=None, index=True)
+    starred: bool = Field(default=False, index=True)
 
 
 class ImageTag(SQLModel, table=True):
@@ -60,6 +74,15 @@ class ImageTag(SQLModel, table=True):
         sa_column=Column(BigId, ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
     )
     tag: str = Field(sa_column=Column(String(100), primary_key=True, index=True))
+
+
+class ImageAlbum(SQLModel, table=True):
+    __tablename__ = "image_albums"
+
+    image_id: int = Field(
+        sa_column=Column(BigId, ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    )
+    album: str = Field(sa_column=Column(String(200), primary_key=True, index=True))
 
 
 class ImageText(SQLModel, table=True):

@@ -19,6 +19,10 @@ class VectorHit:
     score: float
 
 
+# A filter in the neutral form loupe.search.filters.to_qdrant produces; each store converts it.
+QFilter = dict[str, list[Any]]
+
+
 class VectorStore(Protocol):
     kind: str
 
@@ -38,7 +42,19 @@ class VectorStore(Protocol):
 
     def delete(self, name: str, ids: Sequence[int]) -> None: ...
 
-    def search(self, name: str, vector: np.ndarray, limit: int) -> list[VectorHit]: ...
+    def search(
+        self, name: str, vector: np.ndarray, limit: int, filter: QFilter | None = None
+    ) -> list[VectorHit]: ...
+
+    def set_payload(self, name: str, ids: Sequence[int], payload: Mapping[str, Any]) -> None:
+        """Replace the payload of these points."""
+        ...
+
+    def create_payload_indexes(self, name: str, specs: Sequence[tuple[str, str]]) -> None: ...
+
+    def filtered_ids(self, name: str, filter: QFilter) -> set[int]:
+        """Every point id the filter selects (tests compare it with the SQL compilation)."""
+        ...
 
     def retrieve(self, name: str, ids: Sequence[int]) -> dict[int, np.ndarray]: ...
 

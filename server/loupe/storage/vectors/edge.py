@@ -14,18 +14,28 @@ from typing import Any
 
 import numpy as np
 from qdrant_edge import (
+    CountRequest,
     Distance,
     EdgeConfig,
     EdgeShard,
     EdgeVectorParams,
+    FieldCondition,
+    Filter,
+    GeoBoundingBox,
+    GeoPoint,
+    GeoRadius,
+    MatchAny,
+    MatchValue,
+    PayloadSchemaType,
     Point,
     Query,
     QueryRequest,
+    RangeFloat,
     ScrollRequest,
     UpdateOperation,
 )
 
-from loupe.storage.vectors.base import VectorHit, as_matrix, records_to_arrays, vector_of
+from loupe.storage.vectors.base import QFilter, VectorHit, as_matrix, records_to_arrays, vector_of
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
 
@@ -102,13 +112,16 @@ class EdgeVectorStore:
             return
         self._shard(name).update(UpdateOperation.delete_points([int(i) for i in ids]))
 
-    def search(self, name: str, vector: np.ndarray, limit: int) -> list[VectorHit]:
+    def search(
+        self, name: str, vector: np.ndarray, limit: int, filter: QFilter | None = None
+    ) -> list[VectorHit]:
         res = self._shard(name).query(
             QueryRequest(
                 limit=limit,
                 query=Query.Nearest(np.asarray(vector, dtype=np.float32).tolist()),
                 with_payload=False,
                 with_vector=False,
+                filter=edge_filter(filter) if filter else None,
             )
         )
         return [VectorHit(int(p.id), float(p.score)) for p in res]
@@ -134,6 +147,38 @@ class EdgeVectorStore:
     def count(self, name: str) -> int:
         return int(self._shard(name).info().points_count)
 
+    def set_payload(self, name: str, ids: Sequence[int], payload: Mapping[str, Any]) -> None:
+        if len(ids):
+            self._shard(name).update(UpdateOperation.overwrite_payload([int(i) for i in ids], dict(payload)))
+
+    def create_payload_indexes(self, name: str, specs: Sequence[tuple[str, str]]) -> None:
+        shard = self._shard(name)
+        existing = set(shard.info().payload_schema)
+        for key, kind in specs:
+            if key not in existing:
+                shard.update(UpdateOperation.create_field_index(key, _SCHEMA[kind]))
+
+    def filtered_ids(self, name: str, filter: QFilter) -> set[int]:
+        shard = self._shard(name)
+        out: set[int] = set()
+        offset: Any = None
+        while True:
+            records, offset = shard.scroll(
+                ScrollRequest(
+                    offset=offset,
+                    limit=1024,
+                    filter=edge_filter(filter),
+                    with_payload=False,
+                    with_vector=False,
+                )
+            )
+            out.update(int(r.id) for r in records)
+            if offset is None:
+                return out
+
+    def filtered_count(self, name: str, filter: QFilter) -> int:
+        return int(self._shard(name).count(CountRequest(exact=True, filter=edge_filter(filter))))
+
     def flush(self) -> None:
         for shard in list(self._shards.values()):
             shard.flush()
@@ -144,3 +189,45 @@ class EdgeVectorStore:
                 shard.flush()
                 shard.close()
             self._shards.clear()
+
+
+_SCHEMA = {
+    "keyword": PayloadSchemaType.Keyword,
+    "integer": PayloadSchemaType.Integer,
+    "float": PayloadSchemaType.Float,
+    "bool": PayloadSchemaType.Bool,
+    "geo": PayloadSchemaType.Geo,
+}
+
+
+def _edge_condition(c: tuple[Any, ...]) -> Any:
+    kind = c[0]
+    if kind == "any":
+        return FieldCondition(key=c[1], match=MatchAny(any=list(c[2])))
+    if kind == "eq":
+        return FieldCondition(key=c[1], match=MatchValue(value=c[2]))
+    if kind == "range":
+        return FieldCondition(key=c[1], range=RangeFloat(gte=c[2], lte=c[3]))
+    if kind == "radius":
+        return FieldCondition(
+            key=c[1], geo_radius=GeoRadius(center=GeoPoint(lon=c[3], lat=c[2]), radius=c[4])
+        )
+    if kind == "box":
+        _, key, min_lat, min_lon, max_lat, max_lon = c
+        return FieldCondition(
+            key=key,
+            geo_bounding_box=GeoBoundingBox(
+                top_left=GeoPoint(lon=min_lon, lat=max_lat), bottom_right=GeoPoint(lon=max_lon, lat=min_lat)
+            ),
+        )
+    if kind == "filter":
+        return edge_filter(c[1])
+    raise ValueError(f"unknown condition {kind!r}")
+
+
+def edge_filter(tree: QFilter) -> Filter:
+    def conv(key: str) -> list[Any] | None:
+        items = tree.get(key)
+        return [_edge_condition(c) for c in items] if items else None
+
+    return Filter(must=conv("must"), should=conv("should"), must_not=conv("must_not"))

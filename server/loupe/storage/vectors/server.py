@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from qdrant_client import QdrantClient, models
 
-from loupe.storage.vectors.base import VectorHit, as_matrix, records_to_arrays, vector_of
+from loupe.storage.vectors.base import QFilter, VectorHit, as_matrix, records_to_arrays, vector_of
 
 
 class QdrantServerVectorStore:
@@ -72,9 +72,15 @@ class QdrantServerVectorStore:
             return
         self.client.delete(name, points_selector=models.PointIdsList(points=[int(i) for i in ids]), wait=True)
 
-    def search(self, name: str, vector: np.ndarray, limit: int) -> list[VectorHit]:
+    def search(
+        self, name: str, vector: np.ndarray, limit: int, filter: QFilter | None = None
+    ) -> list[VectorHit]:
         res = self.client.query_points(
-            name, query=np.asarray(vector, dtype=np.float32).tolist(), limit=limit, with_payload=False
+            name,
+            query=np.asarray(vector, dtype=np.float32).tolist(),
+            limit=limit,
+            with_payload=False,
+            query_filter=client_filter(filter) if filter else None,
         )
         return [VectorHit(int(p.id), float(p.score)) for p in res.points]
 
@@ -98,8 +104,81 @@ class QdrantServerVectorStore:
     def count(self, name: str) -> int:
         return int(self.client.count(name, exact=True).count)
 
+    def set_payload(self, name: str, ids: Sequence[int], payload: Mapping[str, Any]) -> None:
+        if len(ids):
+            self.client.overwrite_payload(
+                name, payload=dict(payload), points=[int(i) for i in ids], wait=True
+            )
+
+    def create_payload_indexes(self, name: str, specs: Sequence[tuple[str, str]]) -> None:
+        if getattr(self.client, "_client", None).__class__.__name__ == "QdrantLocal":
+            return  # local mode has no payload indexes (and says so in a warning); a server builds them
+        existing = set((self.client.get_collection(name).payload_schema or {}).keys())
+        for key, kind in specs:
+            if key not in existing:
+                self.client.create_payload_index(name, field_name=key, field_schema=_SCHEMA[kind], wait=True)
+
+    def filtered_ids(self, name: str, filter: QFilter) -> set[int]:
+        out: set[int] = set()
+        offset: Any = None
+        while True:
+            records, offset = self.client.scroll(
+                name,
+                scroll_filter=client_filter(filter),
+                offset=offset,
+                limit=1024,
+                with_payload=False,
+                with_vectors=False,
+            )
+            out.update(int(r.id) for r in records)
+            if offset is None:
+                return out
+
     def flush(self) -> None:
         return None
 
     def close(self) -> None:
         self.client.close()
+
+
+_SCHEMA = {
+    "keyword": models.PayloadSchemaType.KEYWORD,
+    "integer": models.PayloadSchemaType.INTEGER,
+    "float": models.PayloadSchemaType.FLOAT,
+    "bool": models.PayloadSchemaType.BOOL,
+    "geo": models.PayloadSchemaType.GEO,
+}
+
+
+def _client_condition(c: tuple[Any, ...]) -> Any:
+    kind = c[0]
+    if kind == "any":
+        return models.FieldCondition(key=c[1], match=models.MatchAny(any=list(c[2])))
+    if kind == "eq":
+        return models.FieldCondition(key=c[1], match=models.MatchValue(value=c[2]))
+    if kind == "range":
+        return models.FieldCondition(key=c[1], range=models.Range(gte=c[2], lte=c[3]))
+    if kind == "radius":
+        return models.FieldCondition(
+            key=c[1], geo_radius=models.GeoRadius(center=models.GeoPoint(lat=c[2], lon=c[3]), radius=c[4])
+        )
+    if kind == "box":
+        _, key, min_lat, min_lon, max_lat, max_lon = c
+        return models.FieldCondition(
+            key=key,
+            geo_bounding_box=models.GeoBoundingBox(
+                top_left=models.GeoPoint(lat=max_lat, lon=min_lon),
+                bottom_right=models.GeoPoint(lat=min_lat, lon=max_lon),
+            ),
+        )
+    if kind == "filter":
+        return client_filter(c[1])
+    raise ValueError(f"unknown condition {kind!r}")
+
+
+def client_filter(tree: QFilter) -> models.Filter:
+    def conv(key: str) -> list[Any] | None:
+        items = tree.get(key)
+        return [_client_condition(c) for c in items] if items else None
+
+    return models.Filter(must=conv("must"), should=conv("should"), must_not=conv("must_not"))
