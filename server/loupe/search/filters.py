@@ -257,10 +257,11 @@ def to_qdrant(f: Filter) -> dict[str, list[Any]]:
             must.append(("range", key, nr.min, nr.max))
     if f.format:
         must.append(("any", "format", f.format))
+    # Booleans travel as 0/1 integers: Qdrant Edge's Python binding reads a bool match value as an integer.
     if f.has_text is not None:
-        must.append(("eq", "has_text", f.has_text))
+        must.append(("eq", "has_text", int(f.has_text)))
     if f.starred is not None:
-        must.append(("eq", "starred", f.starred))
+        must.append(("eq", "starred", int(f.starred)))
     if f.camera:
         for key, value in (
             ("camera_make", f.camera.make),
@@ -307,8 +308,8 @@ def payload_for(image: Image, tags: list[str], albums: list[str], has_text: bool
         "height": image.height,
         "aspect": image.width / image.height if image.height else None,
         "format": image.format,
-        "has_text": has_text,
-        "starred": bool(image.starred),
+        "has_text": int(has_text),
+        "starred": int(bool(image.starred)),
     }
     if image.taken_at is not None:
         p["taken"] = image.taken_at.timestamp()
@@ -337,8 +338,8 @@ PAYLOAD_INDEXES = [
     ("height", "integer"),
     ("aspect", "float"),
     ("rating", "integer"),
-    ("has_text", "bool"),
-    ("starred", "bool"),
+    ("has_text", "integer"),
+    ("starred", "integer"),
     ("location", "geo"),
     ("image_id", "integer"),
 ]

@@ -1,0 +1,187 @@
+"""Filters applied inside the search: the true best matches among the matching images at every selectivity,
+on SQLite and PostgreSQL, through the real search path; and the SQL and Qdrant compilations select the same ids.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pytest
+
+from loupe.config import Settings
+from loupe.runtime import Runtime
+from loupe.search.filters import Filter, ready_and, to_qdrant
+from loupe.search.query import SearchRequest, Term
+from tests.conftest import _pg_create_database
+
+N = 10_000
+CAMERAS = [("FUJIFILM", "X100V"), ("Canon", "EOS R5"), ("SONY", "ILCE-7M3"), ("Apple", "iPhone 13")]
+PLACES = [(38.72, -9.14), (48.86, 2.35), (40.71, -74.0), (-33.87, 151.21)]
+
+
+def library_meta(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    metas = []
+    base = datetime(2015, 1, 1, tzinfo=UTC)
+    for i in range(n):
+        tags = []
+        # Nested tag groups give selectivities 0.01%, 0.1%, 1%, 10%, 50% exactly.
+        if i % 10_000 == 7:
+            tags.append("one-in-10000")
+        if i % 1000 == 7:
+            tags.append("one-in-1000")
+        if i % 100 == 7:
+            tags.append("one-in-100")
+        if i % 10 == 7:
+            tags.append("one-in-10")
+        if i % 2 == 1:
+            tags.append("half")
+        tags.append(rng.choice(["family", "work", "travel", "food"]))
+        make, model = rng.choice(CAMERAS)
+        lat, lon = rng.choice(PLACES)
+        w, h = rng.choice([(4000, 3000), (3000, 4000), (1920, 1080), (1080, 1080)])
+        metas.append(
+            {
+                "tags": tags,
+                "albums": [rng.choice(["Lisbon 2019", "Paris", "Home"])] if rng.random() < 0.6 else [],
+                "taken_at": base + timedelta(days=rng.randint(0, 9 * 365), seconds=rng.randint(0, 86_399)),
+                "camera_make": make,
+                "camera_model": model,
+                "gps_lat": lat + rng.uniform(-0.05, 0.05) if rng.random() < 0.7 else None,
+                "gps_lon": lon + rng.uniform(-0.05, 0.05),
+                "rating": rng.choice([None, 1, 2, 3, 4, 5]),
+                "starred": rng.random() < 0.1,
+                "width": w,
+                "height": h,
+                "format": rng.choice(["JPEG", "PNG", "WEBP"]),
+            }
+        )
+    for m in metas:
+        if m["gps_lat"] is None:
+            m["gps_lon"] = None
+    return metas
+
+
+def clustered(n: int, d: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    basis = rng.normal(size=(16, d))
+    centres = rng.normal(size=(100, 16)) * 3
+    x = (centres[rng.integers(0, 100, n)] + rng.normal(size=(n, 16))) @ basis + rng.normal(size=(n, d)) * 0.3
+    x = x.astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+class Lib:
+    def __init__(self, rt: Runtime, vecs: np.ndarray, ids: np.ndarray) -> None:
+        self.rt, self.vecs, self.ids = rt, vecs, ids
+        self.row = {int(i): k for k, i in enumerate(ids)}
+
+    def matching(self, flt: Filter) -> np.ndarray:
+        return self.rt.repo.ids_where(ready_and(flt))
+
+    def brute_top(self, q: np.ndarray, allowed: np.ndarray, k: int) -> list[int]:
+        rows = np.array([self.row[int(i)] for i in allowed])
+        scores = self.vecs[rows] @ q
+        order = np.lexsort((allowed, -scores))[:k]
+        return allowed[order].tolist()
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def lib(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tiny_clip_dir
+) -> Iterator[Lib]:
+    db_url, drop = None, None
+    if request.param == "postgres":
+        db_url, drop = _pg_create_database(request.getfixturevalue("pg_admin_url"))
+    settings = Settings(
+        data_dir=tmp_path_factory.mktemp(f"filters-{request.param}"),
+        clip_model=str(tiny_clip_dir),
+        database_url=db_url,
+        ocr={"enabled": False},  # type: ignore[arg-type]
+        index={"exact_max": 2_000},  # type: ignore[arg-type]  (the approximate index serves 10k vectors)
+        search={"exact_scan_max": 500},  # type: ignore[arg-type]  (larger matches go through the masked ANN path)
+    )
+    rt = Runtime.open(settings)
+    try:
+        vecs = clustered(N, rt.clip.dim, seed=1)
+        ids = np.asarray(rt.ingest.add_vectors(vecs, meta=library_meta(N, seed=2)))
+        assert rt.mirror.index_type.startswith("IVF")
+        yield Lib(rt, vecs, ids)
+    finally:
+        rt.close()
+        if drop:
+            drop()
+
+
+@pytest.mark.parametrize(
+    ("tag", "expected"),
+    [
+        ("one-in-10000", 1),
+        ("one-in-1000", 10),
+        ("one-in-100", 100),
+        ("one-in-10", 1000),
+        ("half", 5000),
+        (None, N),
+    ],
+)
+def test_filtered_results_are_the_true_best_matches_at_every_selectivity(
+    lib: Lib, tag: str | None, expected: int
+):
+    flt = Filter.model_validate({"tags": {"any": [tag]}}) if tag else None
+    allowed = lib.matching(flt) if flt else lib.ids
+    assert len(allowed) == expected
+    queries = clustered(40, lib.rt.clip.dim, seed=3)
+    recalls = []
+    strategy = None
+    for q in queries:
+        req = SearchRequest(query=[Term(vector=q.tolist())], limit=10, filters=flt)
+        res = lib.rt.search.search(req)
+        got = [h.id for h in res.hits]
+        truth = lib.brute_top(q, allowed, 10)
+        assert set(got) <= set(allowed.tolist()), "a hit outside the filter"
+        recalls.append(len(set(got) & set(truth)) / len(truth))
+        strategy = (res.plan.get("filter") or {}).get("strategy")
+    recall = float(np.mean(recalls))
+    print(f"\nselectivity {expected / N:.4%}: recall@10 {recall:.3f} via {strategy or 'unfiltered ANN'}")
+    if strategy == "exact-scan":
+        assert recall == 1.0
+    assert recall >= 0.95
+
+
+FILTERS = [
+    {"tags": {"any": ["family", "food"]}},
+    {"tags": {"all": ["half", "one-in-10"]}},
+    {"tags": {"none": ["work"]}, "albums": {"any": ["Paris"]}},
+    {"taken": {"from": "2019-01-01", "to": "2019-12-31"}},
+    {"taken": {"from": "2021-06-01T12:00:00Z"}},
+    {"width": {"min": 3000}, "aspect": {"max": 1.0}},
+    {"format": ["png", "webp"]},
+    {"camera": {"model": "x100v"}},
+    {"camera": {"make": "canon"}, "rating": {"min": 4}},
+    {"starred": True},
+    {"near": {"lat": 38.72, "lon": -9.14, "radius_m": 4000}},
+    {"box": {"min_lat": 48.0, "min_lon": 2.0, "max_lat": 49.0, "max_lon": 3.0}},
+    {"or": [{"albums": {"any": ["Lisbon 2019"]}}, {"near": {"lat": 40.71, "lon": -74.0, "radius_m": 3000}}]},
+    {"not": {"tags": {"any": ["half"]}}, "taken": {"to": "2016-12-31"}},
+    {"and": [{"tags": {"any": ["travel"]}}, {"not": {"camera": {"model": "EOS R5"}}}], "rating": {"max": 2}},
+]
+
+
+@pytest.mark.parametrize("raw", FILTERS, ids=[str(i) for i in range(len(FILTERS))])
+def test_sql_and_qdrant_compilations_select_the_same_ids(lib: Lib, raw: dict):
+    flt = Filter.model_validate(raw)
+    sql_ids = set(lib.matching(flt).tolist())
+    qdrant_ids = lib.rt.vectors.filtered_ids(lib.rt.collection, to_qdrant(flt))
+    assert sql_ids, f"the filter {raw} selects nothing: a weak test"
+    assert sql_ids == qdrant_ids, (len(sql_ids), len(qdrant_ids))
+
+
+def test_edits_reach_the_payload_and_the_filters(lib: Lib):
+    some = [int(i) for i in lib.ids[:5]]
+    lib.rt.ingest.edit(some, {"add_tags": ["picked"], "rating": 5, "starred": True})
+    flt = Filter.model_validate({"tags": {"all": ["picked"]}, "rating": {"min": 5}, "starred": True})
+    assert set(lib.matching(flt).tolist()) == set(some)
+    assert lib.rt.vectors.filtered_ids(lib.rt.collection, to_qdrant(flt)) == set(some)
