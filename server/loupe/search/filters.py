@@ -37,6 +37,14 @@ class TimeRange(_Strict):
     from_: datetime | date | None = Field(None, alias="from")
     to: datetime | date | None = None
 
+    @field_validator("from_", "to", mode="before")
+    @classmethod
+    def _day(cls, v: Any) -> Any:
+        # "2019-12-31" is a whole day, not its first instant (pydantic would read it as midnight).
+        if isinstance(v, str) and len(v) == 10:
+            return date.fromisoformat(v)
+        return v
+
     def bounds(self) -> tuple[datetime | None, datetime | None]:
         """Dates mean whole days (UTC): "to": "2019-12-31" includes that day."""
         lo = self.from_
