@@ -34,6 +34,12 @@ class IngestSettings(BaseModel):
     lease_s: float = Field(600.0, gt=0, description="a claim older than this is taken back by another worker")
     poll_s: float = Field(1.0, gt=0)
     workers: int = Field(1, ge=0, description="ingest worker threads in the server (0: none)")
+    max_zip_mb: int = Field(20_000, ge=1, description="largest zip accepted by the bulk endpoint")
+    max_zip_entries: int = Field(100_000, ge=1)
+    max_zip_uncompressed_mb: int = Field(50_000, ge=1, description="zip-bomb guard: total expanded size")
+    max_zip_ratio: float = Field(
+        200.0, ge=1, description="zip-bomb guard: expansion ratio of any entry over 1 MiB"
+    )
     thumbnail_px: int = Field(384, ge=32, le=4096)
     thumbnail_quality: int = Field(80, ge=1, le=100)
 

@@ -13,6 +13,7 @@ from sqlalchemy import Engine
 from loupe.config import Settings
 from loupe.errors import ConfigError, DataDirLocked
 from loupe.index.faiss_mirror import FaissMirror
+from loupe.ingest.bulk import BulkService, BulkWorker
 from loupe.ingest.service import IngestService, IngestWorker
 from loupe.ingest.text import TextIndexer
 from loupe.models.clip import DEMO_MODEL_NAME, ClipModel, demo_model_dir, load_clip, open_clip_for_settings
@@ -183,6 +184,7 @@ class Runtime:
         mirror: FaissMirror,
         ingest: IngestService,
         search: SearchService,
+        bulk: BulkService,
         secret: bytes,
         lock: DataDirLock | None,
     ) -> None:
@@ -197,9 +199,10 @@ class Runtime:
         self.mirror = mirror
         self.ingest = ingest
         self.search = search
+        self.bulk = bulk
         self.secret = secret
         self.lock = lock
-        self.workers: list[IngestWorker] = []
+        self.workers: list[IngestWorker | BulkWorker] = []
         self.closed = False
 
     @classmethod
@@ -290,6 +293,7 @@ class Runtime:
             text_cache_size=settings.model.text_cache_size,
             text_indexer=text_indexer,
         )
+        bulk = BulkService(settings.ingest, repo, ingest, settings.data_dir / "staging")
         rt = cls(
             settings=settings,
             engine=engine,
@@ -302,6 +306,7 @@ class Runtime:
             mirror=mirror,
             ingest=ingest,
             search=search,
+            bulk=bulk,
             secret=secret,
             lock=lock,
         )
@@ -318,6 +323,10 @@ class Runtime:
             worker = IngestWorker(self.ingest, self.settings.ingest.poll_s, name=f"loupe-ingest-{n}")
             worker.start()
             self.workers.append(worker)
+        if self.settings.ingest.workers:
+            bulk_worker = BulkWorker(self.bulk, self.settings.ingest.poll_s)
+            bulk_worker.start()
+            self.workers.append(bulk_worker)
         if self.repo.counts_by_state().get("pending"):
             self.ingest.work_available.set()
 

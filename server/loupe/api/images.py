@@ -33,6 +33,7 @@ from loupe.api.schemas import (
     image_summary,
 )
 from loupe.errors import BadRequest, Conflict, NotFound
+from loupe.ingest.bulk import job_dict
 from loupe.runtime import Runtime
 from loupe.search.filters import Filter, ready_and, to_sql
 from loupe.signing import Signer, digest
@@ -101,6 +102,17 @@ async def load_detail(rt: Runtime, image_id: int) -> ImageDetail:
     return image_detail(image, tags.get(image_id, []), texts.get(image_id), albums.get(image_id, []))
 
 
+@get("/api/jobs/{job_id:str}", tags=["images"], summary="A bulk job's progress and per-file outcomes")
+async def job_status(
+    rt: RT,
+    job_id: FromPath[str],
+    offset: Annotated[int, QueryParameter(ge=0)] = 0,
+    limit: Annotated[int, QueryParameter(ge=1, le=10_000)] = 1000,
+) -> dict[str, Any]:
+    job, files = await blocking(rt.bulk.get, job_id, offset, limit)
+    return job_dict(job, files)
+
+
 class ImageController(Controller):
     path = "/api/images"
     tags = ["images"]
@@ -149,6 +161,36 @@ class ImageController(Controller):
                 return envelope(status, first["code"], first["message"], body.model_dump(mode="json"))
             return envelope(400, "all_rejected", "every file was rejected", body.model_dump(mode="json"))
         return Response(body)
+
+    @post(
+        "/bulk",
+        status_code=202,
+        summary="Bulk upload: a zip (`archive` part) or many `file` parts, processed as a job",
+        description="Answers at once with a job id; follow progress at GET /api/jobs/{id}. Optional `tags` and "
+        "`albums` apply to every file. Archives are streamed to disk; zip-slip names, zip bombs, encrypted and "
+        "truncated archives are refused with a clear error.",
+    )
+    async def bulk(self, request: Request[Any, Any, Any], rt: RT) -> dict[str, Any]:
+        if not (request.content_type[0] or "").startswith("multipart/form-data"):
+            raise BadRequest("send the archive or files as multipart/form-data", code="not_multipart")
+        form = await request.form()
+        tags = parse_tags([v for v in form.getall("tags") if isinstance(v, str)] if "tags" in form else [])
+        albums = parse_tags(
+            [v for v in form.getall("albums") if isinstance(v, str)] if "albums" in form else []
+        )
+        archives = (
+            [v for v in form.getall("archive") if isinstance(v, UploadFile)] if "archive" in form else []
+        )
+        files = [v for v in form.getall("file") if isinstance(v, UploadFile)] if "file" in form else []
+        if (archives and files) or len(archives) > 1:
+            raise BadRequest("send one `archive` or many `file` parts, not both", code="bad_bulk_request")
+        if archives:
+            job = await blocking(rt.bulk.from_zip, archives[0].file, tags, albums)
+        elif files:
+            job = await blocking(rt.bulk.from_files, [(f.filename, f.file) for f in files], tags, albums)
+        else:
+            raise BadRequest("no `archive` or `file` parts in the request", code="no_files")
+        return {"job_id": job.id, "total": job.total, "status_url": f"/api/jobs/{job.id}"}
 
     @get(
         "/",

@@ -106,6 +106,53 @@ class ImageText(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
 
 
+class JobState(StrEnum):
+    queued = "queued"
+    running = "running"
+    done = "done"
+    failed = "failed"
+
+
+class Job(SQLModel, table=True):
+    """A bulk upload: its files are staged on disk and ingested one by one; progress survives restarts."""
+
+    __tablename__ = "jobs"
+
+    id: str = Field(primary_key=True, max_length=32)
+    kind: str = Field(default="bulk", max_length=16)
+    state: str = Field(default=JobState.queued, max_length=16, index=True)
+    source: str = Field(default="files", max_length=16, description="zip | files")
+    total: int = 0
+    processed: int = 0
+    accepted: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    tags: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    albums: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    error: str | None = Field(default=None, max_length=1000)
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+    finished_at: datetime | None = None
+
+
+class JobFile(SQLModel, table=True):
+    __tablename__ = "job_files"
+
+    job_id: str = Field(
+        sa_column=Column(String(32), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    )
+    seq: int = Field(sa_column=Column(Integer, primary_key=True, autoincrement=False))
+    name: str = Field(
+        max_length=1000, description="the member name in the archive, or the uploaded file name"
+    )
+    status: str = Field(
+        default="queued", max_length=16, description="queued | accepted | duplicate | rejected"
+    )
+    image_id: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    error_code: str | None = Field(default=None, max_length=64)
+    error_message: str | None = Field(default=None, max_length=1000)
+
+
 class ChangeLog(SQLModel, table=True):
     """Monotonic log of vector changes; the FAISS mirror replays it from its last applied sequence."""
 
