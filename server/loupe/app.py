@@ -18,7 +18,7 @@ from litestar.static_files import create_static_files_router
 from loupe import __version__
 from loupe.api.deps import provide_runtime
 from loupe.api.errors import EXCEPTION_HANDLERS
-from loupe.api.images import ImageController, job_status
+from loupe.api.images import ImageController, duplicate_groups, job_status
 from loupe.api.search import SearchController
 from loupe.api.system import health
 from loupe.config import Settings
@@ -62,7 +62,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None, *, owns_runti
             if own:
                 await anyio.to_thread.run_sync(rt.close)
 
-    handlers: list = [ImageController, SearchController, health, job_status]
+    handlers: list = [ImageController, SearchController, health, job_status, duplicate_groups]
     ui = frontend_dir()
     if ui is not None:
         handlers.append(create_static_files_router(path="/", directories=[ui], html_mode=True, name="ui"))

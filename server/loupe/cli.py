@@ -91,46 +91,109 @@ def cmd_db_upgrade(_: argparse.Namespace) -> int:
     return 0
 
 
+def _collect(paths: list[str], include: list[str], exclude: list[str]) -> list[tuple[Path, Path]]:
+    """(file, root it was found under), recursively, filtered by globs on the path relative to its root."""
+    from fnmatch import fnmatch
+
+    found: list[tuple[Path, Path]] = []
+    for p in paths:
+        root = Path(p)
+        if root.is_file():
+            found.append((root, root.parent))
+            continue
+        if not root.is_dir():
+            raise ConfigError(f"not found: {p}")
+        for f in sorted(x for x in root.rglob("*") if x.is_file()):
+            rel = f.relative_to(root).as_posix()
+            if any(part.startswith(".") for part in f.relative_to(root).parts):
+                continue
+            if include and not any(fnmatch(rel, g) or fnmatch(f.name, g) for g in include):
+                continue
+            if any(fnmatch(rel, g) or fnmatch(f.name, g) for g in exclude):
+                continue
+            found.append((f, root))
+    return found
+
+
 def cmd_import(args: argparse.Namespace) -> int:
-    """Add every image under the given paths (recursively) and process them, with a progress bar."""
+    """Add every picture under PATHS: directly into the data directory (taking its lock: refused while a server
+    runs) or, with --server, through a running server's API. Files already stored (same SHA-256) are skipped
+    before they are sent, so an interrupted import simply runs again."""
+    import hashlib
+
     from rich.progress import Progress
 
-    from loupe.runtime import Runtime
+    files = _collect(args.paths, args.include or [], args.exclude or [])
+    counts = {"accepted": 0, "duplicate": 0, "rejected": 0, "skipped": 0}
 
-    settings = _load_settings()
-    paths: list[Path] = []
-    for p in args.paths:
-        root = Path(p)
-        if root.is_dir():
-            paths.extend(sorted(x for x in root.rglob("*") if x.is_file()))
-        elif root.is_file():
-            paths.append(root)
-        else:
-            print(f"not found: {p}", file=sys.stderr)
-            return 2
-    rt = Runtime.open(settings)
-    counts = {"accepted": 0, "duplicate": 0, "rejected": 0}
+    def album_for(f: Path, root: Path) -> list[str]:
+        albums = list(args.album or [])
+        if args.album_per_folder and f.parent != root:
+            albums.append(f.parent.relative_to(root).as_posix())
+        return albums
+
+    groups: dict[tuple[str, ...], list[Path]] = {}
+    for f, root in files:
+        groups.setdefault(tuple(album_for(f, root)), []).append(f)
+
+    if args.server:
+        import httpx
+
+        client = httpx.Client(base_url=args.server.rstrip("/"), timeout=300)
+
+        def existing_of(hashes: list[str]) -> dict[str, int]:
+            res = client.post("/api/images/exists", json={"sha256": hashes}).raise_for_status()
+            return dict(res.json()["existing"])
+
+        def send(batch: list[tuple[str, bytes]], albums: tuple[str, ...]) -> list[dict[str, object]]:
+            res = client.post(
+                "/api/images",
+                files=[("file", (n, d, "application/octet-stream")) for n, d in batch],
+                data={"tags": ",".join(args.tag or []), "albums": ",".join(albums)},
+            )
+            body = res.json()
+            return body["files"] if "files" in body else body["error"]["detail"]["files"]
+
+        runtime = None
+    else:
+        from loupe.runtime import Runtime
+
+        runtime = Runtime.open(_load_settings())
+        existing_of = runtime.repo.existing_hashes
+
+        def send(batch: list[tuple[str, bytes]], albums: tuple[str, ...]) -> list[dict[str, object]]:
+            outcomes = runtime.ingest.upload(batch, args.tag or [], albums)  # type: ignore[union-attr]
+            return [{"status": o.status, "error": o.error} for o in outcomes]
+
     try:
         with Progress() as progress:
-            task = progress.add_task("storing", total=len(paths))
-            for start in range(0, len(paths), 32):
-                chunk = paths[start : start + 32]
-                outcomes = rt.ingest.upload([(str(p.name), p.read_bytes()) for p in chunk], args.tag or [])
-                for p, o in zip(chunk, outcomes, strict=True):
-                    counts[o.status] += 1
-                    if o.status == "rejected" and o.error:
-                        progress.console.print(f"[yellow]rejected[/] {p}: {o.error['message']}")
-                progress.advance(task, len(chunk))
-            pending = rt.repo.counts_by_state()["pending"]
-            task2 = progress.add_task("embedding", total=pending)
-            while True:
-                report = rt.ingest.process_batch()
-                if report.claimed == 0:
-                    break
-                progress.advance(task2, report.ready + report.failed)
-        rt.sync_mirror()
+            task = progress.add_task("importing", total=len(files))
+            for albums, group in groups.items():
+                for start in range(0, len(group), 32):
+                    chunk = group[start : start + 32]
+                    blobs = [(p, p.read_bytes()) for p in chunk]
+                    hashes = [hashlib.sha256(d).hexdigest() for _, d in blobs]
+                    stored = existing_of(hashes)
+                    todo = [(p.name, d) for (p, d), h in zip(blobs, hashes, strict=True) if h not in stored]
+                    counts["skipped"] += len(chunk) - len(todo)
+                    if todo:
+                        for (name, _), o in zip(todo, send(todo, albums), strict=True):
+                            counts[str(o["status"])] += 1
+                            if o["status"] == "rejected" and o.get("error"):
+                                progress.console.print(f"[yellow]rejected[/] {name}: {o['error']['message']}")  # type: ignore[index]
+                    progress.advance(task, len(chunk))
+            if runtime is not None:
+                pending = runtime.repo.counts_by_state()["pending"]
+                task2 = progress.add_task("embedding", total=pending)
+                while True:
+                    report = runtime.ingest.process_batch()
+                    if report.claimed == 0:
+                        break
+                    progress.advance(task2, report.ready + report.failed)
+                runtime.sync_mirror()
     finally:
-        rt.close()
+        if runtime is not None:
+            runtime.close()
     print(json.dumps(counts))
     return 0
 
@@ -153,9 +216,19 @@ def build_parser() -> argparse.ArgumentParser:
     dbsub = p.add_subparsers(dest="db_command", required=True)
     p2 = dbsub.add_parser("upgrade", help="apply Alembic migrations up to the latest")
     p2.set_defaults(func=cmd_db_upgrade)
-    p = sub.add_parser("import", help="add the images under PATHS and embed them (server must be stopped)")
+    p = sub.add_parser(
+        "import",
+        help="add the pictures under PATHS (directly, with the server stopped, or through --server URL)",
+    )
     p.add_argument("paths", nargs="+")
-    p.add_argument("--tag", action="append", help="tag every imported image (repeatable)")
+    p.add_argument("--tag", action="append", help="tag every imported picture (repeatable)")
+    p.add_argument("--album", action="append", help="put every imported picture in this album (repeatable)")
+    p.add_argument("--album-per-folder", action="store_true", help="each sub-folder becomes an album")
+    p.add_argument("--include", action="append", help="only files matching this glob (repeatable)")
+    p.add_argument("--exclude", action="append", help="skip files matching this glob (repeatable)")
+    p.add_argument(
+        "--server", help="a running Loupe, e.g. http://127.0.0.1:8000 (default: the data directory)"
+    )
     p.set_defaults(func=cmd_import)
     return parser
 

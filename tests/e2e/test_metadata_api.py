@@ -14,6 +14,7 @@ from loupe.app import create_app
 from loupe.runtime import Runtime
 from tests.e2e.conftest import upload
 from tests.fixtures import images as mk
+from tests.fixtures.text_images import text_free_picture
 
 
 def camera_jpeg(
@@ -228,7 +229,7 @@ def test_exists_says_which_hashes_are_stored(api):
 
 def test_near_duplicates_by_perceptual_hash(api):
     client, rt = api
-    base = Image.open(io.BytesIO(mk.noise_png(5, 256))).resize((256, 256))
+    base = Image.open(io.BytesIO(text_free_picture(5, (256, 256))))
     original = mk.encode(base, "PNG")
     smaller = mk.encode(base.resize((180, 180)), "JPEG", quality=70)  # resized and recompressed: new bytes
     other = mk.noise_png(6, 256)
@@ -240,3 +241,23 @@ def test_near_duplicates_by_perceptual_hash(api):
     dups = client.get(f"/api/images/{ids[0]}/duplicates").json()["duplicates"]
     assert [d["id"] for d in dups] == [ids[1]] and dups[0]["distance"] <= 6
     assert client.get(f"/api/images/{ids[2]}/duplicates").json()["duplicates"] == []
+
+
+def test_duplicate_groups_across_the_library_and_collapsed_search_results(api):
+    client, rt = api
+    base = Image.open(io.BytesIO(text_free_picture(8, (256, 256))))
+    files = [
+        ("a.png", mk.encode(base, "PNG")),
+        ("a-small.jpg", mk.encode(base.resize((200, 200)), "JPEG", quality=75)),
+        ("a-tiny.jpg", mk.encode(base.resize((120, 120)), "JPEG", quality=60)),
+        ("b.png", mk.noise_png(9, 256)),
+    ]
+    ids = {o["filename"]: o["id"] for o in upload(client, files).json()["files"]}
+    rt.ingest.drain()
+    groups = client.get("/api/duplicates").json()["groups"]
+    assert [sorted(m["id"] for m in g) for g in groups] == [sorted([ids["a.png"], ids["a-small.jpg"], ids["a-tiny.jpg"]])]
+    body = {"query": [{"image_id": ids["a.png"]}], "limit": 10}
+    full = client.post("/api/search", json=body).json()["hits"]
+    collapsed = client.post("/api/search", json={**body, "collapse_duplicates": True}).json()["hits"]
+    assert len(full) == 4 and len(collapsed) == 2
+    assert {h["id"] for h in collapsed} == {ids["a.png"], ids["b.png"]}

@@ -102,6 +102,21 @@ async def load_detail(rt: Runtime, image_id: int) -> ImageDetail:
     return image_detail(image, tags.get(image_id, []), texts.get(image_id), albums.get(image_id, []))
 
 
+@get("/api/duplicates", tags=["images"], summary="Groups of near-duplicate images across the library")
+async def duplicate_groups(
+    rt: RT,
+    max_distance: Annotated[int, QueryParameter(ge=0, le=16)] = 4,
+    limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
+) -> dict[str, Any]:
+    groups = await blocking(rt.repo.duplicate_groups, max_distance, limit)
+    return {
+        "groups": [
+            [{"id": i, "distance": d, "thumbnail_url": f"/api/images/{i}/thumbnail"} for i, d in g]
+            for g in groups
+        ]
+    }
+
+
 @get("/api/jobs/{job_id:str}", tags=["images"], summary="A bulk job's progress and per-file outcomes")
 async def job_status(
     rt: RT,

@@ -84,6 +84,9 @@ class SearchRequest(BaseModel):
         None, ge=-1, le=10, description="drop hits scoring below this (the score shown)"
     )
     fusion: Fusion | None = None
+    collapse_duplicates: bool = Field(
+        False, description="show one picture per group of near-duplicates (perceptual hash) within each page"
+    )
 
 
 class TextMatch(BaseModel):

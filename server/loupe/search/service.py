@@ -219,6 +219,8 @@ class SearchService:
             term = None
         if scope is not None:
             plan["filter"] = scope.describe()
+        if req.collapse_duplicates and hits:
+            hits = self._collapse(hits)
         t2 = time.perf_counter()
         next_cursor = None
         if last is not None:
@@ -238,6 +240,21 @@ class SearchService:
             plan=plan,
             query_term=term,
         )
+
+    def _collapse(self, hits: list[Hit], max_distance: int = 4) -> list[Hit]:
+        from loupe.ingest.exif import hamming
+
+        rows = self.repo.get_images([h.id for h in hits])
+        kept: list[Hit] = []
+        seen: list[int] = []
+        for h in hits:
+            ph = rows[h.id].phash if h.id in rows else None
+            if ph is not None and any(hamming(ph, other) <= max_distance for other in seen):
+                continue
+            if ph is not None:
+                seen.append(ph)
+            kept.append(h)
+        return kept
 
     # ------------------------------------------------------------ filters: the planner
 

@@ -303,6 +303,57 @@ class MetadataRepo:
                 out[name] = [{"value": int(v) if name == "years" else v, "count": int(n)} for v, n in rows]
         return out
 
+    def duplicate_groups(self, max_distance: int, limit: int) -> list[list[tuple[int, int]]]:
+        """Library-wide groups of near-duplicates by perceptual hash: (id, distance to the group's first image).
+        Multi-index hashing finds candidate pairs: hashes within d bits agree exactly on at least one of d + 1
+        blocks, so only same-block buckets are compared."""
+        from loupe.ingest.exif import hamming
+
+        with self.session() as s:
+            rows = [
+                (int(i), int(h))
+                for i, h in s.execute(
+                    select(col(Image.id), col(Image.phash))
+                    .where(col(Image.phash).is_not(None), col(Image.state) == ImageState.ready)
+                    .order_by(col(Image.id))
+                )
+            ]
+        blocks = max_distance + 1
+        width = 64 // blocks
+        parent = {i: i for i, _ in rows}
+
+        def find(x: int) -> int:
+            while parent[x] != x:
+                parent[x] = parent[parent[x]]
+                x = parent[x]
+            return x
+
+        phash_of = dict(rows)
+        for b in range(blocks):
+            shift = b * width
+            mask = (1 << (width if b < blocks - 1 else 64 - shift)) - 1
+            buckets: dict[int, list[int]] = {}
+            for i, h in rows:
+                buckets.setdefault(((h & ((1 << 64) - 1)) >> shift) & mask, []).append(i)
+            for members in buckets.values():
+                if (
+                    len(members) < 2 or len(members) > 2000
+                ):  # a huge bucket is a degenerate hash (flat images)
+                    continue
+                for x in range(len(members)):
+                    for y in range(x + 1, len(members)):
+                        a, c = members[x], members[y]
+                        if hamming(phash_of[a], phash_of[c]) <= max_distance:
+                            ra, rc = find(a), find(c)
+                            if ra != rc:
+                                parent[max(ra, rc)] = min(ra, rc)
+        groups: dict[int, list[int]] = {}
+        for i, _ in rows:
+            groups.setdefault(find(i), []).append(i)
+        out = [[(i, hamming(phash_of[g[0]], phash_of[i])) for i in g] for g in groups.values() if len(g) > 1]
+        out.sort(key=lambda g: (-len(g), g[0][0]))
+        return out[:limit]
+
     def near_duplicates(
         self, phash: int, exclude: int, max_distance: int, limit: int
     ) -> list[tuple[int, int]]:
