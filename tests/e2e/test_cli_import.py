@@ -17,7 +17,11 @@ from tests.fixtures import images as mk
 
 def run_import(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "loupe.cli", "import", *args], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "loupe.cli", "import", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -36,14 +40,34 @@ def test_import_directly_with_globs_albums_and_resume(tmp_path: Path, tiny_clip_
     root = tmp_path / "photos"
     tree(root)
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOUPE_")}
-    env.update(LOUPE_DATA_DIR=str(tmp_path / "data"), LOUPE_CLIP_MODEL=str(tiny_clip_dir), LOUPE_OCR__ENABLED="false")
-    out = run_import(env, str(root), "--album-per-folder", "--tag", "imported", "--exclude", "skip-*", "--include", "*.png")
+    env.update(
+        LOUPE_DATA_DIR=str(tmp_path / "data"), LOUPE_CLIP_MODEL=str(tiny_clip_dir), LOUPE_OCR__ENABLED="false"
+    )
+    out = run_import(
+        env, str(root), "--album-per-folder", "--tag", "imported", "--exclude", "skip-*", "--include", "*.png"
+    )
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"accepted": 5, "duplicate": 0, "rejected": 0, "skipped": 0}
-    again = run_import(env, str(root), "--include", "*.png")  # resumes: what is stored is skipped, the rest added
-    assert json.loads(again.stdout.strip().splitlines()[-1]) == {"accepted": 1, "duplicate": 0, "rejected": 0, "skipped": 5}
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {
+        "accepted": 5,
+        "duplicate": 0,
+        "rejected": 0,
+        "skipped": 0,
+    }
+    again = run_import(
+        env, str(root), "--include", "*.png"
+    )  # resumes: what is stored is skipped, the rest added
+    assert json.loads(again.stdout.strip().splitlines()[-1]) == {
+        "accepted": 1,
+        "duplicate": 0,
+        "rejected": 0,
+        "skipped": 5,
+    }
 
-    server = Server(tmp_path / "data", {"LOUPE_CLIP_MODEL": str(tiny_clip_dir), "LOUPE_OCR__ENABLED": "false"}, tmp_path / "s.log")
+    server = Server(
+        tmp_path / "data",
+        {"LOUPE_CLIP_MODEL": str(tiny_clip_dir), "LOUPE_OCR__ENABLED": "false"},
+        tmp_path / "s.log",
+    )
     try:
         server.wait_healthy()
         facets = httpx.get(server.url + "/api/images/facets").json()
@@ -56,6 +80,11 @@ def test_import_directly_with_globs_albums_and_resume(tmp_path: Path, tiny_clip_
         (root / "new").mkdir()
         (root / "new/fresh.png").write_bytes(mk.noise_png(4242, 32))
         via = run_import(env, str(root), "--server", server.url, "--include", "*.png")
-        assert json.loads(via.stdout.strip().splitlines()[-1]) == {"accepted": 1, "duplicate": 0, "rejected": 0, "skipped": 6}
+        assert json.loads(via.stdout.strip().splitlines()[-1]) == {
+            "accepted": 1,
+            "duplicate": 0,
+            "rejected": 0,
+            "skipped": 6,
+        }
     finally:
         server.stop()

@@ -241,6 +241,10 @@ def test_near_duplicates_by_perceptual_hash(api):
     dups = client.get(f"/api/images/{ids[0]}/duplicates").json()["duplicates"]
     assert [d["id"] for d in dups] == [ids[1]] and dups[0]["distance"] <= 6
     assert client.get(f"/api/images/{ids[2]}/duplicates").json()["duplicates"] == []
+    by_clip = client.get(f"/api/images/{ids[0]}/duplicates", params={"by": "clip", "min_cosine": 0.97}).json()
+    assert [d["id"] for d in by_clip["duplicates"]][:1] == [ids[1]] and by_clip["duplicates"][0][
+        "cosine"
+    ] >= 0.97
 
 
 def test_duplicate_groups_across_the_library_and_collapsed_search_results(api):
@@ -255,7 +259,9 @@ def test_duplicate_groups_across_the_library_and_collapsed_search_results(api):
     ids = {o["filename"]: o["id"] for o in upload(client, files).json()["files"]}
     rt.ingest.drain()
     groups = client.get("/api/duplicates").json()["groups"]
-    assert [sorted(m["id"] for m in g) for g in groups] == [sorted([ids["a.png"], ids["a-small.jpg"], ids["a-tiny.jpg"]])]
+    assert [sorted(m["id"] for m in g) for g in groups] == [
+        sorted([ids["a.png"], ids["a-small.jpg"], ids["a-tiny.jpg"]])
+    ]
     body = {"query": [{"image_id": ids["a.png"]}], "limit": 10}
     full = client.post("/api/search", json=body).json()["hits"]
     collapsed = client.post("/api/search", json={**body, "collapse_duplicates": True}).json()["hits"]

@@ -292,17 +292,31 @@ class ImageController(Controller):
         found = await blocking(rt.repo.existing_hashes, [h.lower() for h in data.sha256])
         return ExistsResponse(existing=found)
 
-    @get("/{image_id:int}/duplicates", summary="Near-duplicates by perceptual hash")
+    @get(
+        "/{image_id:int}/duplicates",
+        summary="Near-duplicates: by perceptual-hash distance (default) or by CLIP cosine above a threshold",
+    )
     async def duplicates(
         self,
         rt: RT,
         image_id: FromPath[int],
+        by: Annotated[Literal["phash", "clip"], QueryParameter()] = "phash",
         max_distance: Annotated[int, QueryParameter(ge=0, le=32)] = 6,
+        min_cosine: Annotated[float, QueryParameter(ge=0.5, le=1.0)] = 0.95,
         limit: Annotated[int, QueryParameter(ge=1, le=500)] = 50,
     ) -> DuplicatesResponse:
         image = await blocking(rt.repo.get_image, image_id)
         if image is None:
             raise NotFound(f"image {image_id} does not exist")
+        if by == "clip":
+            res = await blocking(rt.search.similar, image_id, limit, None)
+            return DuplicatesResponse(
+                duplicates=[
+                    Duplicate(id=h.id, distance=0, cosine=h.score, thumbnail_url=h.thumbnail_url)
+                    for h in res.hits
+                    if h.score >= min_cosine
+                ]
+            )
         if image.phash is None:
             return DuplicatesResponse(duplicates=[])
         near = await blocking(rt.repo.near_duplicates, image.phash, image_id, max_distance, limit)

@@ -144,6 +144,7 @@ class ExistsResponse(BaseModel):
 class Duplicate(BaseModel):
     id: int
     distance: int = Field(description="perceptual-hash distance in bits (0: the same picture)")
+    cosine: float | None = Field(None, description="CLIP cosine similarity (by=clip)")
     thumbnail_url: str
 
 
