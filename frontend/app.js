@@ -361,7 +361,7 @@ async function openDetail(id, textMatch) {
     fact(dl, "Albums", d.albums?.join(", "));
     for (const [k, v] of Object.entries(d.exif || {})) if (!["Make", "Model", "DateTimeOriginal"].includes(k)) fact(dl, k, v);
     $("detail-tags").value = d.tags.join(", ");
-    $("detail-text").textContent = d.text?.content || (d.text ? "No text found." : "Not read yet.");
+    $("detail-text").textContent = d.text?.content || (d.text ? "No text found." : "Not read (OCR is off, or the picture is still being processed).");
     $("detail-download").href = d.file_url;
     drawBoxes(d, textMatch);
     if (!dialog.open) dialog.showModal();
@@ -406,6 +406,9 @@ $("cutoff").oninput = (ev) => {
   state.cutoff = Number(ev.target.value);
   $("cutoff-value").textContent = state.cutoff.toFixed(2);
   grid.querySelectorAll("figure").forEach(applyCutoff);
+  const hidden = grid.querySelectorAll("figure[hidden]").length;
+  $("cutoff-label").title = hidden ? `${hidden} result(s) below the cutoff are hidden` : "";
+  if (hidden && !grid.querySelector("figure:not([hidden])")) statusEl.textContent = "Every result here scores below the cutoff.";
 };
 
 grid.addEventListener("keydown", (ev) => {
