@@ -33,7 +33,9 @@ function card(item) {
   img.loading = "lazy";
   img.alt = item.original_name || `picture ${item.id}`;
   img.src = item.thumbnail_url;
-  img.width = 200; img.height = 200;
+  const aspect = Math.min(3, Math.max(0.4, (item.width || 1) / (item.height || 1)));
+  fig.style.flex = `${aspect * 180} 1 ${aspect * 180}px`;
+  img.width = Math.round(aspect * 180); img.height = 180;
   img.onerror = () => img.removeAttribute("src");
   const cap = document.createElement("figcaption");
   const label = document.createElement("span");
@@ -258,6 +260,7 @@ async function droppedFiles(dt) {
 // ---------------------------------------------------------------- upload
 
 $("upload").onchange = (ev) => { uploadFiles([...ev.target.files]); ev.target.value = ""; };
+$("upload-folder").onchange = (ev) => { uploadFiles([...ev.target.files]); ev.target.value = ""; };
 
 function uploadRow(file) {
   const li = document.createElement("li");
@@ -412,12 +415,28 @@ $("cutoff").oninput = (ev) => {
 };
 
 grid.addEventListener("keydown", (ev) => {
+  // Arrows move through the results; up and down pick the nearest card in the row above or below.
   const cards = [...grid.querySelectorAll("figure:not([hidden])")];
   const i = cards.indexOf(document.activeElement);
-  if (i < 0) return;
-  const perRow = Math.max(1, Math.round(grid.clientWidth / cards[0].clientWidth));
-  const step = { ArrowRight: 1, ArrowLeft: -1, ArrowDown: perRow, ArrowUp: -perRow }[ev.key];
-  if (step) { ev.preventDefault(); cards[Math.min(cards.length - 1, Math.max(0, i + step))].focus(); }
+  if (i < 0 || !["ArrowRight", "ArrowLeft", "ArrowDown", "ArrowUp"].includes(ev.key)) return;
+  ev.preventDefault();
+  if (ev.key === "ArrowRight" || ev.key === "ArrowLeft") {
+    cards[Math.min(cards.length - 1, Math.max(0, i + (ev.key === "ArrowRight" ? 1 : -1)))].focus();
+    return;
+  }
+  const here = cards[i].getBoundingClientRect();
+  const cx = here.left + here.width / 2;
+  const down = ev.key === "ArrowDown";
+  const rowTops = [...new Set(cards.map((c) => Math.round(c.getBoundingClientRect().top)))].sort((a, b) => a - b);
+  const row = rowTops.indexOf(Math.round(here.top)) + (down ? 1 : -1);
+  if (row < 0 || row >= rowTops.length) return;
+  const inRow = cards.filter((c) => Math.round(c.getBoundingClientRect().top) === rowTops[row]);
+  const best = inRow.reduce((a, c) => {
+    const r = c.getBoundingClientRect(), d = Math.abs(r.left + r.width / 2 - cx);
+    return d < a.d ? { c, d } : a;
+  }, { c: inRow[0], d: Infinity }).c;
+  best.focus();
+  best.scrollIntoView({ block: "nearest" });
 });
 
 new IntersectionObserver((entries) => { if (entries[0].isIntersecting && state.cursor) page(false); }, { rootMargin: "600px" }).observe($("sentinel"));

@@ -17,17 +17,31 @@ from tests.fixtures.images import shape_set
 
 pytestmark = pytest.mark.browser
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-ARTIFACTS = Path(os.environ.get("LOUPE_TEST_ARTIFACTS", Path(__file__).resolve().parents[2] / ".loupe-test" / "screenshots"))
+ARTIFACTS = Path(
+    os.environ.get(
+        "LOUPE_TEST_ARTIFACTS", Path(__file__).resolve().parents[2] / ".loupe-test" / "screenshots"
+    )
+)
 
 
 @pytest.fixture(scope="module")
-def gallery(tmp_path_factory: pytest.TempPathFactory, tiny_clip_dir: Path) -> Iterator[tuple[str, dict[int, tuple[str, str]]]]:
+def gallery(
+    tmp_path_factory: pytest.TempPathFactory, tiny_clip_dir: Path
+) -> Iterator[tuple[str, dict[int, tuple[str, str]]]]:
     tmp = tmp_path_factory.mktemp("ui")
-    server = Server(tmp / "data", {"LOUPE_CLIP_MODEL": str(tiny_clip_dir), "LOUPE_OCR__ENABLED": "false"}, tmp / "server.log")
+    server = Server(
+        tmp / "data",
+        {"LOUPE_CLIP_MODEL": str(tiny_clip_dir), "LOUPE_OCR__ENABLED": "false"},
+        tmp / "server.log",
+    )
     try:
         server.wait_healthy()
         shapes = shape_set(per_class=2, seed=31)
-        res = httpx.post(server.url + "/api/images", files=[("file", (s.name, s.data, "image/png")) for s in shapes], timeout=60)
+        res = httpx.post(
+            server.url + "/api/images",
+            files=[("file", (s.name, s.data, "image/png")) for s in shapes],
+            timeout=60,
+        )
         labels = {f["id"]: (s.colour, s.shape) for f, s in zip(res.json()["files"], shapes, strict=True)}
         for _ in range(300):
             if httpx.get(server.url + "/api/health").json()["counts"]["ready"] == len(shapes):
@@ -50,8 +64,14 @@ def page(gallery):
     with sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"],
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
         )
         pg = browser.new_page(viewport={"width": 1200, "height": 800})
         errors: list[str] = []
@@ -63,7 +83,10 @@ def page(gallery):
 
 
 def result_ids(pg) -> list[int]:
-    return [int(x) for x in pg.eval_on_selector_all("#grid figure:not([hidden])", "els => els.map(e => e.dataset.id)")]
+    return [
+        int(x)
+        for x in pg.eval_on_selector_all("#grid figure:not([hidden])", "els => els.map(e => e.dataset.id)")
+    ]
 
 
 def wait_results(pg, minimum: int = 1) -> None:
@@ -80,7 +103,10 @@ def test_loads_without_errors_and_a_text_search_finds_the_right_shapes(page, gal
     page.wait_for_function("document.querySelector('#status').textContent.startsWith('Results')")
     top = result_ids(page)[:2]
     assert [labels[i] for i in top] == [("yellow", "star")] * 2
-    scores = [float(s) for s in page.eval_on_selector_all("#grid figure .score", "els => els.map(e => e.textContent)")]
+    scores = [
+        float(s)
+        for s in page.eval_on_selector_all("#grid figure .score", "els => els.map(e => e.textContent)")
+    ]
     assert scores == sorted(scores, reverse=True)
     page.screenshot(path=str(ARTIFACTS / "search.png"))
     assert page.errors == []  # type: ignore[attr-defined]
@@ -112,8 +138,13 @@ def test_more_like_this_changes_the_results_and_the_cutoff_hides_low_scores(page
     first = page.query_selector("#grid figure")
     first.query_selector("button[title='Less like this']").click()
     page.wait_for_function("document.querySelectorAll('#mixer .term').length === 3")
+    page.wait_for_function("document.querySelector('#status').textContent.startsWith('Results')")
+    page.query_selector_all("#grid figure")[3].query_selector("button[title='More like this']").click()
+    page.wait_for_function("document.querySelectorAll('#mixer .term').length === 4")
     page.eval_on_selector("#cutoff", "el => { el.value = '0.9'; el.dispatchEvent(new Event('input')); }")
-    visible = page.eval_on_selector_all("#grid figure:not([hidden]) .score", "els => els.map(e => +e.textContent)")
+    visible = page.eval_on_selector_all(
+        "#grid figure:not([hidden]) .score", "els => els.map(e => +e.textContent)"
+    )
     hidden = page.eval_on_selector_all("#grid figure[hidden] .score", "els => els.map(e => +e.textContent)")
     assert all(s >= 0.9 for s in visible) and hidden and all(s < 0.9 for s in hidden)
     assert page.is_hidden("#filters")  # the filters panel stays closed until asked for
@@ -157,7 +188,10 @@ def test_an_upload_shows_progress_and_the_new_pictures_appear(page, gallery, tmp
     newest = [i["id"] for i in httpx.get(url + "/api/images", params={"limit": 3}).json()["images"]]
     assert not set(newest) & set(labels)
     # Newest first: the new pictures lead the grid once it refreshes.
-    page.wait_for_function(f"[...document.querySelectorAll('#grid figure')].slice(0, 3).map(f => +f.dataset.id).join() === '{','.join(map(str, newest))}'", timeout=20_000)
+    page.wait_for_function(
+        f"[...document.querySelectorAll('#grid figure')].slice(0, 3).map(f => +f.dataset.id).join() === '{','.join(map(str, newest))}'",
+        timeout=20_000,
+    )
     page.screenshot(path=str(ARTIFACTS / "upload.png"))
 
 
@@ -176,3 +210,20 @@ def test_the_detail_view_shows_metadata_similar_pictures_and_closes_with_escape(
     page.keyboard.press("Escape")
     page.wait_for_function("!document.querySelector('dialog#detail').open")
     assert page.errors == []  # type: ignore[attr-defined]
+
+
+def test_the_javascript_sha256_fallback_matches_the_browser(page, gallery):
+    """Plain-HTTP LAN addresses have no crypto.subtle: the fallback must give the same digests."""
+    import hashlib
+
+    url, _ = gallery
+    page.goto(url + "/")
+    samples = ["", "abc", "x" * 1000, "Loupe 🙂"]
+    got = page.evaluate(
+        """async (samples) => {
+            const m = await import('/sha256.js');
+            return samples.map((s) => m.sha256js(new TextEncoder().encode(s).buffer));
+        }""",
+        samples,
+    )
+    assert got == [hashlib.sha256(s.encode()).hexdigest() for s in samples]
