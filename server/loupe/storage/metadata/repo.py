@@ -153,19 +153,24 @@ class MetadataRepo:
             rows = s.execute(select(col(Image.sha256), col(Image.id)).where(col(Image.sha256).in_(hs))).all()
             return {sha: i for sha, i in rows}
 
-    def tags_for(self, ids: Sequence[int]) -> dict[int, list[str]]:
+    def _labels_for(self, table: Any, column: str, ids: Sequence[int]) -> dict[int, list[str]]:
         out: dict[int, list[str]] = {i: [] for i in ids}
         if not ids:
             return out
+        value = col(getattr(table, column))
         with self.session() as s:
             rows = s.execute(
-                select(col(ImageTag.image_id), col(ImageTag.tag))
-                .where(col(ImageTag.image_id).in_(list(ids)))
-                .order_by(col(ImageTag.tag))
+                select(col(table.image_id), value).where(col(table.image_id).in_(list(ids))).order_by(value)
             ).all()
-            for image_id, tag in rows:
-                out.setdefault(image_id, []).append(tag)
+            for image_id, label in rows:
+                out.setdefault(image_id, []).append(label)
         return out
+
+    def tags_for(self, ids: Sequence[int]) -> dict[int, list[str]]:
+        return self._labels_for(ImageTag, "tag", ids)
+
+    def albums_for(self, ids: Sequence[int]) -> dict[int, list[str]]:
+        return self._labels_for(ImageAlbum, "album", ids)
 
     def has_text_for(self, ids: Sequence[int]) -> set[int]:
         if not ids:
@@ -177,20 +182,6 @@ class MetadataRepo:
                 )
             ).all()
             return {int(r[0]) for r in rows}
-
-    def albums_for(self, ids: Sequence[int]) -> dict[int, list[str]]:
-        out: dict[int, list[str]] = {i: [] for i in ids}
-        if not ids:
-            return out
-        with self.session() as s:
-            rows = s.execute(
-                select(col(ImageAlbum.image_id), col(ImageAlbum.album))
-                .where(col(ImageAlbum.image_id).in_(list(ids)))
-                .order_by(col(ImageAlbum.album))
-            ).all()
-            for image_id, album in rows:
-                out.setdefault(image_id, []).append(album)
-        return out
 
     def edit(
         self,
