@@ -15,13 +15,16 @@ log = logging.getLogger("loupe")
 
 
 def _setup_logging(level: str) -> None:
+    from rich.console import Console
     from rich.logging import RichHandler
 
     logging.basicConfig(
         level=level.upper(),
         format="%(name)s: %(message)s",
         datefmt="[%X]",
-        handlers=[RichHandler(rich_tracebacks=False, show_path=False)],
+        handlers=[
+            RichHandler(console=Console(stderr=True), rich_tracebacks=False, show_path=False)
+        ],  # stdout: results
     )
     for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock", "faiss.loader"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -198,6 +201,23 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reindex(args: argparse.Namespace) -> int:
+    """Compare the database with Qdrant, the FAISS mirror and the files; with --repair, fix what differs."""
+    from loupe.ingest.reindex import check
+    from loupe.runtime import Runtime
+
+    rt = Runtime.open(_load_settings())
+    try:
+        report = check(rt, repair=args.repair)
+        if args.repair and report.repaired:
+            rt.ingest.drain()  # re-embed what went back to pending
+            rt.sync_mirror()
+    finally:
+        rt.close()
+    print(json.dumps(report.to_dict(), indent=2))
+    return 0 if report.clean or report.repaired else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loupe", description="Semantic image search server")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -230,6 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--server", help="a running Loupe, e.g. http://127.0.0.1:8000 (default: the data directory)"
     )
     p.set_defaults(func=cmd_import)
+    p = sub.add_parser(
+        "reindex", help="check the stores against the database (exit 1 on differences); --repair fixes"
+    )
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true", help="report only (the default)")
+    mode.add_argument("--repair", action="store_true", help="fix every difference found")
+    p.set_defaults(func=cmd_reindex)
     return parser
 
 
