@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from litestar import Controller, Request, delete, get, patch, post
 from litestar.datastructures import UploadFile
-from litestar.params import FromPath, JSONBody, QueryParameter
+from litestar.params import FromPath, JSONBody, PathParameter, QueryParameter
 from litestar.response import File, Response
 from pydantic import ValidationError
 from sqlalchemy import and_, true
@@ -40,6 +40,8 @@ from loupe.signing import Signer, digest
 from loupe.storage.metadata.tables import Image, ImageState
 
 TAG_MAX = 100
+MAX_ID = 2**63 - 1  # ids are 63-bit everywhere (database, Qdrant, FAISS)
+ImageId = Annotated[int, PathParameter(ge=1, le=MAX_ID)]
 
 
 def parse_filter(raw: str | None) -> Filter | None:
@@ -275,7 +277,7 @@ class ImageController(Controller):
         return {"total": total, "exact": True, **facets}
 
     @patch("/{image_id:int}", summary="Change an image's tags, albums, description, rating or star")
-    async def edit(self, rt: RT, image_id: FromPath[int], data: JSONBody[ImageChanges]) -> ImageDetail:
+    async def edit(self, rt: RT, image_id: ImageId, data: JSONBody[ImageChanges]) -> ImageDetail:
         changes = data.model_dump(exclude_unset=True)
         found = await blocking(rt.ingest.edit, [image_id], changes)
         if not found:
@@ -299,7 +301,7 @@ class ImageController(Controller):
     async def duplicates(
         self,
         rt: RT,
-        image_id: FromPath[int],
+        image_id: ImageId,
         by: Annotated[Literal["phash", "clip"], QueryParameter()] = "phash",
         max_distance: Annotated[int, QueryParameter(ge=0, le=32)] = 6,
         min_cosine: Annotated[float, QueryParameter(ge=0.5, le=1.0)] = 0.95,
@@ -327,11 +329,11 @@ class ImageController(Controller):
         )
 
     @get("/{image_id:int}", summary="One image: metadata, state, EXIF, user fields and the text read in it")
-    async def detail(self, rt: RT, image_id: FromPath[int]) -> ImageDetail:
+    async def detail(self, rt: RT, image_id: ImageId) -> ImageDetail:
         return await load_detail(rt, image_id)
 
     @get("/{image_id:int}/file", summary="The original file", media_type="application/octet-stream")
-    async def file(self, rt: RT, image_id: FromPath[int]) -> File:
+    async def file(self, rt: RT, image_id: ImageId) -> File:
         image = await blocking(rt.repo.get_image, image_id)
         if image is None or image.format == "VECTOR":
             raise NotFound(f"image {image_id} has no file")
@@ -347,7 +349,7 @@ class ImageController(Controller):
         )
 
     @get("/{image_id:int}/thumbnail", summary="A WebP thumbnail", media_type="image/webp")
-    async def thumbnail(self, rt: RT, image_id: FromPath[int]) -> File:
+    async def thumbnail(self, rt: RT, image_id: ImageId) -> File:
         image = await blocking(rt.repo.get_image, image_id)
         if image is None or image.format == "VECTOR":
             raise NotFound(f"image {image_id} has no thumbnail")
@@ -362,14 +364,14 @@ class ImageController(Controller):
         )
 
     @delete("/{image_id:int}", summary="Delete an image from every store", status_code=204)
-    async def remove(self, rt: RT, image_id: FromPath[int]) -> None:
+    async def remove(self, rt: RT, image_id: ImageId) -> None:
         await blocking(rt.ingest.delete, image_id)
 
     @get("/{image_id:int}/similar", summary="More like this (the image itself excluded)")
     async def similar(
         self,
         rt: RT,
-        image_id: FromPath[int],
+        image_id: ImageId,
         limit: Annotated[int, QueryParameter(ge=1, le=500)] = 50,
         cursor: Annotated[str | None, QueryParameter(max_length=4096)] = None,
     ) -> SearchResponse:

@@ -123,7 +123,7 @@ class ImageChanges(BaseModel):
 
 class BatchChanges(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    ids: list[Annotated[int, Field(ge=1)]] = Field(min_length=1, max_length=10_000)
+    ids: list[Annotated[int, Field(ge=1, le=2**63 - 1)]] = Field(min_length=1, max_length=10_000)
     changes: ImageChanges
 
 

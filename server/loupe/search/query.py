@@ -34,7 +34,7 @@ class Term(BaseModel):
         max_length=20_000,
         description="words to search for (truncated to the model's context)",
     )
-    image_id: int | None = Field(None, ge=1, description="an image already in the library")
+    image_id: int | None = Field(None, ge=1, le=2**63 - 1, description="an image already in the library")
     vector: list[float] | None = Field(None, min_length=1, max_length=8192, description="a raw query vector")
     weight: float = Field(1.0, ge=-100, le=100, description="negative weights move results away")
     channel: Channel = Field(
