@@ -292,7 +292,10 @@ class IngestService:
     def edit(self, ids: Sequence[int], changes: Mapping[str, Any]) -> list[int]:
         """Apply user-field changes (tags/albums set, add or remove; description, rating, starred) and refresh
         the Qdrant payload of the images that are searchable. Returns the ids that exist."""
+        # rating and description may be cleared with null; the star is on or off (null changes nothing).
         fields = {k: changes[k] for k in ("description", "rating", "starred") if k in changes}
+        if fields.get("starred", False) is None:
+            del fields["starred"]
         found = self.repo.edit(
             ids,
             fields,
