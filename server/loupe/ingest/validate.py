@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from loupe.errors import InvalidImage, TooLarge, UnsupportedFormat
+from loupe.errors import InvalidImage, LoupeError, TooLarge, UnsupportedFormat
 
 # Formats Loupe stores and searches; anything else Pillow happens to open is refused by name.
 SUPPORTED = {
@@ -72,7 +72,19 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
 
 
 def inspect_upload(data: bytes, *, max_bytes: int, max_pixels: int) -> ImageFacts:
-    """Type sniffing, Pillow open/verify, pixel limit, and a cheap reduced decode where one exists."""
+    """Type sniffing, Pillow open/verify, pixel limit, and a cheap reduced decode where one exists.
+
+    Pillow raises many exception types on damaged data (IndexError, struct.error, ...): any of them means the
+    file is corrupt, never a server error."""
+    try:
+        return _inspect(data, max_bytes=max_bytes, max_pixels=max_pixels)
+    except LoupeError:
+        raise
+    except Exception as exc:
+        raise InvalidImage(f"the image data is corrupt ({type(exc).__name__})", code="corrupt_image") from exc
+
+
+def _inspect(data: bytes, *, max_bytes: int, max_pixels: int) -> ImageFacts:
     if not data:
         raise InvalidImage("the file is empty", code="empty_file")
     if len(data) > max_bytes:
@@ -133,9 +145,9 @@ def decode_rgb(data: bytes, *, max_pixels: int, min_side: int | None = None) -> 
         img.load()
         img = ImageOps.exif_transpose(img)
         return to_rgb(img)
-    except (TooLarge, InvalidImage):
+    except LoupeError:
         raise
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+    except Exception as exc:  # any Pillow failure on damaged data: permanent, with a code
         raise DecodeError(f"the image cannot be decoded: {type(exc).__name__}") from exc
 
 
