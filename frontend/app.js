@@ -90,7 +90,7 @@ async function page(reset) {
       if (state.filters) q.set("filters", JSON.stringify(state.filters));
       const body = await api("/api/images?" + q);
       items = body.images; next = body.next_cursor;
-      note = items.length ? (body.total != null ? `${body.total} pictures` : "Newest first") : "No pictures yet: upload some.";
+      note = items.length ? (body.total != null ? `${body.total} picture${body.total === 1 ? "" : "s"}` : "Newest first") : "No pictures yet: upload some.";
     }
     if (reset) { grid.replaceChildren(); statusEl.textContent = note; }
     grid.append(...items.map(card));
@@ -180,6 +180,8 @@ function readFilterForm() {
   if (f.get("from") || f.get("to")) out.taken = { ...(f.get("from") && { from: f.get("from") }), ...(f.get("to") && { to: f.get("to") }) };
   if (f.get("camera")) out.camera = { model: f.get("camera") };
   if (f.get("min_width")) out.width = { min: Number(f.get("min_width")) };
+  const aspect = { landscape: { min: 1.05 }, portrait: { max: 0.95 }, square: { min: 0.95, max: 1.05 } }[f.get("aspect")];
+  if (aspect) out.aspect = aspect;
   if (f.get("has_text")) out.has_text = true;
   if (f.get("starred")) out.starred = true;
   return Object.keys(out).length ? out : null;
@@ -192,6 +194,8 @@ function fillFilterForm() {
   el.from.value = f.taken?.from || ""; el.to.value = f.taken?.to || "";
   el.camera.value = f.camera?.model || "";
   el.min_width.value = f.width?.min ?? "";
+  const a = f.aspect;
+  el.aspect.value = !a ? "" : a.min >= 1.05 ? "landscape" : a.max <= 0.95 ? "portrait" : "square";
   el.has_text.checked = !!f.has_text; el.starred.checked = !!f.starred;
 }
 filterForm.onsubmit = (ev) => { ev.preventDefault(); state.filters = readFilterForm(); run(); };

@@ -227,3 +227,23 @@ def test_the_javascript_sha256_fallback_matches_the_browser(page, gallery):
         samples,
     )
     assert got == [hashlib.sha256(s.encode()).hexdigest() for s in samples]
+
+
+def test_the_filters_panel_narrows_results_and_lives_in_the_url(page, gallery):
+    url, labels = gallery
+    big = next(iter(labels))
+    httpx.patch(url + f"/api/images/{big}", json={"add_tags": ["keeper"], "starred": True})
+    page.goto(url + "/")
+    wait_results(page, 10)
+    page.click("#toggle-filters")
+    page.fill("#filters input[name=tags]", "keeper")
+    page.check("#filters input[name=starred]")
+    page.select_option("#filters select[name=aspect]", "square")
+    page.click("#filters button[type=submit]")
+    page.wait_for_function("document.querySelectorAll('#grid figure').length === 1")
+    assert result_ids(page) == [big]
+    assert "keeper" in page.evaluate("decodeURIComponent(location.search)")
+    page.screenshot(path=str(ARTIFACTS / "filters.png"))
+    page.reload()
+    page.wait_for_function("document.querySelectorAll('#grid figure').length === 1")
+    assert page.input_value("#filters input[name=tags]") == "keeper"
