@@ -78,6 +78,7 @@ function searchBody(reset) {
 async function page(reset) {
   if (state.loading) return;
   state.loading = true;
+  grid.setAttribute("aria-busy", "true");
   try {
     let items, next, note;
     if (state.terms.length) {
@@ -99,6 +100,7 @@ async function page(reset) {
     statusEl.textContent = e.message;
   } finally {
     state.loading = false;
+    grid.setAttribute("aria-busy", "false");
   }
 }
 

@@ -89,6 +89,11 @@ def result_ids(pg) -> list[int]:
     ]
 
 
+def settled(pg) -> None:
+    """The grid has finished loading (it sets aria-busy while a page of results is on its way)."""
+    pg.wait_for_function("document.querySelector('#grid').getAttribute('aria-busy') === 'false'")
+
+
 def wait_results(pg, minimum: int = 1) -> None:
     pg.wait_for_function(f"document.querySelectorAll('#grid figure').length >= {minimum}")
 
@@ -132,15 +137,16 @@ def test_more_like_this_changes_the_results_and_the_cutoff_hides_low_scores(page
     purple = next(i for i, lab in labels.items() if lab == ("purple", "triangle"))
     page.goto(url + f'/?query=[{{"text":"a red square","weight":1}},{{"image_id":{purple},"weight":1.5}}]')
     page.wait_for_function("document.querySelectorAll('#mixer .term').length === 2")
-    page.wait_for_function("document.querySelector('#status').textContent.startsWith('Results')")
+    settled(page)
     after = result_ids(page)
     assert after[:5] != before[:5]
     first = page.query_selector("#grid figure")
     first.query_selector("button[title='Less like this']").click()
     page.wait_for_function("document.querySelectorAll('#mixer .term').length === 3")
-    page.wait_for_function("document.querySelector('#status').textContent.startsWith('Results')")
+    settled(page)
     page.query_selector_all("#grid figure")[3].query_selector("button[title='More like this']").click()
     page.wait_for_function("document.querySelectorAll('#mixer .term').length === 4")
+    settled(page)
     page.eval_on_selector("#cutoff", "el => { el.value = '0.9'; el.dispatchEvent(new Event('input')); }")
     visible = page.eval_on_selector_all(
         "#grid figure:not([hidden]) .score", "els => els.map(e => +e.textContent)"

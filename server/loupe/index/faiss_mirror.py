@@ -269,6 +269,7 @@ class FaissMirror:
         factory = self.settings.factory.format(nlist=params["nlist"], m=params["m"])
         started = time.monotonic()
         index = faiss.index_factory(self.dim, factory, faiss.METRIC_INNER_PRODUCT)
+        _no_polysemous(index)
         rng = np.random.default_rng(0)
         sample = (
             vecs
@@ -502,6 +503,15 @@ def _top_rows(scores: np.ndarray, k: int) -> np.ndarray:
 def _ordered(ids: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     order = np.lexsort((ids, -scores))
     return ids[order], scores[order].astype(np.float32)
+
+
+def _no_polysemous(index: Any) -> None:
+    """IndexIVFPQ trains polysemous codes by default: 7x the training time (45 s vs 6.5 s for 20k x 64-d on one
+    core) for a Hamming pre-filter the mirror never uses."""
+    with contextlib.suppress(RuntimeError):
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+        if hasattr(ivf, "do_polysemous_training"):
+            ivf.do_polysemous_training = False
 
 
 def _set_nprobe(index: Any, nprobe: int) -> None:

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Engine, delete, func, or_, select, text, update
+from sqlalchemy import Engine, delete, func, insert, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col
 
@@ -92,31 +92,48 @@ class MetadataRepo:
             return image, True
 
     def insert_images_bulk(self, news: Sequence[NewImage]) -> list[int]:
-        """Insert many new images in one transaction (vectors without pictures: tests, benchmarks)."""
+        """Insert many new images in one transaction (vectors without pictures: tests, benchmarks). Core
+        multi-row INSERT ... RETURNING in parameter order: ~10x faster than building ORM objects."""
+        if not news:
+            return []
+        now = utcnow()
+        rows = [
+            {
+                "sha256": n.sha256,
+                "original_name": n.original_name,
+                "format": n.format,
+                "mime": n.mime,
+                "size_bytes": n.size_bytes,
+                "width": n.width,
+                "height": n.height,
+                "frames": n.frames,
+                "state": ImageState.pending,
+                "attempts": 0,
+                "starred": False,
+                "created_at": now,
+                "updated_at": now,
+            }
+            for n in news
+        ]
         with self.session() as s:
-            rows = [
-                Image(
-                    sha256=n.sha256,
-                    original_name=n.original_name,
-                    format=n.format,
-                    mime=n.mime,
-                    size_bytes=n.size_bytes,
-                    width=n.width,
-                    height=n.height,
-                    frames=n.frames,
-                    state=ImageState.pending,
-                )
-                for n in news
+            result = s.execute(insert(Image).returning(col(Image.id), sort_by_parameter_order=True), rows)
+            ids = [int(r[0]) for r in result.all()]
+            tags = [
+                {"image_id": i, "tag": t}
+                for i, n in zip(ids, news, strict=True)
+                for t in dict.fromkeys(n.tags)
             ]
-            s.add_all(rows)
-            s.flush()
-            for row, n in zip(rows, news, strict=True):
-                for tag in dict.fromkeys(n.tags):
-                    s.add(ImageTag(image_id=row.id, tag=tag))  # type: ignore[arg-type]
-                for album in dict.fromkeys(n.albums):
-                    s.add(ImageAlbum(image_id=row.id, album=album))  # type: ignore[arg-type]
+            albums = [
+                {"image_id": i, "album": a}
+                for i, n in zip(ids, news, strict=True)
+                for a in dict.fromkeys(n.albums)
+            ]
+            if tags:
+                s.execute(insert(ImageTag), tags)
+            if albums:
+                s.execute(insert(ImageAlbum), albums)
             s.commit()
-            return [int(r.id) for r in rows]  # type: ignore[arg-type]
+            return ids
 
     def get_image(self, image_id: int) -> Image | None:
         with self.session() as s:
