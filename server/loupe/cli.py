@@ -54,6 +54,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Open the stores and the model before the server: a bad setting is one clear line, not a traceback.
     runtime = Runtime.open(settings)
     log.info("Loupe on http://%s:%d  (data: %s)", host, port, settings.data_dir)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning(
+            "listening on %s with NO AUTHENTICATION: anyone who can reach it can read, upload and delete pictures "
+            "(API keys are not implemented yet; keep Loupe behind a trusted proxy or on 127.0.0.1)",
+            host,
+        )
     app = create_app(settings, runtime, owns_runtime=True)
     uvicorn.run(app, host=host, port=port, log_level=settings.log_level.lower(), timeout_graceful_shutdown=30)
     return 0
