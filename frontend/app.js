@@ -16,11 +16,26 @@ const state = {
 
 async function api(path, options = {}) {
   const res = await fetch(path, options);
+  if (res.status === 401 && path !== "/api/session") showSignIn();
   const body = res.status === 204 ? null : await res.json().catch(() => null);
   if (!res.ok) throw new Error(body?.error?.message || `HTTP ${res.status}`);
   return body;
 }
 const json = (body) => ({ method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body) });
+
+// ---------------------------------------------------------------- sign-in (when the server requires keys)
+
+function showSignIn() {
+  const dlg = $("signin");
+  if (!dlg.open) dlg.showModal();
+  $("signin-key").focus();
+}
+$("signin-form").onsubmit = async (ev) => {
+  ev.preventDefault();
+  const res = await fetch("/api/session", json({ key: $("signin-key").value.trim() }));
+  if (res.ok) { $("signin").close(); location.reload(); }
+  else $("signin-error").textContent = "That key is not valid.";
+};
 
 // ---------------------------------------------------------------- results
 

@@ -10,12 +10,14 @@ from pathlib import Path
 
 import anyio.to_thread
 from litestar import Litestar
+from litestar.config.cors import CORSConfig
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin
 from litestar.static_files import create_static_files_router
 
 from loupe import __version__
+from loupe.api.access import ACCESS_HANDLERS, access_guard
 from loupe.api.deps import provide_runtime
 from loupe.api.errors import EXCEPTION_HANDLERS
 from loupe.api.images import ImageController, duplicate_groups, job_status
@@ -34,6 +36,20 @@ def frontend_dir() -> Path | None:
         if (d / "index.html").exists():
             return d
     return None
+
+
+def cors(settings: Settings) -> CORSConfig | None:
+    """Only the configured origins, with credentials; a wildcard never goes with credentials."""
+    origins = settings.auth.cors_origins
+    if not origins:
+        return None
+    wildcard = "*" in origins
+    return CORSConfig(
+        allow_origins=origins,
+        allow_credentials=not wildcard,
+        allow_methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
+        allow_headers=["authorization", "content-type", "x-api-key"],
+    )
 
 
 def create_app(settings: Settings, runtime: Runtime | None = None, *, owns_runtime: bool = False) -> Litestar:
@@ -62,7 +78,14 @@ def create_app(settings: Settings, runtime: Runtime | None = None, *, owns_runti
             if own:
                 await anyio.to_thread.run_sync(rt.close)
 
-    handlers: list = [ImageController, SearchController, health, job_status, duplicate_groups]
+    handlers: list = [
+        ImageController,
+        SearchController,
+        health,
+        job_status,
+        duplicate_groups,
+        *ACCESS_HANDLERS,
+    ]
     ui = frontend_dir()
     if ui is not None:
         handlers.append(create_static_files_router(path="/", directories=[ui], html_mode=True, name="ui"))
@@ -71,6 +94,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None, *, owns_runti
         lifespan=[lifespan],
         dependencies={"rt": Provide(provide_runtime, sync_to_thread=False)},
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+        guards=[access_guard],
+        cors_config=cors(settings),
         request_max_body_size=settings.server.max_request_mb * 1024 * 1024,
         multipart_form_part_limit=settings.ingest.max_files_per_request + 16,
         openapi_config=OpenAPIConfig(

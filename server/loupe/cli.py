@@ -51,14 +51,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _load_settings()
     host = args.host or settings.server.host
     port = args.port or settings.server.port
+    settings.server.host, settings.server.port = host, port  # LOUPE_AUTH__MODE=auto decides by the address
     # Open the stores and the model before the server: a bad setting is one clear line, not a traceback.
     runtime = Runtime.open(settings)
     log.info("Loupe on http://%s:%d  (data: %s)", host, port, settings.data_dir)
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    if not settings.auth_required and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning(
-            "listening on %s with NO AUTHENTICATION: anyone who can reach it can read, upload and delete pictures "
-            "(API keys are not implemented yet; keep Loupe behind a trusted proxy or on 127.0.0.1)",
-            host,
+            "listening on %s with LOUPE_AUTH__MODE=off: anyone who can reach it can change the library", host
         )
     app = create_app(settings, runtime, owns_runtime=True)
     uvicorn.run(app, host=host, port=port, log_level=settings.log_level.lower(), timeout_graceful_shutdown=30)
@@ -224,6 +223,29 @@ def cmd_reindex(args: argparse.Namespace) -> int:
     return 0 if report.clean or report.repaired else 1
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    """API keys: create (printed once), list, revoke. Works on the database directly (no data-dir lock needed)."""
+    from loupe.auth import KeyService, describe
+    from loupe.signing import load_or_create_secret
+    from loupe.storage.metadata.engine import create_db_engine, upgrade
+    from loupe.storage.metadata.repo import MetadataRepo
+
+    settings = _load_settings()
+    engine = create_db_engine(settings.effective_database_url)
+    upgrade(engine)
+    keys = KeyService(MetadataRepo(engine), load_or_create_secret(settings.data_dir), settings.auth)
+    if args.keys_command == "create":
+        key, token = keys.create(args.name, args.scope or ["read"])
+        print(json.dumps({**describe(key), "key": token}, default=str))
+    elif args.keys_command == "list":
+        print(json.dumps([describe(k) for k in keys.list()], default=str, indent=2))
+    else:
+        keys.revoke(args.id)
+        print(json.dumps({"revoked": args.id}))
+    engine.dispose()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loupe", description="Semantic image search server")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -263,6 +285,17 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--check", action="store_true", help="report only (the default)")
     mode.add_argument("--repair", action="store_true", help="fix every difference found")
     p.set_defaults(func=cmd_reindex)
+    p = sub.add_parser("keys", help="API keys: create, list, revoke")
+    ksub = p.add_subparsers(dest="keys_command", required=True)
+    k = ksub.add_parser("create", help="create a key (printed once)")
+    k.add_argument("name")
+    k.add_argument(
+        "--scope", action="append", choices=["read", "write", "admin"], help="repeatable (default: read)"
+    )
+    ksub.add_parser("list", help="list keys (never their secrets)")
+    k = ksub.add_parser("revoke", help="revoke a key by id")
+    k.add_argument("id", type=int)
+    p.set_defaults(func=cmd_keys)
     return parser
 
 

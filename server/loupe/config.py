@@ -105,6 +105,21 @@ class FusionSettings(BaseModel):
     keyword: float = Field(1.0, ge=0)
 
 
+class AuthSettings(BaseModel):
+    mode: str = Field(
+        "auto",
+        pattern="^(auto|on|off)$",
+        description="auto: keys required unless the server listens on loopback only",
+    )
+    rate_per_minute: float = Field(600.0, gt=0, description="requests per key (or client address) per minute")
+    burst: int = Field(120, ge=1, description="token-bucket size: requests allowed at once")
+    session_hours: float = Field(24 * 14, gt=0, description="lifetime of a browser sign-in")
+    url_ttl_s: int = Field(3600, ge=60, description="lifetime of signed image and thumbnail URLs")
+    cors_origins: list[str] = Field(
+        default_factory=list, description="origins allowed to call the API (never '*' with credentials)"
+    )
+
+
 class SearchSettings(BaseModel):
     max_limit: int = Field(500, ge=1)
     default_limit: int = Field(50, ge=1)
@@ -137,6 +152,7 @@ class Settings(BaseSettings):
     model: ModelSettings = ModelSettings()
     ocr: OcrSettings = OcrSettings()
     index: IndexSettings = IndexSettings()
+    auth: AuthSettings = AuthSettings()
     search: SearchSettings = SearchSettings()
 
     @field_validator("data_dir")
@@ -147,6 +163,12 @@ class Settings(BaseSettings):
     @property
     def effective_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'loupe.db'}"
+
+    @property
+    def auth_required(self) -> bool:
+        if self.auth.mode == "auto":
+            return self.server.host not in ("127.0.0.1", "localhost", "::1")
+        return self.auth.mode == "on"
 
     @property
     def clip_model_is_default(self) -> bool:

@@ -10,6 +10,7 @@ from typing import IO, Any
 
 from sqlalchemy import Engine
 
+from loupe.auth import KeyService
 from loupe.config import Settings
 from loupe.errors import ConfigError, DataDirLocked
 from loupe.index.faiss_mirror import FaissMirror
@@ -185,6 +186,7 @@ class Runtime:
         ingest: IngestService,
         search: SearchService,
         bulk: BulkService,
+        keys: KeyService,
         secret: bytes,
         lock: DataDirLock | None,
     ) -> None:
@@ -200,6 +202,7 @@ class Runtime:
         self.ingest = ingest
         self.search = search
         self.bulk = bulk
+        self.keys = keys
         self.secret = secret
         self.lock = lock
         self.workers: list[IngestWorker | BulkWorker] = []
@@ -294,6 +297,16 @@ class Runtime:
             text_indexer=text_indexer,
         )
         bulk = BulkService(settings.ingest, repo, ingest, settings.data_dir / "staging")
+        keys = KeyService(repo, secret, settings.auth)
+        if settings.auth_required and keys.active_count() == 0:
+            _, token = keys.create("admin", ["read", "write", "admin"])
+            log.warning("=" * 78)
+            log.warning(
+                "Keys are required on %s. An admin key was created; it is shown ONCE:", settings.server.host
+            )
+            log.warning("    %s", token)
+            log.warning("Sign in with it in the browser, or send it as 'Authorization: Bearer <key>'.")
+            log.warning("=" * 78)
         rt = cls(
             settings=settings,
             engine=engine,
@@ -307,13 +320,19 @@ class Runtime:
             ingest=ingest,
             search=search,
             bulk=bulk,
+            keys=keys,
             secret=secret,
             lock=lock,
         )
         rt_holder["rt"] = rt
+        search.url_for = rt.url
         if start_workers:
             rt.start_workers()
         return rt
+
+    def url(self, path: str) -> str:
+        """An image or thumbnail URL for a response: signed and expiring when keys are required."""
+        return self.keys.sign_url(path) if self.settings.auth_required else path
 
     def sync_mirror(self) -> None:
         self.mirror.sync(self.repo, self.vectors)

@@ -253,3 +253,41 @@ def test_the_filters_panel_narrows_results_and_lives_in_the_url(page, gallery):
     page.reload()
     page.wait_for_function("document.querySelectorAll('#grid figure').length === 1")
     assert page.input_value("#filters input[name=tags]") == "keeper"
+
+
+def test_signing_in_with_a_key_when_keys_are_required(tmp_path: Path, tiny_clip_dir: Path):
+    if not CHROMIUM:
+        pytest.skip("chromium is not installed")
+    from playwright.sync_api import sync_playwright
+
+    env = {"LOUPE_CLIP_MODEL": str(tiny_clip_dir), "LOUPE_OCR__ENABLED": "false", "LOUPE_AUTH__MODE": "on"}
+    server = Server(tmp_path / "data", env, tmp_path / "server.log")
+    try:
+        server.wait_healthy()
+        admin = next(line.split()[-1] for line in server.log.read_text().splitlines() if "loupe_" in line)
+        httpx.post(
+            server.url + "/api/images",
+            files=[("file", ("a.png", shape_set(1, seed=5)[0].data, "image/png"))],
+            headers={"Authorization": f"Bearer {admin}"},
+        )
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+            pg = browser.new_page()
+            pg.goto(server.url + "/")
+            pg.wait_for_selector("dialog#signin[open]")
+            pg.fill("#signin-key", "loupe_00000000_wrong-key")
+            pg.click("#signin-form button[type=submit]")
+            pg.wait_for_function("document.querySelector('#signin-error').textContent.includes('not valid')")
+            pg.fill("#signin-key", admin)
+            pg.click("#signin-form button[type=submit]")
+            pg.wait_for_function("document.querySelectorAll('#grid figure').length === 1")
+            cookies = {c["name"]: c for c in pg.context.cookies()}
+            assert cookies["loupe_session"]["httpOnly"] is True
+            assert pg.evaluate("document.cookie") == ""  # not readable from scripts
+            assert pg.evaluate("localStorage.length") == 0
+            src = pg.get_attribute("#grid figure img", "src")
+            assert "sig=" in src
+            pg.screenshot(path=str(ARTIFACTS / "signed-in.png"))
+            browser.close()
+    finally:
+        server.stop()

@@ -15,11 +15,14 @@ from loupe.errors import LoupeError
 log = logging.getLogger("loupe.api")
 
 
-def envelope(status: int, code: str, message: str, detail: Any = None) -> Response[dict[str, Any]]:
+def envelope(
+    status: int, code: str, message: str, detail: Any = None, headers: dict[str, str] | None = None
+) -> Response[dict[str, Any]]:
     return Response(
         {"error": {"code": code, "message": message, "detail": detail}},
         status_code=status,
         media_type=MediaType.JSON,
+        headers=headers,
     )
 
 
@@ -28,7 +31,9 @@ def loupe_error_handler(_: Request[Any, Any, Any], exc: LoupeError) -> Response[
         request_id = uuid.uuid4().hex[:12]
         log.error("request %s failed: %s", request_id, exc.message, exc_info=exc)
         return envelope(exc.status, exc.code, f"{exc.message} (request {request_id})")
-    return envelope(exc.status, exc.code, exc.message, exc.detail)
+    retry_after = getattr(exc, "retry_after", None)
+    headers = {"Retry-After": str(max(1, round(retry_after)))} if retry_after is not None else None
+    return envelope(exc.status, exc.code, exc.message, exc.detail, headers)
 
 
 def validation_error_handler(_: Request[Any, Any, Any], exc: ValidationException) -> Response[dict[str, Any]]:

@@ -101,7 +101,7 @@ async def load_detail(rt: Runtime, image_id: int) -> ImageDetail:
     tags = await blocking(rt.repo.tags_for, [image_id])
     albums = await blocking(rt.repo.albums_for, [image_id])
     texts = await blocking(rt.repo.get_texts, [image_id])
-    return image_detail(image, tags.get(image_id, []), texts.get(image_id), albums.get(image_id, []))
+    return image_detail(image, tags.get(image_id, []), texts.get(image_id), albums.get(image_id, []), rt.url)
 
 
 @get("/api/duplicates", tags=["images"], summary="Groups of near-duplicate images across the library")
@@ -258,7 +258,9 @@ class ImageController(Controller):
         tags = await blocking(rt.repo.tags_for, ids)
         albums = await blocking(rt.repo.albums_for, ids)
         return ImagePage(
-            images=[image_summary(r, tags.get(r.id or 0, []), albums.get(r.id or 0, [])) for r in page],
+            images=[
+                image_summary(r, tags.get(r.id or 0, []), albums.get(r.id or 0, []), rt.url) for r in page
+            ],
             next_cursor=next_cursor,
             total=total,
         )
@@ -324,7 +326,8 @@ class ImageController(Controller):
         near = await blocking(rt.repo.near_duplicates, image.phash, image_id, max_distance, limit)
         return DuplicatesResponse(
             duplicates=[
-                Duplicate(id=i, distance=d, thumbnail_url=f"/api/images/{i}/thumbnail") for i, d in near
+                Duplicate(id=i, distance=d, thumbnail_url=rt.url(f"/api/images/{i}/thumbnail"))
+                for i, d in near
             ]
         )
 

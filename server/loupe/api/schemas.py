@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -161,7 +162,9 @@ class HealthResponse(BaseModel):
     warnings: list[dict[str, str]]
 
 
-def image_summary(image: Image, tags: list[str], albums: list[str] | None = None) -> ImageSummary:
+def image_summary(
+    image: Image, tags: list[str], albums: list[str] | None = None, url: Callable[[str], str] = str
+) -> ImageSummary:
     return ImageSummary(
         id=int(image.id),  # type: ignore[arg-type]
         state=image.state,
@@ -172,8 +175,8 @@ def image_summary(image: Image, tags: list[str], albums: list[str] | None = None
         size_bytes=image.size_bytes,
         created_at=image.created_at,
         taken_at=image.taken_at,
-        thumbnail_url=f"/api/images/{image.id}/thumbnail",
-        file_url=f"/api/images/{image.id}/file",
+        thumbnail_url=url(f"/api/images/{image.id}/thumbnail"),
+        file_url=url(f"/api/images/{image.id}/file"),
         tags=tags,
         albums=albums or [],
         rating=image.rating,
@@ -195,9 +198,13 @@ def text_out(row: ImageText) -> ImageTextOut:
 
 
 def image_detail(
-    image: Image, tags: list[str], text: ImageText | None = None, albums: list[str] | None = None
+    image: Image,
+    tags: list[str],
+    text: ImageText | None = None,
+    albums: list[str] | None = None,
+    url: Callable[[str], str] = str,
 ) -> ImageDetail:
-    base = image_summary(image, tags, albums).model_dump()
+    base = image_summary(image, tags, albums, url).model_dump()
     error = ErrorBody(code=image.error_code, message=image.error_message or "") if image.error_code else None
     return ImageDetail(
         **base,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,6 +116,9 @@ class SearchService:
         self.cursors = Signer(secret, "search-cursor")
         self.text_cache = TextEmbeddingCache(text_cache_size)
         self.text_indexer = text_indexer
+        self.url_for: Callable[[str], str] = lambda path: (
+            path
+        )  # the runtime signs URLs when keys are required
 
     # ------------------------------------------------------------ composition
 
@@ -391,8 +394,8 @@ class SearchService:
                     text=text,
                     width=rows[i].width,
                     height=rows[i].height,
-                    thumbnail_url=f"/api/images/{i}/thumbnail",
-                    file_url=f"/api/images/{i}/file",
+                    thumbnail_url=self.url_for(f"/api/images/{i}/thumbnail"),
+                    file_url=self.url_for(f"/api/images/{i}/file"),
                 )
             )
         more = len(live) > limit or len(cand) > len(window)
@@ -451,8 +454,8 @@ class SearchService:
                 channels={"clip": s},
                 width=rows[i].width,
                 height=rows[i].height,
-                thumbnail_url=f"/api/images/{i}/thumbnail",
-                file_url=f"/api/images/{i}/file",
+                thumbnail_url=self.url_for(f"/api/images/{i}/thumbnail"),
+                file_url=self.url_for(f"/api/images/{i}/file"),
             )
             for i, s in page
         ]

@@ -153,6 +153,21 @@ class JobFile(SQLModel, table=True):
     error_message: str | None = Field(default=None, max_length=1000)
 
 
+class ApiKey(SQLModel, table=True):
+    """API keys are stored hashed (SHA-256 of a 192-bit random secret); the prefix finds the row."""
+
+    __tablename__ = "api_keys"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=100)
+    prefix: str = Field(sa_column=Column(String(16), nullable=False, unique=True))
+    hash: str = Field(max_length=64)
+    scopes: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow)
+    revoked_at: datetime | None = None
+    last_used_at: datetime | None = None
+
+
 class ChangeLog(SQLModel, table=True):
     """Monotonic log of vector changes; the FAISS mirror replays it from its last applied sequence."""
 
