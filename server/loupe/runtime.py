@@ -12,8 +12,8 @@ from sqlalchemy import Engine
 
 from loupe.auth import KeyService
 from loupe.config import Settings
-from loupe.errors import ConfigError, DataDirLocked
-from loupe.index.faiss_mirror import FaissMirror
+from loupe.errors import ConfigError, DataDirLocked, Unavailable
+from loupe.index.faiss_mirror import FaissMirror, SyncReport
 from loupe.ingest.bulk import BulkService, BulkWorker
 from loupe.ingest.service import IngestService, IngestWorker
 from loupe.ingest.text import TextIndexer
@@ -104,7 +104,10 @@ def open_text_indexer(settings: Settings, repo: MetadataRepo, vectors: VectorSto
             "unset it, or re-embed the OCR channel with `loupe model use`"
         )
     collection = collection_name(active)
-    vectors.ensure_collection(collection, active.dim)
+    try:
+        vectors.ensure_collection(collection, active.dim)
+    except Unavailable:
+        log.warning("the OCR collection cannot be checked now: the vector store is unavailable")
     return TextIndexer(settings.ocr, encoder, vectors, collection)
 
 
@@ -250,8 +253,15 @@ class Runtime:
         vectors = open_vector_store(settings)
         clip, version = resolve_model(settings, repo)
         collection = collection_name(version)
-        vectors.ensure_collection(collection, version.dim)
-        vectors.create_payload_indexes(collection, PAYLOAD_INDEXES)
+        vectors_up = True
+        try:
+            vectors.ensure_collection(collection, version.dim)
+            vectors.create_payload_indexes(collection, PAYLOAD_INDEXES)
+        except Unavailable:
+            # A Qdrant server that is down does not stop Loupe: searches run from the mirror's files, uploads
+            # are queued, and everything catches up when it returns.
+            vectors_up = False
+            log.warning("the Qdrant server at LOUPE_QDRANT_URL is unreachable: serving from the FAISS mirror")
         mirror = FaissMirror(
             (settings.index.directory or settings.data_dir / "mirror") / collection,
             collection=collection,
@@ -259,7 +269,11 @@ class Runtime:
             dim=version.dim,
             settings=settings.index,
         )
-        report = mirror.open(repo, vectors)
+        if vectors_up:
+            report = mirror.open(repo, vectors)
+        else:
+            loaded = mirror.load()
+            report = SyncReport(mirror.live_count if loaded else 0, False, mirror.last_seq, 0.0)
         log.info(
             "FAISS mirror %s: %d vectors (%s), %s",
             collection,
@@ -335,7 +349,10 @@ class Runtime:
         return self.keys.sign_url(path) if self.settings.auth_required else path
 
     def sync_mirror(self) -> None:
-        self.mirror.sync(self.repo, self.vectors)
+        try:
+            self.mirror.sync(self.repo, self.vectors)
+        except Unavailable:
+            log.warning("mirror catch-up postponed: the vector store is unavailable")
 
     def start_workers(self) -> None:
         for n in range(self.settings.ingest.workers):
@@ -371,6 +388,7 @@ class Runtime:
             "stores": {
                 "metadata": self.engine.dialect.name,
                 "vectors": self.vectors.kind,
+                "vectors_status": self._vector_store_status(),
                 "collection": self.collection,
                 "mirror": self.mirror.stats(),
                 "blobs": "files",
@@ -387,6 +405,15 @@ class Runtime:
                 }
             )
         return out
+
+    def _vector_store_status(self) -> str:
+        try:
+            self.vectors.count(self.collection)
+            return "ok"
+        except Unavailable:
+            return "unavailable"
+        except Exception:  # a collection not created yet on a server that just came back
+            return "unknown"
 
     def close(self) -> None:
         if self.closed:

@@ -27,6 +27,9 @@ def envelope(
 
 
 def loupe_error_handler(_: Request[Any, Any, Any], exc: LoupeError) -> Response[dict[str, Any]]:
+    if exc.status == 503:  # a dependency is down: expected, no traceback
+        log.warning("%s", exc.message)
+        return envelope(exc.status, exc.code, exc.message, exc.detail)
     if exc.status >= 500:
         request_id = uuid.uuid4().hex[:12]
         log.error("request %s failed: %s", request_id, exc.message, exc_info=exc)

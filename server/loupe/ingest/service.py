@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from loupe.config import IngestSettings
-from loupe.errors import LoupeError, NotFound, TooLarge
+from loupe.errors import LoupeError, NotFound, TooLarge, Unavailable
 from loupe.ingest.exif import dhash, read_exif
 from loupe.ingest.text import TextIndexer
 from loupe.ingest.validate import clean_name, decode_rgb, inspect_upload, make_thumbnail
@@ -45,6 +45,7 @@ class BatchReport:
     ready: int = 0
     failed: int = 0
     retried: int = 0
+    unavailable: bool = False
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -133,6 +134,15 @@ class IngestService:
         report.claimed = len(claimed)
         if not claimed:
             return report
+        try:
+            self.vectors.ensure_collection(self.collection, self.clip.dim)
+        except Unavailable:
+            # The vector store is down: put the batch back without spending an attempt, and wait.
+            self.repo.release([int(i.id) for i in claimed], retry_in_s=max(self.settings.retry_base_s, 1.0))  # type: ignore[arg-type]
+            report.retried = len(claimed)
+            report.claimed = 0
+            report.unavailable = True
+            return report
         t0 = time.perf_counter()
         decoded: list[tuple[Image, Any]] = []
         meta: dict[int, dict[str, Any]] = {}
@@ -185,6 +195,13 @@ class IngestService:
                 report.seconds.update(
                     embed=t2 - t1, ocr_wait=t3 - t2, upsert=t4 - t3, commit=time.perf_counter() - t4
                 )
+            except Unavailable:
+                log.warning("the vector store went away during a batch: %d images wait for it", len(decoded))
+                self.repo.release(
+                    [img.id or 0 for img, _ in decoded], retry_in_s=max(self.settings.retry_base_s, 1.0)
+                )
+                report.retried += len(decoded)
+                report.unavailable = True
             except Exception as exc:
                 log.exception("embedding/indexing a batch of %d failed", len(decoded))
                 for img, _ in decoded:
@@ -332,9 +349,16 @@ class IngestService:
         image = self.repo.delete_image(image_id, self.model_version_id)
         if image is None:
             raise NotFound(f"image {image_id} does not exist")
-        self.vectors.delete(self.collection, [image_id])
-        if text is not None and self.text_indexer is not None:
-            self.text_indexer.delete(image_id, text.chunks)
+        try:
+            self.vectors.delete(self.collection, [image_id])
+            if text is not None and self.text_indexer is not None:
+                self.text_indexer.delete(image_id, text.chunks)
+        except Unavailable:
+            # The row is gone (search joins never return it); the stray vector is what `loupe reindex --repair`
+            # removes once the store is back.
+            log.warning(
+                "image %s deleted while the vector store is down: its vector stays until reindex", image_id
+            )
         if image.format != "VECTOR":
             self.blobs.delete(image.sha256)
         if self.on_indexed:
@@ -362,7 +386,7 @@ class IngestWorker:
                 self._stop.wait(self.poll_s)
                 continue
             if report.claimed == 0:
-                self.service.work_available.wait(self.poll_s)
+                self.service.work_available.wait(self.poll_s * (5 if report.unavailable else 1))
                 self.service.work_available.clear()
             elif report.ready or report.failed:
                 log.info(

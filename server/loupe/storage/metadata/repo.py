@@ -512,6 +512,25 @@ class MetadataRepo:
             )
             return list(rows)
 
+    def release(self, ids: Sequence[int], *, retry_in_s: float) -> None:
+        """Put claimed images back in the queue without spending an attempt (the failure was not theirs)."""
+        if not ids:
+            return
+        with self.session() as s:
+            s.execute(
+                update(Image)
+                .where(col(Image.id).in_(list(ids)), col(Image.state) == ImageState.processing)
+                .values(
+                    state=ImageState.pending,
+                    claimed_at=None,
+                    attempts=func.max(col(Image.attempts) - 1, 0)
+                    if self._sqlite
+                    else func.greatest(col(Image.attempts) - 1, 0),
+                    next_attempt_at=utcnow() + timedelta(seconds=retry_in_s),
+                )
+            )
+            s.commit()
+
     def release_claims(self) -> int:
         """At the start of an embedded (single-process) server every `processing` row is an interrupted claim."""
         with self.session() as s:

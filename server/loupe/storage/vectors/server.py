@@ -6,15 +6,47 @@ protocol; it is brute-force Python and never the embedded store.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from qdrant_client import QdrantClient, models
+from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
+from loupe.errors import Unavailable
 from loupe.storage.vectors.base import QFilter, VectorHit, as_matrix, records_to_arrays, vector_of
 
 
+def _unavailable_when_unreachable(cls: type) -> type:
+    """Every public method: a server that cannot be reached (or answers 5xx) becomes Unavailable (503), so the
+    read path can fall back to the mirror and the write path can queue and retry."""
+
+    def wrap(fn: Any) -> Any:
+        @functools.wraps(fn)
+        def inner(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except ResponseHandlingException as exc:
+                raise Unavailable(
+                    "the Qdrant server cannot be reached", code="vector_store_unavailable"
+                ) from exc
+            except UnexpectedResponse as exc:
+                if (exc.status_code or 0) >= 500:
+                    raise Unavailable(
+                        f"the Qdrant server answered {exc.status_code}", code="vector_store_unavailable"
+                    ) from exc
+                raise
+
+        return inner
+
+    for name, member in list(vars(cls).items()):
+        if callable(member) and not name.startswith("_") and name != "connect":
+            setattr(cls, name, wrap(member))
+    return cls
+
+
+@_unavailable_when_unreachable
 class QdrantServerVectorStore:
     kind = "qdrant-server"
 
@@ -28,7 +60,9 @@ class QdrantServerVectorStore:
 
     @classmethod
     def connect(cls, url: str, api_key: str | None = None, timeout: float = 10.0) -> QdrantServerVectorStore:
-        return cls(QdrantClient(url=url, api_key=api_key, timeout=int(timeout)))
+        # No version probe at start: a server that is down must not stop Loupe from starting (it serves from the
+        # mirror and catches up); errors surface per call as Unavailable.
+        return cls(QdrantClient(url=url, api_key=api_key, timeout=int(timeout), check_compatibility=False))
 
     def ensure_collection(self, name: str, dim: int) -> None:
         if name in self._known:
