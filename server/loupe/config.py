@@ -127,6 +127,9 @@ class SearchSettings(BaseModel):
     max_offset: int = Field(10_000, ge=0, description="deepest result a cursor can reach")
     overfetch: int = Field(16, ge=0, description="extra candidates fetched to make up for masked deletions")
     channel_depth: int = Field(200, ge=10, description="candidates each channel contributes before fusion")
+    timeout_s: float = Field(
+        30.0, gt=0, description="a search taking longer answers 504 (code search_timeout)"
+    )
     exact_scan_max: int = Field(
         50_000,
         ge=0,

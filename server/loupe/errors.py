@@ -55,6 +55,11 @@ class Unavailable(LoupeError):
     status = 503
 
 
+class Timeout(LoupeError):
+    code = "timeout"
+    status = 504
+
+
 class ConfigError(LoupeError):
     """A setting that cannot work; raised at start with the variable named."""
 

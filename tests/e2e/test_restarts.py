@@ -224,3 +224,94 @@ def test_a_different_model_for_an_existing_library_is_refused(
     shutil.copytree(tiny_clip_dir, other)
     with pytest.raises(ConfigError, match="loupe model use"):
         Runtime.open(settings.model_copy(update={"clip_model": str(other)}))
+
+
+@pytest.mark.slow
+def test_kill_9_during_a_bulk_job_loses_nothing_acknowledged_and_leaves_no_orphans(
+    tmp_path: Path, tiny_clip_dir: Path
+):
+    import io
+    import zipfile
+
+    data = tmp_path / "data"
+    env = {
+        "LOUPE_CLIP_MODEL": str(tiny_clip_dir),
+        "LOUPE_OCR__ENABLED": "false",
+        "LOUPE_INGEST__BATCH_SIZE": "4",
+    }
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for i in range(40):
+            zf.writestr(f"big/{i}.png", mk.noise_png(700 + i, 700))
+    server = Server(data, env, tmp_path / "bulk1.log")
+    try:
+        server.wait_healthy()
+        res = httpx.post(
+            server.url + "/api/images/bulk",
+            files=[("archive", ("a.zip", buf.getvalue(), "application/zip"))],
+            timeout=120,
+        )
+        assert res.status_code == 202
+        job_id = res.json()["job_id"]
+        time.sleep(1.0)
+        server.kill9()
+    finally:
+        server.stop()
+    with sqlite3.connect(data / "loupe.db") as db:
+        processed = db.execute("select processed from jobs where id=?", (job_id,)).fetchone()[0]
+    assert processed < 40, "the kill came too late to test anything"
+
+    server = Server(data, env, tmp_path / "bulk2.log")
+    try:
+        server.wait_healthy()
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            job = httpx.get(f"{server.url}/api/jobs/{job_id}").json()
+            counts = httpx.get(server.url + "/api/health").json()["counts"]
+            if job["state"] == "done" and counts["ready"] == 40:
+                break
+            time.sleep(0.5)
+        assert job["state"] == "done" and job["processed"] == 40
+        assert job["accepted"] + job["duplicates"] == 40 and job["rejected"] == 0
+        assert counts == {"pending": 0, "processing": 0, "ready": 40, "failed": 0}
+    finally:
+        server.stop()
+    assert not (data / "staging" / job_id).exists()  # the archive is gone once the job is done
+    rt = Runtime.open(Settings(data_dir=data, clip_model=str(tiny_clip_dir), ocr={"enabled": False}))  # type: ignore[arg-type]
+    try:
+        from loupe.ingest.reindex import check
+
+        report = check(rt)
+        assert report.clean, report.to_dict()  # no orphan files or vectors
+    finally:
+        rt.close()
+
+
+def test_sigterm_finishes_in_flight_work_and_a_restart_resumes(tmp_path: Path, tiny_clip_dir: Path):
+    data = tmp_path / "data"
+    env = {
+        "LOUPE_CLIP_MODEL": str(tiny_clip_dir),
+        "LOUPE_OCR__ENABLED": "false",
+        "LOUPE_INGEST__BATCH_SIZE": "2",
+    }
+    server = Server(data, env, tmp_path / "term1.log")
+    try:
+        server.wait_healthy()
+        files = [("file", (f"{i}.png", mk.noise_png(800 + i, 600), "image/png")) for i in range(20)]
+        assert httpx.post(server.url + "/api/images", files=files, timeout=60).json()["accepted"] == 20
+        server.proc.terminate()
+        # uvicorn shuts down gracefully, then re-raises the signal: -15 is the clean exit for SIGTERM.
+        assert server.proc.wait(60) in (0, -15)
+        assert "Application shutdown complete" in server.log.read_text()
+    finally:
+        server.stop()
+    server = Server(data, env, tmp_path / "term2.log")
+    try:
+        server.wait_healthy()
+        for _ in range(240):
+            if httpx.get(server.url + "/api/health").json()["counts"]["ready"] == 20:
+                break
+            time.sleep(0.5)
+        assert httpx.get(server.url + "/api/health").json()["counts"]["ready"] == 20
+    finally:
+        server.stop()

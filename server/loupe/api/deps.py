@@ -10,6 +10,7 @@ import anyio.to_thread
 from litestar.datastructures import State
 from litestar.params import SkipValidation
 
+from loupe.errors import Timeout
 from loupe.runtime import Runtime
 
 T = TypeVar("T")
@@ -25,3 +26,16 @@ def provide_runtime(state: State) -> Runtime:
 async def blocking(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Model passes, FAISS, decoding and database calls run in worker threads, never on the event loop."""
     return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
+
+
+async def blocking_within(timeout_s: float, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """As `blocking`, but the client gets a 504 after timeout_s (the thread finishes its work and is discarded)."""
+    try:
+        with anyio.fail_after(timeout_s):
+            return await anyio.to_thread.run_sync(
+                functools.partial(fn, *args, **kwargs), abandon_on_cancel=True
+            )
+    except TimeoutError as exc:
+        raise Timeout(
+            f"{what} took longer than {timeout_s:g} s (LOUPE_SEARCH__TIMEOUT_S)", code="search_timeout"
+        ) from exc

@@ -10,7 +10,7 @@ from litestar import Controller, Request, post
 from litestar.params import JSONBody
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from loupe.api.deps import RT, blocking
+from loupe.api.deps import RT, blocking_within
 from loupe.api.images import read_files
 from loupe.api.schemas import SearchRequest, SearchResponse, Term
 from loupe.errors import BadRequest, InvalidQuery
@@ -44,7 +44,7 @@ class SearchController(Controller):
 
     @post("/", status_code=200, summary="Search by weighted text, image-id and vector terms")
     async def search(self, rt: RT, data: JSONBody[SearchRequest]) -> SearchResponse:
-        return await blocking(rt.search.search, data)
+        return await blocking_within(rt.settings.search.timeout_s, "the search", rt.search.search, data)
 
     @post(
         "/image",
@@ -78,7 +78,9 @@ class SearchController(Controller):
                 f"{len(weights)} image_weights for {len(images)} images",
                 detail={"field": "query.image_weights"},
             )
-        return await blocking(self._run, rt, images, weights, opts)
+        return await blocking_within(
+            rt.settings.search.timeout_s, "the search", self._run, rt, images, weights, opts
+        )
 
     @staticmethod
     def _run(
