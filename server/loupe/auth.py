@@ -19,34 +19,13 @@ from sqlalchemy import select, update
 from sqlmodel import col
 
 from loupe.config import AuthSettings
-from loupe.errors import BadRequest, LoupeError, NotFound
+from loupe.errors import BadRequest, LoupeError, NotFound, RateLimited
 from loupe.signing import Signer
 from loupe.storage.metadata.repo import MetadataRepo
 from loupe.storage.metadata.tables import ApiKey, utcnow
 
 SCOPES = ("read", "write", "admin")
 SESSION_COOKIE = "loupe_session"
-
-
-class Unauthorized(LoupeError):
-    code = "unauthorized"
-    status = 401
-
-
-class Forbidden(LoupeError):
-    code = "forbidden"
-    status = 403
-
-
-class RateLimited(LoupeError):
-    code = "rate_limited"
-    status = 429
-
-    def __init__(self, retry_after: float) -> None:
-        super().__init__(
-            f"too many requests: retry in {retry_after:.0f} s", detail={"retry_after": retry_after}
-        )
-        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,27 @@ class Timeout(LoupeError):
     status = 504
 
 
+class Unauthorized(LoupeError):
+    code = "unauthorized"
+    status = 401
+
+
+class Forbidden(LoupeError):
+    code = "forbidden"
+    status = 403
+
+
+class RateLimited(LoupeError):
+    code = "rate_limited"
+    status = 429
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(
+            f"too many requests: retry in {retry_after:.0f} s", detail={"retry_after": retry_after}
+        )
+        self.retry_after = retry_after
+
+
 class ConfigError(LoupeError):
     """A setting that cannot work; raised at start with the variable named."""
 

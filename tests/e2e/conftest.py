@@ -63,3 +63,13 @@ def library(tmp_path_factory: pytest.TempPathFactory, tiny_clip_dir: Path) -> It
         ocr={"enabled": False},  # type: ignore[arg-type]
     )
     yield from open_library(settings, shape_set(PER_CLASS))
+
+
+@pytest.fixture
+def api(db_url: str, make_settings) -> Iterator[tuple[TestClient, Runtime]]:
+    """A fresh app over a fresh database of each kind (SQLite and PostgreSQL), workers off: tests drain."""
+    settings = make_settings(database_url=db_url)
+    rt = Runtime.open(settings)
+    with TestClient(create_app(settings, runtime=rt), timeout=120) as client:
+        yield client, rt
+    rt.close()

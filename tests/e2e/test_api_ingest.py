@@ -5,24 +5,11 @@ from __future__ import annotations
 import io
 
 import numpy as np
-import pytest
-from litestar.testing import TestClient
 from PIL import Image
 
-from loupe.app import create_app
-from loupe.config import Settings
 from loupe.runtime import Runtime
 from tests.e2e.conftest import upload
 from tests.fixtures import images as mk
-
-
-@pytest.fixture
-def api(db_url: str, make_settings):
-    settings: Settings = make_settings(database_url=db_url)
-    rt = Runtime.open(settings)
-    with TestClient(create_app(settings, runtime=rt), timeout=120) as client:
-        yield client, rt
-    rt.close()
 
 
 def files_on_disk(rt: Runtime) -> int:

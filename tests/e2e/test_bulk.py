@@ -9,7 +9,6 @@ import zipfile
 import pytest
 from litestar.testing import TestClient
 
-from loupe.app import create_app
 from loupe.runtime import Runtime
 from tests.fixtures import images as mk
 from tests.fixtures.images import shape_set
@@ -30,15 +29,6 @@ def encrypted_zip() -> bytes:
         i = raw.find(sig)
         raw[i + flag_at] |= 0x01
     return bytes(raw)
-
-
-@pytest.fixture
-def api(db_url: str, make_settings):
-    settings = make_settings(database_url=db_url)
-    rt = Runtime.open(settings)
-    with TestClient(create_app(settings, runtime=rt), timeout=120) as client:
-        yield client, rt
-    rt.close()
 
 
 def post_zip(client: TestClient, data: bytes, **form: str):

@@ -10,8 +10,6 @@ import pytest
 from litestar.testing import TestClient
 from PIL import Image
 
-from loupe.app import create_app
-from loupe.runtime import Runtime
 from tests.e2e.conftest import upload
 from tests.fixtures import images as mk
 from tests.fixtures.text_images import text_free_picture
@@ -52,15 +50,6 @@ def camera_jpeg(
         g = exif.get_ifd(0x8825)
         g[1], g[2], g[3], g[4] = ("N" if lat >= 0 else "S"), dms(lat), ("E" if lon >= 0 else "W"), dms(lon)
     return mk.encode(img, "JPEG", exif=exif.tobytes(), quality=92)
-
-
-@pytest.fixture
-def api(db_url: str, make_settings):
-    settings = make_settings(database_url=db_url)
-    rt = Runtime.open(settings)
-    with TestClient(create_app(settings, runtime=rt), timeout=120) as client:
-        yield client, rt
-    rt.close()
 
 
 def get_filtered(client: TestClient, filters: dict | None, **params) -> dict:

@@ -12,7 +12,8 @@ from litestar.params import FromPath, JSONBody, PathParameter
 from pydantic import BaseModel, ConfigDict, Field
 
 from loupe.api.deps import RT, blocking
-from loupe.auth import SESSION_COOKIE, Forbidden, Principal, Unauthorized, describe, required_scope
+from loupe.auth import SESSION_COOKIE, Principal, describe, required_scope
+from loupe.errors import Forbidden, Unauthorized
 
 
 async def access_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
