@@ -322,7 +322,7 @@ def train(
         opt.step()
         sched.step()
         if progress and (step % 50 == 0 or step == recipe.steps - 1):
-            progress(step + 1, recipe.steps, float(out.loss))
+            progress(step + 1, recipe.steps, float(out.loss.detach()))
     log.info("tiny CLIP trained in %.0f s", time.monotonic() - started)
     model.eval()
     metrics = evaluate(model, processor, seed=recipe.seed + 1)

@@ -14,9 +14,6 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
-# Each Tesseract process single-threaded: several run side by side instead of fighting over OpenMP threads.
-os.environ.setdefault("OMP_THREAD_LIMIT", "1")
-
 
 @dataclass(frozen=True)
 class Word:
@@ -190,6 +187,13 @@ def read_text(
 
 def _tesseract(img: Image.Image, languages: str, timeout_s: float) -> dict[str, list[Any]]:
     import pytesseract
+    import pytesseract.pytesseract as runner
+
+    if "OMP_THREAD_LIMIT" not in runner.environ:
+        # Each Tesseract process single-threaded, so several run side by side instead of fighting over OpenMP
+        # threads. Only the environment pytesseract hands to its subprocess: OMP_THREAD_LIMIT=1 in Loupe's own
+        # process makes torch's training backward pass produce NaN (seen with torch 2.13 on 2 cores).
+        runner.environ = {**os.environ, "OMP_THREAD_LIMIT": "1"}  # type: ignore[assignment]
 
     return pytesseract.image_to_data(  # type: ignore[no-any-return]
         img, lang=languages, config="--psm 3", output_type=pytesseract.Output.DICT, timeout=timeout_s
