@@ -283,11 +283,6 @@ class Runtime:
         )
         text_indexer = open_text_indexer(settings, repo, vectors)
         secret = load_or_create_secret(settings.data_dir)
-        rt_holder: dict[str, Any] = {}
-
-        def on_indexed() -> None:
-            rt_holder["rt"].sync_mirror()
-
         ingest = IngestService(
             settings=settings.ingest,
             repo=repo,
@@ -296,7 +291,6 @@ class Runtime:
             clip=clip,
             collection=collection,
             model_version_id=int(version.id),  # type: ignore[arg-type]
-            on_indexed=on_indexed,
             text_indexer=text_indexer,
         )
         search = SearchService(
@@ -338,7 +332,8 @@ class Runtime:
             secret=secret,
             lock=lock,
         )
-        rt_holder["rt"] = rt
+        # Wired after construction: both need the runtime itself (the mirror it syncs, the URLs it signs).
+        ingest.on_indexed = rt.sync_mirror
         search.url_for = rt.url
         if start_workers:
             rt.start_workers()
