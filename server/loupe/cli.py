@@ -223,6 +223,63 @@ def cmd_reindex(args: argparse.Namespace) -> int:
     return 0 if report.clean or report.repaired else 1
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Retrieval quality of a labelled query set: the running configuration, then each --compare variant."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from loupe.runtime import Runtime
+    from loupe.search.evaluate import load_queries, run_eval
+
+    variants = [(v, [o.strip() for o in v.split(";") if o.strip()]) for v in args.compare or []]
+    rt = Runtime.open(_load_settings())
+    try:
+        queries = load_queries(Path(args.queries), rt)
+        reports = run_eval(rt, queries, args.k, variants)
+    finally:
+        rt.close()
+    table = Table(title=f"{len(queries)} queries from {args.queries}, K={args.k}")
+    for col in (
+        "variant",
+        "kind",
+        "n",
+        f"Recall@{args.k}",
+        f"P@{args.k}",
+        f"mAP@{args.k}",
+        f"NDCG@{args.k}",
+        "ms p50",
+    ):
+        table.add_column(col, justify="left" if col in ("variant", "kind") else "right")
+    legend: list[str] = []
+    for n, r in enumerate(reports):
+        label = "current" if n == 0 else f"#{n}"
+        if n:
+            legend.append(f"#{n} = {r.name}" + "".join(f"\n     {note}" for note in r.notes))
+        for kind, m in r.by_kind.items():
+            table.add_row(
+                label,
+                kind,
+                str(int(m["n"])),
+                *(f"{m[x]:.3f}" for x in ("recall", "precision", "map", "ndcg")),
+                f"{r.ms_p50:.1f}",
+            )
+    console = Console(stderr=True, width=120)
+    console.print(table)
+    for line in legend:
+        console.print(line, markup=False, highlight=False)
+    result = {"k": args.k, "queries": len(queries), "reports": [r.as_dict() for r in reports]}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    summary = [{"name": r.name, **{kind: m for kind, m in r.by_kind.items()}} for r in reports]
+    print(json.dumps(summary, indent=2))
+    if args.min_map is not None:
+        worst = min(r.by_kind["all"]["map"] for r in reports[:1])
+        if worst < args.min_map:
+            print(f"loupe: mAP@{args.k} {worst:.3f} is under the floor {args.min_map}", file=sys.stderr)
+            return 1
+    return 0
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     """API keys: create (printed once), list, revoke. Works on the database directly (no data-dir lock needed)."""
     from loupe.auth import KeyService, describe
@@ -285,6 +342,21 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--check", action="store_true", help="report only (the default)")
     mode.add_argument("--repair", action="store_true", help="fix every difference found")
     p.set_defaults(func=cmd_reindex)
+    p = sub.add_parser(
+        "eval", help="Recall@K, P@K, mAP@K and NDCG@K of a labelled query set (JSONL), settings side by side"
+    )
+    p.add_argument("queries", help="JSONL: one query per line (see loupe.search.evaluate)")
+    p.add_argument("-k", type=int, default=10, help="cut-off K (default 10)")
+    p.add_argument(
+        "--compare",
+        action="append",
+        metavar="OVERRIDES",
+        help="a variant: area.name=value overrides separated by ';', e.g. 'index.exact_max=0;index.nprobe=8' "
+        "or 'search.prf_k=5' or 'clip_model=/path' (repeatable)",
+    )
+    p.add_argument("--json", help="write the full report (per-query results included) to this file")
+    p.add_argument("--min-map", type=float, default=None, help="exit 1 when the current mAP@K is below this")
+    p.set_defaults(func=cmd_eval)
     p = sub.add_parser("keys", help="API keys: create, list, revoke")
     ksub = p.add_subparsers(dest="keys_command", required=True)
     k = ksub.add_parser("create", help="create a key (printed once)")

@@ -136,6 +136,18 @@ class SearchSettings(BaseModel):
         description="filters matching up to this many images are searched exactly over their vectors",
     )
     fusion: FusionSettings = FusionSettings()
+    prompt_templates: list[str] = Field(
+        default_factory=list,
+        description="query expansion: clip text terms are embedded as the mean over these templates, '{}' "
+        "standing for the words (for example 'a photo of {}'); empty: as typed (measure with loupe eval)",
+    )
+    prf_k: int = Field(
+        0,
+        ge=0,
+        le=100,
+        description="pseudo-relevance feedback: mix the top-k image vectors into the query (0: off)",
+    )
+    prf_weight: float = Field(0.5, ge=0, le=4, description="weight of the feedback vector when prf_k > 0")
 
 
 class Settings(BaseSettings):

@@ -167,6 +167,12 @@ class FaissMirror:
             row = self._row_of.get(int(image_id))
             return None if row is None else self._vecs[row].copy()
 
+    def snapshot(self) -> tuple[np.ndarray, np.ndarray]:
+        """Copies of the live (ids, vectors), in row order."""
+        with self._lock:
+            alive = self._alive[: self._n]
+            return self._ids[: self._n][alive].copy(), self._vecs[: self._n][alive].copy()
+
     # ------------------------------------------------------------ search
 
     def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -19,6 +19,7 @@ from loupe.config import SearchSettings
 from loupe.errors import InvalidQuery, NotFound
 from loupe.index.faiss_mirror import FaissMirror
 from loupe.ingest.text import TextIndexer
+from loupe.models.batching import MicroBatcher
 from loupe.models.clip import ClipModel
 from loupe.models.vectors import normalize
 from loupe.search import keyword as kw
@@ -34,13 +35,14 @@ from loupe.storage.vectors.base import VectorStore
 class TextEmbeddingCache:
     """LRU of query-text embeddings (text -> unit vector)."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, clip: ClipModel) -> None:
         self.size = size
+        self.encode = MicroBatcher(clip.embed_texts)
         self._data: OrderedDict[str, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = self.misses = 0
 
-    def get_many(self, clip: ClipModel, texts: Sequence[str]) -> list[np.ndarray]:
+    def get_many(self, texts: Sequence[str]) -> list[np.ndarray]:
         out: dict[str, np.ndarray] = {}
         missing: list[str] = []
         with self._lock:
@@ -54,7 +56,7 @@ class TextEmbeddingCache:
                     self.hits += 1
         if missing:
             uniq = list(dict.fromkeys(missing))
-            vecs = clip.embed_texts(uniq)
+            vecs = self.encode(uniq)  # micro-batched with concurrent searches
             with self._lock:
                 for t, v in zip(uniq, vecs, strict=True):
                     out[t] = v
@@ -114,7 +116,7 @@ class SearchService:
         self.vectors = vectors
         self.collection = collection
         self.cursors = Signer(secret, "search-cursor")
-        self.text_cache = TextEmbeddingCache(text_cache_size)
+        self.text_cache = TextEmbeddingCache(text_cache_size, clip)
         self.text_indexer = text_indexer
         self.url_for: Callable[[str], str] = lambda path: (
             path
@@ -148,7 +150,7 @@ class SearchService:
         terms = [t for t in terms if t.channel in (Channel.clip, Channel.auto)]
         total = np.zeros(self.clip.dim, dtype=np.float32)
         texts = [t.text for t in terms if t.text is not None]
-        text_vecs = iter(self.text_cache.get_many(self.clip, texts)) if texts else iter(())
+        text_vecs = iter(self.embed_query_texts(texts)) if texts else iter(())
         for i, t in enumerate(terms):
             if t.text is not None:
                 e = next(text_vecs)
@@ -170,6 +172,30 @@ class SearchService:
         if float(np.linalg.norm(total)) < 1e-6:
             raise InvalidQuery("the terms cancel out: the composed query is empty", detail={"field": "query"})
         return normalize(total)
+
+    def embed_query_texts(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """Query texts on the clip channel: as typed, or averaged over the prompt templates when set."""
+        templates = self.settings.prompt_templates
+        if not templates:
+            return self.text_cache.get_many(texts)
+        expanded = [
+            tpl.replace("{}", text) if "{}" in tpl else f"{tpl} {text}" for text in texts for tpl in templates
+        ]
+        vecs = np.stack(self.text_cache.get_many(expanded))
+        n = len(templates)
+        return [normalize(vecs[i * n : (i + 1) * n].mean(axis=0)) for i in range(len(texts))]
+
+    def feedback(self, query: np.ndarray, scope: FilterScope | None) -> np.ndarray:
+        """Pseudo-relevance feedback: move the query towards the mean of its own top prf_k images."""
+        k = self.settings.prf_k
+        if not k:
+            return query
+        ids, _ = scope.search(self.mirror, query, k) if scope else self.mirror.search(query, k)
+        vecs = [v for v in (self.mirror.vector(int(i)) for i in ids) if v is not None]
+        if not vecs:
+            return query
+        centroid = normalize(np.mean(np.stack(vecs), axis=0))
+        return normalize(query + np.float32(self.settings.prf_weight) * centroid)
 
     # ------------------------------------------------------------ search
 
@@ -211,8 +237,9 @@ class SearchService:
             query = self.compose(req.query, extra)
             t1 = time.perf_counter()
             hits, last, plan, t_search, t_join = self._page(
-                query, offset, after, limit, set(exclude), req.min_score, scope
+                self.feedback(query, scope), offset, after, limit, set(exclude), req.min_score, scope
             )
+            # The composed query before feedback: sent back as a term, the next page applies feedback once.
             term = Term(vector=query.tolist(), weight=1.0) if return_query_term else None
         else:
             t1 = t0
@@ -332,7 +359,7 @@ class SearchService:
         chunk_of: dict[int, int] = {}
         clip_terms = [t for t in req.query if t.channel in (Channel.clip, Channel.auto)]
         if clip_terms or extra:
-            q = self.compose(clip_terms, extra)
+            q = self.feedback(self.compose(clip_terms, extra), scope)
             ids, scores = scope.search(self.mirror, q, depth) if scope else self.mirror.search(q, depth)
             lists["clip"] = list(zip(ids.tolist(), scores.tolist(), strict=True))
         q_ocr = self._ocr_query(req.query)

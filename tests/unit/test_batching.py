@@ -1,0 +1,78 @@
+"""Micro-batching: concurrent callers share forward passes, each gets its own rows back, errors reach everyone."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from loupe.models.batching import MicroBatcher
+
+
+def fake_encoder(calls: list[int], delay: float = 0.03):
+    def encode(items: list[str]) -> np.ndarray:
+        calls.append(len(items))
+        time.sleep(delay)  # a forward pass: later callers queue up behind it
+        return np.array([[float(len(s)), float(s.count("x"))] for s in items], dtype=np.float32)
+
+    return encode
+
+
+def test_concurrent_callers_are_batched_and_get_their_own_rows():
+    calls: list[int] = []
+    batcher = MicroBatcher(fake_encoder(calls), max_batch=64)
+    queries = [["x" * i, "y" * (i + 1)] for i in range(24)]
+    with ThreadPoolExecutor(24) as pool:
+        results = list(pool.map(batcher, queries))
+    for q, got in zip(queries, results, strict=True):
+        assert got.tolist() == [[len(q[0]), q[0].count("x")], [len(q[1]), 0]]
+    assert sum(calls) == 48
+    assert len(calls) < 24, calls  # fewer forward passes than callers
+    assert max(calls) > 2
+
+
+def test_a_lone_caller_is_encoded_at_once():
+    calls: list[int] = []
+    batcher = MicroBatcher(fake_encoder(calls, delay=0.0))
+    t0 = time.perf_counter()
+    assert batcher(["abc"]).shape == (1, 2)
+    assert time.perf_counter() - t0 < 0.05 and calls == [1]
+
+
+def test_max_batch_bounds_a_pass():
+    calls: list[int] = []
+    batcher = MicroBatcher(fake_encoder(calls), max_batch=4)
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(batcher, [["a", "b"]] * 16))
+    assert max(calls) <= 4 and sum(calls) == 32
+
+
+def test_an_error_reaches_every_caller_in_the_batch_and_the_batcher_recovers():
+    gate = threading.Event()
+    state = {"fail": True}
+
+    def encode(items: list[str]) -> np.ndarray:
+        gate.wait(1)
+        if state["fail"]:
+            raise RuntimeError("model exploded")
+        return np.zeros((len(items), 2), np.float32)
+
+    batcher = MicroBatcher(encode)
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(batcher, ["q"]) for _ in range(8)]
+        gate.set()
+        errors = [f.exception() for f in futures]
+    assert all(isinstance(e, RuntimeError) for e in errors)
+    state["fail"] = False
+    assert batcher(["q", "r"]).shape == (2, 2)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_single_thread_results_match_direct_encoding(n):
+    calls: list[int] = []
+    enc = fake_encoder(calls, delay=0)
+    items = ["x" * i for i in range(n)]
+    assert np.array_equal(MicroBatcher(enc)(items), enc(items))
