@@ -17,6 +17,7 @@ from loupe.index.faiss_mirror import FaissMirror, SyncReport
 from loupe.ingest.bulk import BulkService, BulkWorker
 from loupe.ingest.service import IngestService, IngestWorker
 from loupe.ingest.text import TextIndexer
+from loupe.models import onnx_text
 from loupe.models.clip import DEMO_MODEL_NAME, ClipModel, demo_model_dir, load_clip, open_clip_for_settings
 from loupe.models.text_encoder import SentenceEncoder
 from loupe.search.filters import PAYLOAD_INDEXES
@@ -252,6 +253,12 @@ class Runtime:
         blobs = FileBlobStore(settings.data_dir / "blobs")
         vectors = open_vector_store(settings)
         clip, version = resolve_model(settings, repo)
+        clip.text_runtime = onnx_text.attach(
+            clip,
+            settings.model.text_runtime,
+            settings.data_dir / "models" / "onnx",
+            settings.model.torch_threads,
+        )
         collection = collection_name(version)
         vectors_up = True
         try:
@@ -374,6 +381,7 @@ class Runtime:
                 "dim": info.dim,
                 "device": info.device,
                 "demo": info.is_demo,
+                "text_runtime": self.clip.text_runtime,
             },
             "ocr": {
                 "enabled": self.ingest.text_indexer is not None,

@@ -36,3 +36,28 @@ def test_real_tokens_only_equals_full_context_padding(tiny_clip_dir: Path):
     assert clip.tokenizer(["a star"], return_tensors="pt")["input_ids"].shape[1] < clip.info.max_text_tokens
     np.testing.assert_allclose(one_by_one, full, atol=2e-5)
     np.testing.assert_allclose(batched, full, atol=2e-5)
+
+
+def test_onnx_text_tower_matches_torch_and_falls_back_when_broken(
+    tiny_clip_dir: Path, tmp_path: Path, caplog
+):
+    from loupe.models import onnx_text
+
+    for kind, floor in (("onnx", 0.9999), ("onnx-int8", 0.99)):
+        clip = load_clip(str(tiny_clip_dir))
+        assert onnx_text.attach(clip, kind, tmp_path / "onnx") == kind
+        assert clip.text_tower is not None
+        ref = clip.embed_texts_torch(QUERIES)
+        for got in (clip.embed_texts(QUERIES), np.stack([clip.embed_texts([q])[0] for q in QUERIES])):
+            assert np.min(np.sum(ref * got, axis=1)) >= floor
+    exported = sorted(p.name for p in (tmp_path / "onnx").iterdir())
+    assert len(exported) == 2 and all(clip.info.fingerprint in name for name in exported)
+
+    # A damaged export: torch serves, the log says why, and the file is removed so the next start rebuilds it.
+    broken = tmp_path / "onnx" / next(n for n in exported if "int8" not in n)
+    broken.write_bytes(b"not an onnx model")
+    clip = load_clip(str(tiny_clip_dir))
+    assert onnx_text.attach(clip, "onnx", tmp_path / "onnx") == "torch"
+    assert clip.text_tower is None and "use torch" in caplog.text and not broken.exists()
+    assert onnx_text.attach(clip, "onnx", tmp_path / "onnx") == "onnx"  # rebuilt
+    assert onnx_text.attach(load_clip(str(tiny_clip_dir)), "torch", tmp_path / "onnx") == "torch"

@@ -49,6 +49,8 @@ class ClipModel:
         self.image_processor = image_processor
         self.info = info
         self._lock = threading.Lock()
+        self.text_tower: Any = None  # an ONNX Runtime text tower (models/onnx_text.py) when attached
+        self.text_runtime = "torch"
         import torch
 
         ip = image_processor
@@ -82,10 +84,24 @@ class ClipModel:
         return self.embed_uint8(np.stack([self.resize_crop(im) for im in images]))
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
-        import torch
-
+        """Text queries: only their real tokens (padding to the batch's longest; the tower is causally masked
+        and pools the end-of-text token, so this equals full-context padding), on ONNX Runtime when attached."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
+        if self.text_tower is not None:
+            enc = self.tokenizer(
+                texts,
+                padding=True,
+                truncation=True,
+                max_length=self.info.max_text_tokens,
+                return_tensors="np",
+            )
+            return self.text_tower(enc["input_ids"], enc["attention_mask"])  # type: ignore[no-any-return]
+        return self.embed_texts_torch(texts)
+
+    def embed_texts_torch(self, texts: list[str]) -> np.ndarray:
+        import torch
+
         enc = self.tokenizer(
             texts, padding=True, truncation=True, max_length=self.info.max_text_tokens, return_tensors="pt"
         )

@@ -276,9 +276,27 @@ def variant_service(rt: Runtime, overrides: Sequence[str]) -> Iterator[tuple[Sea
         )
     else:
         ids, vecs = rt.mirror.snapshot()
+        if settings.model.text_runtime != rt.settings.model.text_runtime:
+            from loupe.models.clip import load_clip
+
+            clip = load_clip(rt.clip.info.source, device=settings.model.device, is_demo=rt.clip.info.is_demo)
+    if settings.model.text_runtime != rt.settings.model.text_runtime or clip is not rt.clip:
+        from loupe.models import onnx_text
+
+        clip.text_runtime = onnx_text.attach(
+            clip,
+            settings.model.text_runtime,
+            settings.data_dir / "models" / "onnx",
+            settings.model.torch_threads,
+        )
+        notes.append(f"text queries on {clip.text_runtime}")
     with tempfile.TemporaryDirectory(prefix="loupe-eval-") as tmp:
         mirror = rt.mirror
-        if clip is not rt.clip or settings.index != rt.settings.index:
+        if (
+            clip.dim != rt.clip.dim
+            or clip.info.fingerprint != rt.clip.info.fingerprint
+            or settings.index != rt.settings.index
+        ):
             t0 = time.perf_counter()
             mirror = FaissMirror(
                 Path(tmp), collection=rt.collection, model_version_id=0, dim=clip.dim, settings=settings.index

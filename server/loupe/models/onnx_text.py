@@ -1,0 +1,153 @@
+"""The text tower through ONNX Runtime on the CPU: the query-time hot path.
+
+The text tower (transformer + projection) is exported once per model fingerprint into the data directory, with
+the batch and sequence length dynamic so a query runs only its real tokens. `onnx-int8` also quantizes the weights
+dynamically (int8 matmuls). Every export is checked against torch on probe queries before it is used: below the
+cosine floor it is refused and torch keeps serving (the log says why). Image vectors always come from torch, so
+the library never depends on this choice.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from loupe.models.vectors import normalize
+
+log = logging.getLogger(__name__)
+
+PROBES = [
+    "a photo of a cat",
+    "a red bicycle against a brick wall",
+    "sunset",
+    "two people walking a dog on the beach at dawn, with long shadows",
+    "a hand-drawn sketch of a house",
+    "screenshot of an error message",
+]
+COSINE_FLOOR = {"onnx": 0.9999, "onnx-int8": 0.99}
+
+
+class _TextTower:  # torch.nn.Module built lazily (torch is imported by the caller)
+    @staticmethod
+    def make(model: Any) -> Any:
+        import torch
+
+        class TextTower(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.model = model
+
+            def forward(self, input_ids: Any, attention_mask: Any) -> Any:
+                out = self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+                return out.pooler_output if hasattr(out, "pooler_output") else out
+
+        return TextTower().eval()
+
+
+class OnnxTextTower:
+    def __init__(self, path: Path, threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.path = path
+
+    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        (out,) = self.session.run(
+            None, {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64)}
+        )
+        return normalize(out)
+
+
+_export_lock = threading.Lock()
+
+
+def export(clip: Any, target: Path, kind: str) -> Path:
+    """Export (and for onnx-int8 quantize) the text tower of `clip` to `target`; atomic, cached by the caller."""
+    import torch
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fp32 = target.with_name(target.name.replace("-int8", "")) if kind == "onnx-int8" else target
+    with _export_lock:
+        if not fp32.exists():
+            enc = clip.tokenizer(PROBES[:2], padding=True, return_tensors="pt")
+            tmp = fp32.with_suffix(".tmp")
+            with torch.inference_mode(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # tracer warnings about shape checks the export fixes
+                torch.onnx.export(
+                    _TextTower.make(clip.model),
+                    (enc["input_ids"], enc["attention_mask"]),
+                    str(tmp),
+                    input_names=["input_ids", "attention_mask"],
+                    output_names=["embedding"],
+                    dynamic_axes={
+                        "input_ids": {0: "batch", 1: "tokens"},
+                        "attention_mask": {0: "batch", 1: "tokens"},
+                    },
+                    opset_version=17,
+                    dynamo=False,
+                )
+            tmp.replace(fp32)
+        if kind == "onnx-int8" and not target.exists():
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            tmp = target.with_suffix(".tmp")
+            logging.disable(logging.WARNING)  # the quantizer logs every tensor through the root logger
+            try:
+                quantize_dynamic(str(fp32), str(tmp), weight_type=QuantType.QInt8)
+            finally:
+                logging.disable(logging.NOTSET)
+            tmp.replace(target)
+    return target
+
+
+def attach(clip: Any, kind: str, cache_dir: Path, threads: int = 0) -> str:
+    """Serve `clip`'s text queries through ONNX Runtime when `kind` asks for it and the export checks out.
+    Returns the runtime in use: torch, onnx or onnx-int8."""
+    if kind == "torch" or clip.info.device != "cpu":
+        return "torch"
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        log.warning(
+            "LOUPE_MODEL__TEXT_RUNTIME=%s but onnxruntime is not installed: text queries use torch", kind
+        )
+        return "torch"
+    suffix = "-int8" if kind == "onnx-int8" else ""
+    path = cache_dir / f"text-{clip.info.fingerprint}{suffix}.onnx"
+    try:
+        if not path.exists():
+            log.info("exporting the text tower to ONNX (%s), once per model: %s", kind, path)
+        tower = OnnxTextTower(export(clip, path, kind), threads)
+        ref = clip.embed_texts_torch(PROBES)
+        enc = clip.tokenizer(
+            PROBES, padding=True, truncation=True, max_length=clip.info.max_text_tokens, return_tensors="np"
+        )
+        got = tower(enc["input_ids"], enc["attention_mask"])
+        worst = float(np.min(np.sum(ref * got, axis=1)))
+    except Exception as exc:  # an export problem must not stop the server: torch serves
+        for stale in (path, path.with_name(path.name.replace("-int8", ""))):
+            stale.unlink(missing_ok=True)  # rebuilt at the next start
+        log.warning(
+            "the ONNX text tower could not be built (%s: %s): text queries use torch", type(exc).__name__, exc
+        )
+        return "torch"
+    if worst < COSINE_FLOOR[kind]:
+        log.warning(
+            "the ONNX text tower (%s) differs from torch (worst cosine %.5f < %.4f): text queries use torch",
+            kind,
+            worst,
+            COSINE_FLOOR[kind],
+        )
+        return "torch"
+    clip.text_tower = tower
+    log.info("text queries run on ONNX Runtime (%s), worst cosine to torch %.6f", kind, worst)
+    return kind
