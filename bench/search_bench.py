@@ -72,9 +72,8 @@ def pct(xs: list[float], p: float) -> float:
 
 def candidates(n: int, d: int) -> list[tuple[str, dict, list[int]]]:
     """(label, IndexSettings overrides, nprobe values)."""
-    big = n >= 500_000
     out: list[tuple[str, dict, list[int]]] = [("Flat (exact, numpy)", {"exact_max": 10**9}, [0])]
-    out.append((f"IVF,PQ{d // 4}x8 + re-rank 10x (default)", {"exact_max": 0}, [16, 32, 64]))
+    out.append((f"IVF,PQ{d // 4}x8 + re-rank 10x (default)", {"exact_max": 0}, [16, 32, 64, 128]))
     out.append((f"IVF,PQ{d // 8}x8 + re-rank 10x", {"exact_max": 0, "pq_m": d // 8}, [32]))
     if not big:
         out.append(
@@ -84,8 +83,8 @@ def candidates(n: int, d: int) -> list[tuple[str, dict, list[int]]]:
                 [32],
             )
         )
-    out.append(("IVF,SQ8 + re-rank 10x", {"exact_max": 0, "factory": "IVF{nlist},SQ8"}, [16, 32]))
-    out.append(("IVF,Flat", {"exact_max": 0, "factory": "IVF{nlist},Flat"}, [16, 32]))
+    out.append(("IVF,SQ8 + re-rank 10x", {"exact_max": 0, "factory": "IVF{nlist},SQ8"}, [32, 128]))
+    out.append(("IVF,Flat", {"exact_max": 0, "factory": "IVF{nlist},Flat"}, [32, 128]))
     return out
 
 

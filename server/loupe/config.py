@@ -141,6 +141,12 @@ class SearchSettings(BaseModel):
         ge=0,
         description="filters matching up to this many images are searched exactly over their vectors",
     )
+    filter_cache_size: int = Field(
+        64, ge=0, description="filters whose matching ids are kept between searches"
+    )
+    filter_cache_ttl_s: float = Field(
+        5.0, ge=0, description="longest a cached filter result is trusted (other API nodes' writes)"
+    )
     fusion: FusionSettings = FusionSettings()
     prompt_templates: list[str] = Field(
         default_factory=list,

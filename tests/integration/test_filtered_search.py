@@ -185,3 +185,21 @@ def test_edits_reach_the_payload_and_the_filters(lib: Lib):
     flt = Filter.model_validate({"tags": {"all": ["picked"]}, "rating": {"min": 5}, "starred": True})
     assert set(lib.matching(flt).tolist()) == set(some)
     assert lib.rt.vectors.filtered_ids(lib.rt.collection, to_qdrant(flt)) == set(some)
+
+
+def test_a_cached_filter_follows_edits_and_deletes(lib: Lib):
+    flt = {"tags": {"any": ["cache-probe"]}}
+    req = SearchRequest(query=[Term(vector=lib.vecs[0].tolist())], filters=flt, limit=50)
+
+    def found() -> tuple[set[int], bool]:
+        res = lib.rt.search.search(req)
+        return {h.id for h in res.hits}, res.plan["filter"]["cached"]
+
+    assert found() == (set(), False)
+    assert found() == (set(), True)  # the matching ids came from the cache
+    picked = [int(i) for i in lib.ids[100:103]]
+    lib.rt.ingest.edit(picked, {"add_tags": ["cache-probe"]})
+    assert found() == (set(picked), False)  # the edit's commit invalidated it
+    assert found() == (set(picked), True)
+    lib.rt.ingest.delete(picked[0])
+    assert found() == (set(picked[1:]), False)

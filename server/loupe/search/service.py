@@ -73,6 +73,7 @@ class FilterScope:
     ids: np.ndarray  # matching image ids, sorted
     selectivity: float
     exact: bool
+    cached: bool = False
 
     @property
     def matching(self) -> int:
@@ -92,6 +93,7 @@ class FilterScope:
             "matching": self.matching,
             "selectivity": round(self.selectivity, 6),
             "strategy": "exact-scan" if self.exact else "faiss-masked+rerank",
+            "cached": self.cached,
         }
 
 
@@ -117,6 +119,8 @@ class SearchService:
         self.collection = collection
         self.cursors = Signer(secret, "search-cursor")
         self.text_cache = TextEmbeddingCache(text_cache_size, clip)
+        self._filter_cache: OrderedDict[str, tuple[int, float, np.ndarray]] = OrderedDict()
+        self._filter_lock = threading.Lock()
         self.text_indexer = text_indexer
         self.url_for: Callable[[str], str] = lambda path: (
             path
@@ -295,11 +299,31 @@ class SearchService:
         selectivity this has the unfiltered recall). A flat mirror is always exact."""
         if req.filters is None:
             return None
-        where = ready_and(req.filters)
-        ids = self.repo.ids_where(where)
+        ids, cached = self._filter_ids(req)
         total = max(self.mirror.live_count, 1)
         exact = len(ids) <= self.settings.exact_scan_max or self.mirror.index_type == "flat"
-        return FilterScope(ids=ids, selectivity=len(ids) / total, exact=exact)
+        return FilterScope(ids=ids, selectivity=len(ids) / total, exact=exact, cached=cached)
+
+    def _filter_ids(self, req: SearchRequest) -> tuple[np.ndarray, bool]:
+        """The matching ids, from a small cache valid while the database is unchanged (this process's commits
+        bump repo.generation) and, for writes by other nodes, for at most search.filter_cache_ttl_s: a user
+        typing queries and paging under one filter pays the SQL once."""
+        assert req.filters is not None
+        key = req.filters.model_dump_json(exclude_none=True, by_alias=True)
+        now = time.monotonic()
+        gen = self.repo.generation
+        with self._filter_lock:
+            hit = self._filter_cache.get(key)
+            if hit is not None and hit[0] == gen and now - hit[1] <= self.settings.filter_cache_ttl_s:
+                self._filter_cache.move_to_end(key)
+                return hit[2], True
+        ids = self.repo.ids_where(ready_and(req.filters))
+        ids.setflags(write=False)
+        with self._filter_lock:
+            self._filter_cache[key] = (gen, now, ids)
+            while len(self._filter_cache) > self.settings.filter_cache_size:
+                self._filter_cache.popitem(last=False)
+        return ids, False
 
     # ------------------------------------------------------------ several channels
 

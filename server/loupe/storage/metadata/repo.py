@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Engine, delete, func, insert, or_, select, text, update
+from sqlalchemy import Engine, delete, event, func, insert, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col
 
@@ -51,6 +51,14 @@ class MetadataRepo:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._sqlite = is_sqlite(engine)
+        # Bumped by every commit through this engine: caches of query results (the search's filter id sets)
+        # are valid while it is unchanged. Writes by other processes (many API nodes on Postgres) do not bump
+        # it; such caches also expire by age.
+        self.generation = 0
+        event.listen(engine, "commit", self._bump)
+
+    def _bump(self, _conn: Any) -> None:
+        self.generation += 1
 
     def session(self) -> Session:
         return Session(self.engine, expire_on_commit=False)
@@ -261,8 +269,8 @@ class MetadataRepo:
         stmt = select(col(Image.id)).where(where).order_by(col(Image.id))
         if limit is not None:
             stmt = stmt.limit(limit)
-        with self.session() as s:
-            return np.fromiter((r[0] for r in s.execute(stmt)), dtype=np.int64)
+        with self.engine.connect() as conn:
+            return np.asarray(conn.execute(stmt).scalars().all(), dtype=np.int64)
 
     def browse_where(self, where: Any, *, sort: str, offset: int, limit: int) -> list[Image]:
         """A page of images matching `where`, sorted by added (newest first), taken (newest first, undated
