@@ -75,14 +75,8 @@ def candidates(n: int, d: int) -> list[tuple[str, dict, list[int]]]:
     out: list[tuple[str, dict, list[int]]] = [("Flat (exact, numpy)", {"exact_max": 10**9}, [0])]
     out.append((f"IVF,PQ{d // 4}x8 + re-rank 10x (default)", {"exact_max": 0}, [16, 32, 64, 128]))
     out.append((f"IVF,PQ{d // 8}x8 + re-rank 10x", {"exact_max": 0, "pq_m": d // 8}, [32]))
-    if not big:
-        out.append(
-            (
-                f"OPQ{d // 4},IVF,PQ{d // 4}x8 + re-rank 10x",
-                {"exact_max": 0, "factory": "OPQ{m},IVF{nlist},PQ{m}x8"},
-                [32],
-            )
-        )
+    # OPQ{m},IVF,PQ{m}x8 was tried and dropped: its rotation training did not finish in 8 minutes on 60k x 384
+    # (2 cores), and the PQ48 vs PQ96 rows show the loss comes from IVF probing, not from the codes.
     out.append(("IVF,SQ8 + re-rank 10x", {"exact_max": 0, "factory": "IVF{nlist},SQ8"}, [32, 128]))
     out.append(("IVF,Flat", {"exact_max": 0, "factory": "IVF{nlist},Flat"}, [32, 128]))
     return out
