@@ -176,7 +176,7 @@ processes would add nothing.
 Ingest pipeline ({args.ingest} PNGs of 640x400, half with text, CLIP model `{model_dir.name}`, 2 OCR threads beside
 the CLIP pass): OCR off {off:.1f} images/s, OCR on {on:.1f} images/s, so the OCR channel costs
 {(1 - on / off) * 100:.0f}% of ingest throughput here ({off / on:.2f}x slower). With a full-size CLIP the CLIP pass
-itself dominates and the share is smaller; `loupe bench` (speed issue) will report that pairing.
+itself dominates and the share is smaller (bench/ingest_bench.py measures the full-size pipeline with OCR off).
 """
     write_section("OCR", body, "bench/ocr_bench.py " + " ".join(sys.argv[1:]))
     print(body)

@@ -380,6 +380,7 @@ def http_bench(settings: Settings, queries: np.ndarray, requests: int) -> tuple[
             except httpx.HTTPError:
                 time.sleep(0.5)
         rss_idle = rss_mb(proc.pid)
+        model = httpx.get(url + "/api/health", timeout=10).json()["model"]
         rng = np.random.default_rng(7)
         counter = iter(range(10**9))
 
@@ -414,7 +415,9 @@ def http_bench(settings: Settings, queries: np.ndarray, requests: int) -> tuple[
             print(rows[-1], flush=True)
         rss_busy = rss_mb(proc.pid)
         lines = [
-            f"HTTP on loopback against `loupe serve` (full-size ViT-B/32 on CPU, torch fp32), {requests} requests per row:",
+            f"HTTP on loopback against `loupe serve` (full-size ViT-B/32 on the CPU, text tower on "
+            f"{model.get('text_runtime', 'torch')}; image vectors by torch fp32), {requests} requests per row; the "
+            "load generator shares the 2 cores:",
             "",
             "| query | concurrency | p50 ms | p95 ms | p99 ms | searches/s | errors |",
             "|---|---|---|---|---|---|---|",

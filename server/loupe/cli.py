@@ -52,6 +52,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host = args.host or settings.server.host
     port = args.port or settings.server.port
     settings.server.host, settings.server.port = host, port  # LOUPE_AUTH__MODE=auto decides by the address
+    if settings.server.blas_threads:
+        from threadpoolctl import threadpool_limits
+
+        # Process-wide: requests run in parallel threads, each numpy product on one core (no oversubscription).
+        threadpool_limits(limits=settings.server.blas_threads, user_api="blas")
     # Open the stores and the model before the server: a bad setting is one clear line, not a traceback.
     runtime = Runtime.open(settings)
     log.info("Loupe on http://%s:%d  (data: %s)", host, port, settings.data_dir)

@@ -466,7 +466,7 @@ class FaissMirror:
             self._n = len(ids)
             self._row_of = {int(i): r for r, i in enumerate(ids.tolist())}
             if ann is not None:
-                _set_nprobe(ann, int(manifest.index_params.get("nprobe", self.settings.nprobe)))
+                _set_nprobe(ann, self.settings.nprobe)  # the setting wins: tuning needs no rebuild
                 self._ann = _to_gpu(ann) if self.use_gpu else ann
                 self._ann_type = manifest.index_type
                 self._ann_params = dict(manifest.index_params)
