@@ -22,7 +22,7 @@ from loupe.api.deps import provide_runtime
 from loupe.api.errors import EXCEPTION_HANDLERS
 from loupe.api.images import ImageController, duplicate_groups, job_status
 from loupe.api.search import SearchController
-from loupe.api.system import health
+from loupe.api.system import finetune_start, finetune_status, health, models, use_model
 from loupe.config import Settings
 from loupe.runtime import Runtime
 
@@ -82,6 +82,10 @@ def create_app(settings: Settings, runtime: Runtime | None = None, *, owns_runti
         ImageController,
         SearchController,
         health,
+        models,
+        use_model,
+        finetune_status,
+        finetune_start,
         job_status,
         duplicate_groups,
         *ACCESS_HANDLERS,

@@ -143,7 +143,9 @@ def required_scope(method: str, path: str) -> str | None:
     """None: public. The scope a request needs otherwise."""
     if path in ("/api/health", "/api/session") or not path.startswith("/api/"):
         return None
-    if path.startswith("/api/keys"):
+    if path.startswith("/api/keys") or (
+        path.startswith(("/api/models", "/api/finetune")) and method not in ("GET", "HEAD")
+    ):
         return "admin"
     if method in ("GET", "HEAD") or path.startswith("/api/search"):
         return "read"

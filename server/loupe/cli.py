@@ -285,6 +285,102 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_model(args: argparse.Namespace) -> int:
+    """Model versions: list them, or switch the library to another checkpoint (re-embeds, then switches)."""
+    if args.model_command == "use" and args.server:
+        return _model_use_remote(args)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from loupe.runtime import Runtime
+
+    rt = Runtime.open(_load_settings())
+    try:
+        if args.model_command == "list":
+            for v in rt.repo.model_versions("clip"):
+                print(json.dumps(v.model_dump(mode="json")))
+            return 0
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        with Progress(*columns) as bar:
+            task = bar.add_task(f"re-embedding with {args.name}", total=None)
+            status = rt.switcher.run(
+                args.name, lambda st: bar.update(task, total=st.total, completed=st.done)
+            )
+        print(json.dumps(status.as_dict()))
+        print(
+            f"the library now uses {args.name}. Set LOUPE_CLIP_MODEL={args.name} (or leave it unset) for the "
+            "next start.",
+            file=sys.stderr,
+        )
+        return 0
+    finally:
+        rt.close()
+
+
+def _model_use_remote(args: argparse.Namespace) -> int:
+    import time
+
+    import httpx
+
+    headers = {"Authorization": f"Bearer {args.key}"} if args.key else {}
+    with httpx.Client(base_url=args.server.rstrip("/"), timeout=60, headers=headers) as client:
+        res = client.post("/api/models", json={"name": args.name})
+        if res.status_code != 202:
+            raise LoupeError(f"the server refused: {res.status_code} {res.text}")
+        while True:
+            st = client.get("/api/models").json()["switch"]
+            print(f"{st['state']}: {st['done']}/{st['total']}", file=sys.stderr)
+            if st["state"] in ("done", "failed"):
+                print(json.dumps(st))
+                return 0 if st["state"] == "done" else 1
+            time.sleep(2)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """Fine-tune the library's model on its own pairs (or a JSONL), judged on held-out pairs; --activate switches."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from loupe.config import FinetuneSettings
+    from loupe.runtime import Runtime
+    from loupe.search.evaluate import apply_overrides
+
+    settings = _load_settings()
+    if args.set:
+        settings = apply_overrides(
+            settings, [f"finetune.{o}" if not o.startswith("finetune.") else o for o in args.set]
+        )
+    ft: FinetuneSettings = settings.finetune
+    rt = Runtime.open(settings)
+    try:
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[loss]}"),
+        )
+        with Progress(*columns) as bar:
+            task = bar.add_task("fine-tuning", total=None, loss="")
+
+            def progress(phase: str, step: int, steps: int, loss: float) -> None:
+                bar.update(
+                    task,
+                    description=f"fine-tuning ({phase})",
+                    total=steps,
+                    completed=step,
+                    loss=f"loss {loss:.3f}",
+                )
+
+            report = rt.finetuner.run(ft, Path(args.pairs) if args.pairs else None, args.activate, progress)
+    finally:
+        rt.close()
+    print(json.dumps(report.as_dict(), indent=2))
+    if not report.accepted:
+        print(f"loupe: refused, the active model is unchanged: {report.reason}", file=sys.stderr)
+        return 1
+    if not args.activate:
+        print(f"accepted: activate it with `loupe model use {report.output}`", file=sys.stderr)
+    return 0
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     """API keys: create (printed once), list, revoke. Works on the database directly (no data-dir lock needed)."""
     from loupe.auth import KeyService, describe
@@ -362,6 +458,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the full report (per-query results included) to this file")
     p.add_argument("--min-map", type=float, default=None, help="exit 1 when the current mAP@K is below this")
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("model", help="model versions: list, or switch the library to another CLIP checkpoint")
+    msub = p.add_subparsers(dest="model_command", required=True)
+    msub.add_parser("list", help="the library's model versions (the active one marked)")
+    m = msub.add_parser("use", help="re-embed the library with NAME (hub id or directory), then switch to it")
+    m.add_argument("name")
+    m.add_argument("--server", help="a running Loupe: switch there while it keeps serving (admin key)")
+    m.add_argument("--key", help="admin API key for --server")
+    p.set_defaults(func=cmd_model)
+    p = sub.add_parser(
+        "finetune",
+        help="adapt the model to the library (LoRA, held-out guard); --activate switches to the result",
+    )
+    p.add_argument(
+        "--pairs", help="JSONL of {image_id | path, caption} (default: descriptions, tags and albums)"
+    )
+    p.add_argument("--activate", action="store_true", help="switch the library to the result when accepted")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="NAME=VALUE",
+        help="a fine-tuning setting, e.g. steps=500 or method=joint",
+    )
+    p.set_defaults(func=cmd_finetune)
     p = sub.add_parser("keys", help="API keys: create, list, revoke")
     ksub = p.add_subparsers(dest="keys_command", required=True)
     k = ksub.add_parser("create", help="create a key (printed once)")

@@ -173,6 +173,39 @@ class SearchSettings(BaseModel):
     prf_weight: float = Field(0.5, ge=0, le=4, description="weight of the feedback vector when prf_k > 0")
 
 
+class FinetuneSettings(BaseModel):
+    method: str = Field(
+        "sequential",
+        pattern="^(sequential|joint)$",
+        description="sequential: image tower for image retrieval, then the text tower re-aligned (arXiv 2409.01936); "
+        "joint: both towers with the CLIP loss",
+    )
+    mode: str = Field(
+        "lora", pattern="^(lora|last_layers)$", description="LoRA adapters (peft) or the last layers"
+    )
+    lora_rank: int = Field(8, ge=1, le=256)
+    lora_alpha: int = Field(16, ge=1)
+    lora_targets: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
+    last_layers: int = Field(2, ge=1, description="mode=last_layers: layers of each tower trained")
+    pseudo_captions: bool = Field(
+        True, description="the image phase also keeps images aligned to their captions"
+    )
+    steps: int = Field(200, ge=1, description="optimizer steps per phase")
+    batch_size: int = Field(32, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    heldout: float = Field(
+        0.2, gt=0, lt=1, description="share of the images kept out of training to judge the run"
+    )
+    max_regression: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="refuse a run when a held-out Recall@10 or mAP@10 falls by more (relative)",
+    )
+    min_queries: int = Field(200, ge=1, description="fewer held-out queries than this: the report warns")
+    seed: int = 0
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="LOUPE_", env_nested_delimiter="__", env_file=".env", extra="ignore"
@@ -192,6 +225,7 @@ class Settings(BaseSettings):
     index: IndexSettings = IndexSettings()
     auth: AuthSettings = AuthSettings()
     search: SearchSettings = SearchSettings()
+    finetune: FinetuneSettings = FinetuneSettings()
 
     @field_validator("data_dir")
     @classmethod

@@ -16,9 +16,11 @@ from loupe.errors import ConfigError, DataDirLocked, Unavailable
 from loupe.index.faiss_mirror import FaissMirror, SyncReport
 from loupe.ingest.bulk import BulkService, BulkWorker
 from loupe.ingest.service import IngestService, IngestWorker
+from loupe.ingest.switch import ModelSwitcher
 from loupe.ingest.text import TextIndexer
 from loupe.models import onnx_text
 from loupe.models.clip import DEMO_MODEL_NAME, ClipModel, demo_model_dir, load_clip, open_clip_for_settings
+from loupe.models.finetune import FinetuneRunner
 from loupe.models.text_encoder import SentenceEncoder
 from loupe.search.filters import PAYLOAD_INDEXES
 from loupe.search.service import SearchService
@@ -211,6 +213,8 @@ class Runtime:
         self.lock = lock
         self.workers: list[IngestWorker | BulkWorker] = []
         self.closed = False
+        self.switcher = ModelSwitcher(self)
+        self.finetuner = FinetuneRunner(self)
 
     @classmethod
     def open(
@@ -310,6 +314,7 @@ class Runtime:
             secret=secret,
             text_cache_size=settings.model.text_cache_size,
             text_indexer=text_indexer,
+            model_version_id=int(version.id),  # type: ignore[arg-type]
         )
         bulk = BulkService(settings.ingest, repo, ingest, settings.data_dir / "staging")
         keys = KeyService(repo, secret, settings.auth)
@@ -342,6 +347,7 @@ class Runtime:
         # Wired after construction: both need the runtime itself (the mirror it syncs, the URLs it signs).
         ingest.on_indexed = rt.sync_mirror
         search.url_for = rt.url
+
         if start_workers:
             rt.start_workers()
         return rt
@@ -349,6 +355,27 @@ class Runtime:
     def url(self, path: str) -> str:
         """An image or thumbnail URL for a response: signed and expiring when keys are required."""
         return self.keys.sign_url(path) if self.settings.auth_required else path
+
+    def swap_model(self, clip: ClipModel, version: ModelVersion, mirror: FaissMirror) -> None:
+        """Point searches and ingest at another model version. Searches take `self.search` once per request,
+        so each is answered wholly by one version; ingest batches hold the ingest lock, taken by the caller."""
+        collection = collection_name(version)
+        search = SearchService(
+            settings=self.settings.search,
+            repo=self.repo,
+            clip=clip,
+            mirror=mirror,
+            vectors=self.vectors,
+            collection=collection,
+            secret=self.secret,
+            text_cache_size=self.settings.model.text_cache_size,
+            text_indexer=self.search.text_indexer,
+            model_version_id=int(version.id),  # type: ignore[arg-type]
+        )
+        search.url_for = self.url
+        self.ingest.retarget(clip, collection, int(version.id))  # type: ignore[arg-type]
+        self.clip, self.model_version, self.collection, self.mirror = clip, version, collection, mirror
+        self.search = search
 
     def sync_mirror(self) -> None:
         try:
@@ -382,6 +409,12 @@ class Runtime:
                 "device": info.device,
                 "demo": info.is_demo,
                 "text_runtime": self.clip.text_runtime,
+                "versions": [
+                    {"id": v.id, "name": v.name, "active": v.active, "created_at": v.created_at.isoformat()}
+                    for v in self.repo.model_versions("clip")
+                ],
+                "switch": self.switcher.status.as_dict(),
+                "finetune": {k: v for k, v in self.finetuner.status.as_dict().items() if k != "report"},
             },
             "ocr": {
                 "enabled": self.ingest.text_indexer is not None,
@@ -422,6 +455,7 @@ class Runtime:
         if self.closed:
             return
         self.closed = True
+        self.switcher.cancel()  # an unfinished switch is abandoned; the library stays on its model
         for worker in self.workers:
             worker.stop()
         self.workers.clear()

@@ -87,16 +87,17 @@ class SearchController(Controller):
         rt: RT, images: list[tuple[str | None, bytes]], weights: list[float], opts: ImageSearchOptions
     ) -> SearchResponse:
         ing = rt.settings.ingest
+        search = rt.search  # one model version for the whole request, even across a model switch
         pictures = []
         for i, (_, data) in enumerate(images):
             try:
                 inspect_upload(data, max_bytes=ing.max_file_mb * 1024 * 1024, max_pixels=ing.max_pixels)
                 pictures.append(
-                    decode_rgb(data, max_pixels=ing.max_pixels, min_side=2 * rt.clip.info.image_size)
+                    decode_rgb(data, max_pixels=ing.max_pixels, min_side=2 * search.clip.info.image_size)
                 )
             except BadRequest as exc:
                 raise type(exc)(exc.message, code=exc.code, detail={"field": f"image[{i}]"}) from exc
-        vecs = rt.clip.embed_images(pictures)
+        vecs = search.clip.embed_images(pictures)
         scope = {
             "images": [hashlib.sha256(d).hexdigest() for _, d in images],
             "opts": opts.model_dump(mode="json", exclude={"cursor"}),
@@ -105,4 +106,4 @@ class SearchController(Controller):
         placeholder = opts.query or [Term(vector=vecs[0].tolist(), weight=0.0)]
         req = SearchRequest(query=placeholder, limit=opts.limit, cursor=opts.cursor, min_score=opts.min_score)
         extra = list(zip(vecs, weights, strict=True))
-        return rt.search.search(req, extra=extra, return_query_term=True, cursor_scope=scope)
+        return search.search(req, extra=extra, return_query_term=True, cursor_scope=scope)

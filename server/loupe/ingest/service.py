@@ -74,6 +74,25 @@ class IngestService:
         self.text_indexer = text_indexer
         self.work_available = threading.Event()
         self._decode_side = max(clip.info.image_size, settings.thumbnail_px * 3 // 4)
+        # Held for each batch (and vector add): a model switch takes it to change models between batches.
+        self.model_lock = threading.RLock()
+        self.shadow_collections: list[str] = []  # a model switch's new collection: edits and deletes reach it
+
+    def retarget(self, clip: ClipModel, collection: str, model_version_id: int) -> None:
+        """Embed with another model version from the next batch on (call with model_lock held)."""
+        self.clip, self.collection, self.model_version_id = clip, collection, model_version_id
+        self._decode_side = max(clip.info.image_size, self.settings.thumbnail_px * 3 // 4)
+
+    def payloads(self, ids: Sequence[int]) -> tuple[list[int], list[dict[str, Any]]]:
+        """The Qdrant payloads (filterable fields) of the ready images among ids."""
+        rows = self.repo.get_images(list(ids))
+        ready = [int(i) for i in ids if i in rows and rows[i].state == "ready"]
+        tags, albums, texts = (
+            self.repo.tags_for(ready),
+            self.repo.albums_for(ready),
+            self.repo.has_text_for(ready),
+        )
+        return ready, [payload_for(rows[i], tags[i], albums[i], i in texts) for i in ready]
 
     # ------------------------------------------------------------ upload
 
@@ -129,6 +148,10 @@ class IngestService:
 
     def process_batch(self, limit: int | None = None) -> BatchReport:
         """Claim a batch of pending images, decode, thumbnail, embed, upsert, mark ready (or failed)."""
+        with self.model_lock:
+            return self._process_batch(limit)
+
+    def _process_batch(self, limit: int | None) -> BatchReport:
         report = BatchReport()
         claimed = self.repo.claim_pending(limit or self.settings.batch_size, self.settings.lease_s)
         report.claimed = len(claimed)
@@ -265,6 +288,12 @@ class IngestService:
         mirror updates as the worker writes, without a picture to decode. `meta[i]` may give `tags`, `albums`
         and image columns (taken_at, camera_make, camera_model, lens, gps_lat, gps_lon, rating, starred, width,
         height, format)."""
+        with self.model_lock:
+            return self._add_vectors(vectors, width, height, meta)
+
+    def _add_vectors(
+        self, vectors: np.ndarray, width: int, height: int, meta: Sequence[dict[str, Any]] | None
+    ) -> list[int]:
         vecs = normalize(np.asarray(vectors, dtype=np.float32))
         if vecs.ndim != 2 or vecs.shape[1] != self.clip.dim:
             raise ValueError(f"expected (n, {self.clip.dim}) vectors, got {vecs.shape}")
@@ -328,29 +357,26 @@ class IngestService:
 
     def refresh_payloads(self, ids: Sequence[int]) -> None:
         for start in range(0, len(ids), 512):
-            chunk = list(ids[start : start + 512])
-            rows = self.repo.get_images(chunk)
-            ready = [i for i in chunk if i in rows and rows[i].state == "ready"]
-            tags, albums, texts = (
-                self.repo.tags_for(ready),
-                self.repo.albums_for(ready),
-                self.repo.has_text_for(ready),
-            )
-            for i in ready:
-                self.vectors.set_payload(
-                    self.collection, [i], payload_for(rows[i], tags[i], albums[i], i in texts)
-                )
+            ready, payloads = self.payloads(list(ids[start : start + 512]))
+            for i, payload in zip(ready, payloads, strict=True):
+                for collection in (self.collection, *self.shadow_collections):
+                    self.vectors.set_payload(collection, [i], payload)
 
     # ------------------------------------------------------------ delete
 
     def delete(self, image_id: int) -> None:
         """Gone from every store: the row (and a change-log entry) first, then the vector and the files."""
+        with self.model_lock:  # the change log entry and the collection belong to one model version
+            self._delete(image_id)
+
+    def _delete(self, image_id: int) -> None:
         text = self.repo.get_texts([image_id]).get(image_id)
         image = self.repo.delete_image(image_id, self.model_version_id)
         if image is None:
             raise NotFound(f"image {image_id} does not exist")
         try:
-            self.vectors.delete(self.collection, [image_id])
+            for collection in (self.collection, *self.shadow_collections):
+                self.vectors.delete(collection, [image_id])
             if text is not None and self.text_indexer is not None:
                 self.text_indexer.delete(image_id, text.chunks)
         except Unavailable:

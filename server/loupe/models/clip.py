@@ -66,6 +66,13 @@ class ClipModel:
     def resize_crop(self, img: Image.Image) -> np.ndarray:
         return resize_crop(img, *self._sizes)
 
+    def pixel_values(self, batch: np.ndarray) -> Any:
+        """resize_crop outputs (n, H, W, 3) uint8 as the model's normalized float32 input, on the CPU."""
+        import torch
+
+        x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float().div_(255.0)
+        return (x - self._mean) / self._std
+
     def embed_uint8(self, batch: np.ndarray) -> np.ndarray:
         """Embed resize_crop outputs (n, H, W, 3) uint8: rescale and normalize on the model's device."""
         import torch

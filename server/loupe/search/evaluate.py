@@ -225,38 +225,12 @@ def apply_overrides(settings: Settings, overrides: Sequence[str]) -> Settings:
         raise InvalidQuery(f"override {where}: {e['msg']}", code="bad_override") from exc
 
 
-def embed_library(rt: Runtime, clip: ClipModel, batch: int = 32) -> tuple[np.ndarray, np.ndarray]:
+def embed_library(rt: Runtime, clip: ClipModel) -> tuple[np.ndarray, np.ndarray]:
     """Every ready image's original through another model (in memory): the vectors a model switch would write."""
-    from loupe.ingest.validate import decode_rgb
+    from loupe.ingest.switch import embed_originals
 
     ids, _ = rt.mirror.snapshot()
-    ids = np.sort(ids)
-    images = rt.repo.get_images(ids.tolist())
-    out_ids: list[int] = []
-    out_vecs: list[np.ndarray] = []
-    pending: list[tuple[int, np.ndarray]] = []
-
-    def flush() -> None:
-        if pending:
-            out_vecs.append(clip.embed_uint8(np.stack([a for _, a in pending])))
-            out_ids.extend(i for i, _ in pending)
-            pending.clear()
-
-    for image_id in ids.tolist():
-        image = images.get(image_id)
-        if image is None:
-            continue
-        rgb = decode_rgb(
-            rt.blobs.read_original(image.sha256),
-            max_pixels=rt.settings.ingest.max_pixels,
-            min_side=clip.info.image_size,
-        )
-        pending.append((image_id, clip.resize_crop(rgb)))
-        if len(pending) >= batch:
-            flush()
-    flush()
-    vecs = np.concatenate(out_vecs) if out_vecs else np.zeros((0, clip.dim), np.float32)
-    return np.asarray(out_ids, dtype=np.int64), vecs
+    return embed_originals(rt, clip, np.sort(ids).tolist())
 
 
 @contextmanager

@@ -110,8 +110,10 @@ class SearchService:
         secret: bytes,
         text_cache_size: int = 4096,
         text_indexer: TextIndexer | None = None,
+        model_version_id: int = 0,
     ) -> None:
         self.settings = settings
+        self.model_version_id = model_version_id
         self.repo = repo
         self.clip = clip
         self.mirror = mirror
@@ -219,6 +221,12 @@ class SearchService:
         offset, after = 0, None
         if req.cursor:
             cur = self.cursors.loads(req.cursor)
+            if cur.get("v", self.model_version_id) != self.model_version_id:
+                raise InvalidQuery(
+                    "the library switched to another model since this cursor was made: run the search again",
+                    code="stale_cursor",
+                    detail={"field": "cursor"},
+                )
             if cur.get("q") != qhash:
                 raise InvalidQuery(
                     "cursor belongs to a different query", code="bad_cursor", detail={"field": "cursor"}
@@ -253,13 +261,14 @@ class SearchService:
             term = None
         if scope is not None:
             plan["filter"] = scope.describe()
+        plan["model_version"] = self.model_version_id
         if req.collapse_duplicates and hits:
             hits = self._collapse(hits)
         t2 = time.perf_counter()
         next_cursor = None
         if last is not None:
             next_cursor = self.cursors.dumps(
-                {"q": qhash, "o": offset + len(hits), "s": last[1], "i": last[0]}
+                {"q": qhash, "o": offset + len(hits), "s": last[1], "i": last[0], "v": self.model_version_id}
             )
         timing = {
             "embed": (t1 - t0) * 1000,

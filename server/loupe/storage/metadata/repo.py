@@ -677,3 +677,44 @@ class MetadataRepo:
             s.add(version)
             s.commit()
             return version
+
+    def create_model_version(
+        self, channel: str, name: str, fingerprint: str, dim: int, is_demo: bool
+    ) -> ModelVersion:
+        """A new, inactive version (its vectors are being written)."""
+        with self.session() as s:
+            version = ModelVersion(
+                channel=channel, name=name, fingerprint=fingerprint, dim=dim, is_demo=is_demo, active=False
+            )
+            s.add(version)
+            s.commit()
+            return version
+
+    def activate_model(self, version_id: int) -> ModelVersion:
+        """Make this version the active one of its channel, in one transaction."""
+        with self.session() as s:
+            version = s.get(ModelVersion, version_id)
+            if version is None:
+                raise KeyError(version_id)
+            s.execute(
+                update(ModelVersion)
+                .where(col(ModelVersion.channel) == version.channel, col(ModelVersion.id) != version_id)
+                .values(active=False)
+            )
+            version.active = True
+            s.add(version)
+            s.commit()
+            return version
+
+    def model_versions(self, channel: str) -> list[ModelVersion]:
+        with self.session() as s:
+            return list(
+                s.execute(
+                    select(ModelVersion)
+                    .where(col(ModelVersion.channel) == channel)
+                    .order_by(col(ModelVersion.id))
+                ).scalars()
+            )
+
+    def all_ready_ids(self) -> np.ndarray:
+        return self.ids_where(col(Image.state) == ImageState.ready)
