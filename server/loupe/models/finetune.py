@@ -95,19 +95,23 @@ class FinetuneReport:
 
 def library_pairs(rt: Runtime) -> list[Pair]:
     """Captions and pseudo-captions of every ready image: its description; its tags and album names as labels that
-    training phrases through PSEUDO_TEMPLATES ('a photo of {tag}', ...)."""
+    training phrases through PSEUDO_TEMPLATES ('a photo of {tag}', ...); the first words read in it by OCR."""
     ids = [int(i) for i in rt.repo.all_ready_ids()]
     pairs: list[Pair] = []
     for start in range(0, len(ids), 1000):
         chunk = ids[start : start + 1000]
         rows = rt.repo.get_images(chunk)
         tags, albums = rt.repo.tags_for(chunk), rt.repo.albums_for(chunk)
+        texts = rt.repo.get_texts(chunk)
         for i in chunk:
             desc = (rows[i].description or "").strip() if i in rows else ""
             if desc:
                 pairs.append(Pair(f"id:{i}", desc))
             pairs += [Pair(f"id:{i}", t, pseudo=True) for t in tags.get(i, [])]
             pairs += [Pair(f"id:{i}", a, pseudo=True) for a in albums.get(i, [])]
+            words = " ".join(texts[i].content.split()[:24]) if i in texts else ""
+            if len(words) >= 3:  # the words read in the picture (OCR): what a screenshot or a poster says
+                pairs.append(Pair(f"id:{i}", f"a picture with the words {words}"))
     return pairs
 
 
