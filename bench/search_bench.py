@@ -471,12 +471,17 @@ def main() -> None:
         n = parse_scale(scale)
         corpus, queries = synthetic(n)
         parts = []
-        with tempfile.TemporaryDirectory() as tmp:
-            table, _ = index_table(
-                "synthetic Gaussian clusters (sqrt(n) centres, each point at cosine ~0.7 to its centre)", corpus, queries, Path(tmp), args.only_default
-            )
-        parts.append(table)
-        print(table)
+        if not args.skip_index:
+            with tempfile.TemporaryDirectory() as tmp:
+                table, _ = index_table(
+                    "synthetic Gaussian clusters (sqrt(n) centres, each point at cosine ~0.7 to its centre)",
+                    corpus,
+                    queries,
+                    Path(tmp),
+                    args.only_default,
+                )
+            parts.append(table)
+            print(table)
         if not args.skip_library:
             settings, took = build_library(n, corpus, model_dir)
             parts.append(
@@ -490,7 +495,8 @@ def main() -> None:
                 parts.append(table)
                 print(table)
         if args.write:
-            write_section(f"Search at {scale}", "\n\n".join(parts), command)
+            name = f"Search at {scale}" + (": library and HTTP" if args.skip_index else "")
+            write_section(name, "\n\n".join(parts), command)
 
 
 if __name__ == "__main__":

@@ -140,3 +140,25 @@ def test_a_mirror_too_far_behind_is_rebuilt_instead_of_replayed(make_settings, r
     assert report.rebuilt and lagging.live_count == 500 and lagging.last_seq == rt.repo.last_seq()
     q = clustered(1, rt.clip.dim, seed=14)[0]
     assert lagging.search(q, 10)[0].tolist() == rt.mirror.search(q, 10)[0].tolist()
+
+
+@pytest.mark.parametrize("share", [0.001, 0.1, 0.25, 0.6, 1.0])
+def test_subset_search_is_exact_at_every_share_with_deletions(tmp_path, share):
+    from loupe.config import IndexSettings
+
+    rng = np.random.default_rng(3)
+    n, d = 4000, 32
+    vecs = rng.normal(size=(n, d)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    ids = np.arange(10, 10 + n, dtype=np.int64)
+    mirror = FaissMirror(tmp_path, collection="c", model_version_id=1, dim=d, settings=IndexSettings())
+    mirror.upsert(ids, vecs)
+    mirror.delete(ids[:50])  # dead rows must never come back
+    subset = np.sort(rng.choice(ids, max(1, int(n * share)), replace=False))
+    q = vecs[7]
+    got_ids, got_scores = mirror.search_subset(q, 25, subset)
+    live = np.setdiff1d(subset, ids[:50])
+    scores = vecs[live - 10] @ q
+    order = np.lexsort((live, -scores))[:25]
+    assert got_ids.tolist() == live[order].tolist()
+    assert np.allclose(got_scores, scores[order], atol=1e-6)

@@ -225,7 +225,15 @@ class FaissMirror:
         if len(rows) == 0 or k <= 0:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
         with self._lock:
-            vecs, all_ids = self._vecs, self._ids
+            vecs, all_ids, n = self._vecs, self._ids, self._n
+        if len(rows) * 4 >= n:
+            # A large share: one product over every row, then a mask, instead of gathering the rows first (a copy
+            # of len(rows) x dim floats per query).
+            full = vecs[:n] @ q
+            scores = np.full(n, -np.inf, dtype=np.float32)
+            scores[rows] = full[rows]
+            top = _top_rows(scores, min(k, len(rows)))
+            return _ordered(all_ids[top], scores[top])
         scores = vecs[rows] @ q
         top = _top_rows(scores, k)
         return _ordered(all_ids[rows[top]], scores[top])
@@ -277,11 +285,8 @@ class FaissMirror:
         index = faiss.index_factory(self.dim, factory, faiss.METRIC_INNER_PRODUCT)
         _no_polysemous(index)
         rng = np.random.default_rng(0)
-        sample = (
-            vecs
-            if len(vecs) <= 256 * params["nlist"]
-            else vecs[rng.choice(len(vecs), 256 * params["nlist"], replace=False)]
-        )
+        per_list = self.settings.train_per_list * params["nlist"]
+        sample = vecs if len(vecs) <= per_list else vecs[rng.choice(len(vecs), per_list, replace=False)]
         index.train(sample)
         index.add_with_ids(vecs, rows)
         _set_nprobe(index, params["nprobe"])
