@@ -450,6 +450,9 @@ def main() -> None:
     ap.add_argument("--skip-library", action="store_true", help="index candidates only")
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument(
+        "--skip-index", action="store_true", help="no index table (the library and HTTP parts only)"
+    )
+    ap.add_argument(
         "--only-default", action="store_true", help="index table: exact and the default index only"
     )
     ap.add_argument("--write", action="store_true", help="write the sections into bench/RESULTS.md")

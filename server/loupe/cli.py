@@ -289,6 +289,7 @@ def cmd_model(args: argparse.Namespace) -> int:
     """Model versions: list them, or switch the library to another checkpoint (re-embeds, then switches)."""
     if args.model_command == "use" and args.server:
         return _model_use_remote(args)
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from loupe.runtime import Runtime
@@ -300,7 +301,7 @@ def cmd_model(args: argparse.Namespace) -> int:
                 print(json.dumps(v.model_dump(mode="json")))
             return 0
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-        with Progress(*columns) as bar:
+        with Progress(*columns, console=Console(stderr=True)) as bar:  # stdout: the JSON result
             task = bar.add_task(f"re-embedding with {args.name}", total=None)
             status = rt.switcher.run(
                 args.name, lambda st: bar.update(task, total=st.total, completed=st.done)
@@ -337,6 +338,7 @@ def _model_use_remote(args: argparse.Namespace) -> int:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     """Fine-tune the library's model on its own pairs (or a JSONL), judged on held-out pairs; --activate switches."""
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from loupe.config import FinetuneSettings
@@ -357,7 +359,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             MofNCompleteColumn(),
             TextColumn("{task.fields[loss]}"),
         )
-        with Progress(*columns) as bar:
+        with Progress(*columns, console=Console(stderr=True)) as bar:  # stdout: the JSON result
             task = bar.add_task("fine-tuning", total=None, loss="")
 
             def progress(phase: str, step: int, steps: int, loss: float) -> None:
