@@ -55,3 +55,16 @@ def test_pseudo_captions_use_several_templates_and_captions_stay_as_written():
     assert said == {t.format("red bicycle") for t in PSEUDO_TEMPLATES}
     assert text_of(Pair("id:1", "A bicycle, leaning.")) == "A bicycle, leaning."
     assert text_of(Pair("id:1", "cat", pseudo=True)) == "a photo of cat"  # evaluation: one fixed phrasing
+
+
+def test_image_phase_positives_are_caption_mates_and_near_duplicates():
+    from loupe.models.finetune import positives
+
+    pairs = [Pair("id:1", "red bicycle", True), Pair("id:2", "red bicycle", True), Pair("id:3", "a dog")]
+    by_caption: dict[str, list[Pair]] = {}
+    for p in pairs:
+        by_caption.setdefault(p.caption, []).append(p)
+    dups = {"id:3": ["id:9"], "id:1": ["id:2", "id:7"]}
+    assert positives(pairs[0], by_caption, dups) == ["id:2", "id:7"]  # no repeats
+    assert positives(pairs[2], by_caption, dups) == ["id:9"]  # a near-duplicate when no caption is shared
+    assert positives(Pair("id:5", "alone"), by_caption, dups) == []  # augmentations of itself

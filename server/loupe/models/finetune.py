@@ -5,7 +5,7 @@ or from a JSONL of {"image_id" | "path", "caption"}. Methods (arXiv 2409.01936, 
 Retrieval with Maintained Joint-Embedding Alignment"):
 
 * sequential (default): first the image tower, trained for image->image retrieval (positives: images sharing a
-  caption, or two augmentations of one image) with, as pseudo-caption alignment, the InfoNCE loss to the frozen
+  caption, near-duplicates by perceptual hash, or two augmentations of one image) with, as pseudo-caption alignment, the InfoNCE loss to the frozen
   text tower's caption embeddings; then the text tower alone, re-aligned to the new image embeddings;
 * joint: both towers together with the CLIP contrastive (InfoNCE) loss.
 
@@ -330,6 +330,23 @@ def _features(
     return iv, tv
 
 
+def near_duplicate_keys(rt: Runtime, max_distance: int = 4) -> dict[str, list[str]]:
+    """Image key -> the keys of its near-duplicates (perceptual hash): more positives for the image phase."""
+    out: dict[str, list[str]] = {}
+    for group in rt.repo.duplicate_groups(max_distance, limit=100_000):
+        keys = [f"id:{i}" for i, _ in group]
+        for k in keys:
+            out[k] = [o for o in keys if o != k]
+    return out
+
+
+def positives(pair: Pair, by_caption: dict[str, list[Pair]], near_dups: dict[str, list[str]]) -> list[str]:
+    """Other images that may stand for this one in the image phase: those sharing its caption and its
+    near-duplicates. Empty: two augmentations of the image itself are the positive pair."""
+    same = [q.key for q in by_caption.get(pair.caption, []) if q.key != pair.key]
+    return list(dict.fromkeys(same + near_dups.get(pair.key, [])))
+
+
 def _batches(train: Sequence[Pair], batch: int, rng: random.Random) -> Any:
     """Endless batches of pairs with distinct captions (no false negatives in the contrastive loss)."""
     by_caption: dict[str, list[Pair]] = {}
@@ -378,6 +395,12 @@ def finetune(
         if settings.method == "sequential"
         else [(None, settings.steps)]
     )
+    held_keys = {p.key for p in heldout}
+    near_dups = {
+        k: [o for o in v if o not in held_keys]
+        for k, v in near_duplicate_keys(rt).items()
+        if k not in held_keys
+    }
     started = time.monotonic()
     samples = 0
     batches = _batches(train, settings.batch_size, rng)
@@ -392,8 +415,8 @@ def finetune(
                 first = [source.augmented(p.key, rng) for p in pairs]
                 second = []
                 for p in pairs:
-                    others = [q for q in by_caption[p.caption] if q.key != p.key]
-                    second.append(source.augmented(rng.choice(others).key if others else p.key, rng))
+                    others = positives(p, by_caption, near_dups)
+                    second.append(source.augmented(rng.choice(others) if others else p.key, rng))
                 a, _ = _features(model, clip, first + second, None)
                 n = len(pairs)
                 loss = _info_nce(a[:n], a[n:], scale)
