@@ -218,7 +218,8 @@ def embed(
 def heldout_eval(
     model: Any, clip: ClipModel, source: ImageSource, heldout: Sequence[Pair]
 ) -> tuple[dict[str, dict[str, float]], dict[str, int]]:
-    """text->image: each held-out caption against the held-out images (relevant: the images with that caption);
+    """Recall@10, mAP@10 and NDCG@10 (loupe eval's metrics; the guard judges the first two).
+    text->image: each held-out caption against the held-out images (relevant: the images with that caption);
     image->image: each held-out image against the others (relevant: those sharing a caption with it)."""
     keys = sorted({p.key for p in heldout})
     index = {k: n for n, k in enumerate(keys)}
@@ -242,7 +243,7 @@ def heldout_eval(
     # every held-out pair is a text query (a caption shared by several images counts once per pair)
     weights = [sum(1 for p in heldout if p.caption == t) for t in texts]
     out["text_to_image"] = {
-        m: float(np.average([r[m] for r in rows], weights=weights)) for m in ("recall", "map")
+        m: float(np.average([r[m] for r in rows], weights=weights)) for m in ("recall", "map", "ndcg")
     }
     counts["text_to_image"] = int(sum(weights))
     rows = []
@@ -255,7 +256,7 @@ def heldout_eval(
         s[n] = -np.inf
         rows.append(metrics_at_k(np.argsort(-s)[:K].tolist(), relevant, K))
     out["image_to_image"] = {
-        m: float(np.mean([r[m] for r in rows])) if rows else 0.0 for m in ("recall", "map")
+        m: float(np.mean([r[m] for r in rows])) if rows else 0.0 for m in ("recall", "map", "ndcg")
     }
     counts["image_to_image"] = len(rows)
     return out, counts
