@@ -13,6 +13,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+from loupe.models.tiny_clip import bytes_to_unicode  # GPT-2/CLIP's byte -> unicode map
+
 CACHE = Path.home() / ".cache" / "loupe" / "bench"
 MODEL_DIR = CACHE / "clip-vit-b-32-random"
 
@@ -33,23 +35,9 @@ def bpe_merges() -> list[str]:
     return lines[1 : 49152 - 256 - 2 + 1]  # CLIP keeps the first 48,894 merges
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    bs = (
-        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    )
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs), strict=True))
-
-
 def write_tokenizer(out: Path) -> None:
     merges = bpe_merges()
-    vocab = list(_bytes_to_unicode().values())
+    vocab = list(bytes_to_unicode().values())
     vocab = vocab + [v + "</w>" for v in vocab]
     vocab += ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]

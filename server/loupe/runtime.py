@@ -174,6 +174,31 @@ def resolve_model(settings: Settings, repo: MetadataRepo) -> tuple[ClipModel, Mo
     return clip, active
 
 
+def search_service(
+    settings: Settings,
+    repo: MetadataRepo,
+    vectors: VectorStore,
+    secret: bytes,
+    text_indexer: TextIndexer | None,
+    clip: ClipModel,
+    mirror: FaissMirror,
+    collection: str,
+    version_id: int,
+) -> SearchService:
+    return SearchService(
+        settings=settings.search,
+        repo=repo,
+        clip=clip,
+        mirror=mirror,
+        vectors=vectors,
+        collection=collection,
+        secret=secret,
+        text_cache_size=settings.model.text_cache_size,
+        text_indexer=text_indexer,
+        model_version_id=version_id,
+    )
+
+
 class Runtime:
     """Every store and service of one Loupe process. A plain class (not a dataclass): Litestar injects it as is."""
 
@@ -257,12 +282,7 @@ class Runtime:
         blobs = FileBlobStore(settings.data_dir / "blobs")
         vectors = open_vector_store(settings)
         clip, version = resolve_model(settings, repo)
-        clip.text_runtime = onnx_text.attach(
-            clip,
-            settings.model.text_runtime,
-            settings.data_dir / "models" / "onnx",
-            settings.model.torch_threads,
-        )
+        clip.text_runtime = onnx_text.attach_for_settings(clip, settings)
         collection = collection_name(version)
         vectors_up = True
         try:
@@ -304,17 +324,16 @@ class Runtime:
             model_version_id=int(version.id),  # type: ignore[arg-type]
             text_indexer=text_indexer,
         )
-        search = SearchService(
-            settings=settings.search,
-            repo=repo,
-            clip=clip,
-            mirror=mirror,
-            vectors=vectors,
-            collection=collection,
-            secret=secret,
-            text_cache_size=settings.model.text_cache_size,
-            text_indexer=text_indexer,
-            model_version_id=int(version.id),  # type: ignore[arg-type]
+        search = search_service(
+            settings,
+            repo,
+            vectors,
+            secret,
+            text_indexer,
+            clip,
+            mirror,
+            collection,
+            int(version.id),  # type: ignore[arg-type]
         )
         bulk = BulkService(settings.ingest, repo, ingest, settings.data_dir / "staging")
         keys = KeyService(repo, secret, settings.auth)
@@ -360,22 +379,28 @@ class Runtime:
         """Point searches and ingest at another model version. Searches take `self.search` once per request,
         so each is answered wholly by one version; ingest batches hold the ingest lock, taken by the caller."""
         collection = collection_name(version)
-        search = SearchService(
-            settings=self.settings.search,
-            repo=self.repo,
-            clip=clip,
-            mirror=mirror,
-            vectors=self.vectors,
-            collection=collection,
-            secret=self.secret,
-            text_cache_size=self.settings.model.text_cache_size,
-            text_indexer=self.search.text_indexer,
-            model_version_id=int(version.id),  # type: ignore[arg-type]
-        )
-        search.url_for = self.url
+        search = self.search_service_for(clip, mirror, collection, int(version.id), self.settings)  # type: ignore[arg-type]
         self.ingest.retarget(clip, collection, int(version.id))  # type: ignore[arg-type]
         self.clip, self.model_version, self.collection, self.mirror = clip, version, collection, mirror
         self.search = search
+
+    def search_service_for(
+        self, clip: ClipModel, mirror: FaissMirror, collection: str, version_id: int, settings: Settings
+    ) -> SearchService:
+        """A SearchService over this library's stores (another model version, or other settings: loupe eval)."""
+        search = search_service(
+            settings,
+            self.repo,
+            self.vectors,
+            self.secret,
+            self.search.text_indexer,
+            clip,
+            mirror,
+            collection,
+            version_id,
+        )
+        search.url_for = self.url
+        return search
 
     def sync_mirror(self) -> None:
         try:

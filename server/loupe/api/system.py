@@ -1,15 +1,18 @@
-"""Health and version."""
+"""Health and version, model versions and fine-tuning (admin)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from litestar import get, post
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from loupe import __version__
 from loupe.api.deps import RT, blocking
 from loupe.api.schemas import HealthResponse
+from loupe.config import FinetuneSettings
+from loupe.errors import BadRequest
 
 
 @get("/api/health", tags=["system"], summary="Status, counts by state, model and stores in use, warnings")
@@ -72,13 +75,6 @@ async def finetune_status(rt: RT) -> dict[str, Any]:
 
 @post("/api/finetune", tags=["system"], status_code=202, summary="Fine-tune the model on the library (admin)")
 async def finetune_start(rt: RT, data: FinetuneStart) -> dict[str, Any]:
-    from pathlib import Path
-
-    from pydantic import ValidationError
-
-    from loupe.config import FinetuneSettings
-    from loupe.errors import BadRequest
-
     try:
         settings = FinetuneSettings.model_validate({**rt.settings.finetune.model_dump(), **data.settings})
     except ValidationError as exc:

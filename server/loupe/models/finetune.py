@@ -33,7 +33,7 @@ from PIL import Image, ImageOps
 
 from loupe.config import FinetuneSettings
 from loupe.errors import BadRequest, Conflict
-from loupe.models.vectors import normalize
+from loupe.models.clip import pooled
 from loupe.search.evaluate import metrics_at_k
 
 if TYPE_CHECKING:
@@ -189,29 +189,16 @@ class ImageSource:
 def embed(
     model: Any, clip: ClipModel, images: Sequence[Image.Image], texts: Sequence[str]
 ) -> tuple[np.ndarray, np.ndarray]:
+    """Unit vectors of images and texts through `model` (which may differ from clip.model), in batches."""
     import torch
 
     with torch.inference_mode():
-        iv = []
-        for start in range(0, len(images), 64):
-            px = clip.pixel_values(np.stack([clip.resize_crop(im) for im in images[start : start + 64]]))
-            out = model.get_image_features(pixel_values=px.to(model.device))
-            iv.append((out.pooler_output if hasattr(out, "pooler_output") else out).float().cpu().numpy())
-        tv = []
-        for start in range(0, len(texts), 256):
-            enc = clip.tokenizer(
-                list(texts[start : start + 256]),
-                padding=True,
-                truncation=True,
-                max_length=clip.info.max_text_tokens,
-                return_tensors="pt",
-            )
-            out = model.get_text_features(**{k: v.to(model.device) for k, v in enc.items()})
-            tv.append((out.pooler_output if hasattr(out, "pooler_output") else out).float().cpu().numpy())
-    dim = clip.dim
+        iv = [_features(model, clip, list(images[i : i + 64]), None)[0] for i in range(0, len(images), 64)]
+        tv = [_features(model, clip, None, list(texts[i : i + 256]))[1] for i in range(0, len(texts), 256)]
+    empty = np.zeros((0, clip.dim), np.float32)
     return (
-        normalize(np.concatenate(iv)) if iv else np.zeros((0, dim), np.float32),
-        normalize(np.concatenate(tv)) if tv else np.zeros((0, dim), np.float32),
+        torch.cat(iv).float().cpu().numpy() if iv else empty,
+        torch.cat(tv).float().cpu().numpy() if tv else empty,
     )
 
 
@@ -315,19 +302,18 @@ def _info_nce(a: Any, b: Any, scale: Any) -> Any:
 def _features(
     model: Any, clip: ClipModel, images: list[Image.Image] | None, texts: list[str] | None
 ) -> tuple[Any, Any]:
+    """Normalized image and text embeddings as tensors (with gradients when training)."""
     import torch.nn.functional as F
 
     iv = tv = None
     if images is not None:
-        px = clip.pixel_values(np.stack([clip.resize_crop(im) for im in images]))
-        out = model.get_image_features(pixel_values=px.to(model.device))
-        iv = F.normalize(out.pooler_output if hasattr(out, "pooler_output") else out, dim=-1)
+        px = clip.pixel_values(np.stack([clip.resize_crop(im) for im in images]), model.device)
+        iv = F.normalize(pooled(model.get_image_features(pixel_values=px)), dim=-1)
     if texts is not None:
-        enc = clip.tokenizer(
-            texts, padding=True, truncation=True, max_length=clip.info.max_text_tokens, return_tensors="pt"
+        enc = clip.tokenize(texts)
+        tv = F.normalize(
+            pooled(model.get_text_features(**{k: v.to(model.device) for k, v in enc.items()})), dim=-1
         )
-        out = model.get_text_features(**{k: v.to(model.device) for k, v in enc.items()})
-        tv = F.normalize(out.pooler_output if hasattr(out, "pooler_output") else out, dim=-1)
     return iv, tv
 
 
@@ -553,11 +539,7 @@ class FinetuneRunner:
         progress: Callable[[str, int, int, float], None] | None = None,
     ) -> FinetuneReport:
         self._claim()
-        try:
-            return self._run(settings, pairs_file, activate, progress)
-        except BaseException as exc:
-            self.status.state, self.status.error = "failed", getattr(exc, "message", str(exc))
-            raise
+        return self._run(settings, pairs_file, activate, progress)
 
     def wait(self, timeout: float | None = None) -> FinetuneStatus:
         if self._thread is not None:
@@ -572,12 +554,8 @@ class FinetuneRunner:
     def _run_logged(self, settings: FinetuneSettings, pairs_file: Path | None, activate: bool) -> None:
         try:
             self._run(settings, pairs_file, activate)
-        except BaseException as exc:
+        except BaseException:
             log.exception("fine-tuning failed; the library keeps its model")
-            self.status.state, self.status.error = (
-                "failed",
-                getattr(exc, "message", f"{type(exc).__name__}: {exc}"),
-            )
 
     def _run(
         self,
@@ -587,6 +565,17 @@ class FinetuneRunner:
         progress: Callable[[str, int, int, float], None] | None = None,
     ) -> FinetuneReport:
         self._listener = progress
+        try:
+            report = self._train_and_activate(settings, pairs_file, activate)
+        except BaseException as exc:
+            self.status.state = "failed"
+            self.status.error = getattr(exc, "message", f"{type(exc).__name__}: {exc}")
+            raise
+        return report
+
+    def _train_and_activate(
+        self, settings: FinetuneSettings, pairs_file: Path | None, activate: bool
+    ) -> FinetuneReport:
         report = run_finetune(self.rt, settings, pairs_file, self._progress)
         self.status.report = report.as_dict()
         if not report.accepted:

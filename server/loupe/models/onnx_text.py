@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from loupe.config import Settings
+from loupe.models.clip import pooled
 from loupe.models.vectors import normalize
 
 log = logging.getLogger(__name__)
@@ -44,7 +46,7 @@ class _TextTower:  # torch.nn.Module built lazily (torch is imported by the call
 
             def forward(self, input_ids: Any, attention_mask: Any) -> Any:
                 out = self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
-                return out.pooler_output if hasattr(out, "pooler_output") else out
+                return pooled(out)
 
         return TextTower().eval()
 
@@ -78,7 +80,7 @@ def export(clip: Any, target: Path, kind: str) -> Path:
     fp32 = target.with_name(target.name.replace("-int8", "")) if kind == "onnx-int8" else target
     with _export_lock:
         if not fp32.exists():
-            enc = clip.tokenizer(PROBES[:2], padding=True, return_tensors="pt")
+            enc = clip.tokenize(PROBES[:2])
             tmp = fp32.with_suffix(".tmp")
             with torch.inference_mode(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # tracer warnings about shape checks the export fixes
@@ -109,6 +111,13 @@ def export(clip: Any, target: Path, kind: str) -> Path:
     return target
 
 
+def attach_for_settings(clip: Any, settings: Settings) -> str:
+    """`attach` as configured: LOUPE_MODEL__TEXT_RUNTIME, the export cache in the data directory, torch's threads."""
+    return attach(
+        clip, settings.model.text_runtime, settings.data_dir / "models" / "onnx", settings.model.torch_threads
+    )
+
+
 def attach(clip: Any, kind: str, cache_dir: Path, threads: int = 0) -> str:
     """Serve `clip`'s text queries through ONNX Runtime when `kind` asks for it and the export checks out.
     Returns the runtime in use: torch, onnx or onnx-int8."""
@@ -128,9 +137,7 @@ def attach(clip: Any, kind: str, cache_dir: Path, threads: int = 0) -> str:
             log.info("exporting the text tower to ONNX (%s), once per model: %s", kind, path)
         tower = OnnxTextTower(export(clip, path, kind), threads)
         ref = clip.embed_texts_torch(PROBES)
-        enc = clip.tokenizer(
-            PROBES, padding=True, truncation=True, max_length=clip.info.max_text_tokens, return_tensors="np"
-        )
+        enc = clip.tokenize(PROBES, "np")
         got = tower(enc["input_ids"], enc["attention_mask"])
         worst = float(np.min(np.sum(ref * got, axis=1)))
     except Exception as exc:  # an export problem must not stop the server: torch serves

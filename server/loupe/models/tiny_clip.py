@@ -162,7 +162,7 @@ def caption(colour: str, shape: str, rng: random.Random) -> str:
 # ---------------------------------------------------------------- tokenizer
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP's reversible byte -> printable unicode map."""
     bs = (
         list(range(ord("!"), ord("~") + 1))
@@ -181,7 +181,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 def train_bpe(words: Counter[str], num_merges: int = 400) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Train CLIP-style BPE merges on a word-frequency table. Returns (vocab, merges)."""
-    byte_map = _bytes_to_unicode()
+    byte_map = bytes_to_unicode()
     base = list(byte_map.values())
     vocab_list = base + [b + "</w>" for b in base]
     corpus: dict[tuple[str, ...], int] = {}

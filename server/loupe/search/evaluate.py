@@ -22,7 +22,7 @@ import tempfile
 import time
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -167,15 +167,7 @@ class Report:
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "k": self.k,
-            "queries": self.queries,
-            "by_kind": self.by_kind,
-            "ms_p50": self.ms_p50,
-            "notes": self.notes,
-            "per_query": self.per_query,
-        }
+        return asdict(self)
 
 
 def evaluate(service: SearchService, queries: Sequence[EvalQuery], k: int, name: str = "current") -> Report:
@@ -257,12 +249,7 @@ def variant_service(rt: Runtime, overrides: Sequence[str]) -> Iterator[tuple[Sea
     if settings.model.text_runtime != rt.settings.model.text_runtime or clip is not rt.clip:
         from loupe.models import onnx_text
 
-        clip.text_runtime = onnx_text.attach(
-            clip,
-            settings.model.text_runtime,
-            settings.data_dir / "models" / "onnx",
-            settings.model.torch_threads,
-        )
+        clip.text_runtime = onnx_text.attach_for_settings(clip, settings)
         notes.append(f"text queries on {clip.text_runtime}")
     with tempfile.TemporaryDirectory(prefix="loupe-eval-") as tmp:
         mirror = rt.mirror
@@ -280,18 +267,7 @@ def variant_service(rt: Runtime, overrides: Sequence[str]) -> Iterator[tuple[Sea
             notes.append(
                 f"index {mirror.index_type} over {mirror.live_count} vectors in {time.perf_counter() - t0:.1f} s"
             )
-        service = SearchService(
-            settings=settings.search,
-            repo=rt.repo,
-            clip=clip,
-            mirror=mirror,
-            vectors=rt.vectors,
-            collection=rt.collection,
-            secret=rt.secret,
-            text_cache_size=settings.model.text_cache_size,
-            text_indexer=rt.search.text_indexer,
-        )
-        yield service, notes
+        yield rt.search_service_for(clip, mirror, rt.collection, rt.search.model_version_id, settings), notes
 
 
 def run_eval(
