@@ -122,6 +122,10 @@ def test_the_admin_api_runs_it_as_a_job_and_checks_its_input(rt: Runtime):
     with TestClient(create_app(rt.settings, runtime=rt), timeout=120) as client:
         bad = client.post("/api/finetune", json={"settings": {"steps": 0}})
         assert bad.status_code == 400 and "steps" in bad.json()["error"]["message"]
+        before = rt.finetuner.status
+        typo = client.post("/api/finetune", json={"settings": {"stepz": 5}})
+        assert typo.status_code == 400 and "settings.stepz" in typo.json()["error"]["message"]
+        assert rt.finetuner.status is before  # nothing was started
         missing = client.post("/api/finetune", json={"pairs": "/no/such/pairs.jsonl"})
         assert missing.status_code == 400 and missing.json()["error"]["code"] == "bad_pairs"
         res = client.post("/api/finetune", json={"settings": {"steps": 5}})

@@ -75,6 +75,12 @@ async def finetune_status(rt: RT) -> dict[str, Any]:
 
 @post("/api/finetune", tags=["system"], status_code=202, summary="Fine-tune the model on the library (admin)")
 async def finetune_start(rt: RT, data: FinetuneStart) -> dict[str, Any]:
+    unknown = sorted(set(data.settings) - set(FinetuneSettings.model_fields))
+    if unknown:  # a typo must not silently train with the defaults
+        raise BadRequest(
+            f"settings.{unknown[0]}: no such fine-tuning setting (known: {', '.join(FinetuneSettings.model_fields)})",
+            code="bad_settings",
+        )
     try:
         settings = FinetuneSettings.model_validate({**rt.settings.finetune.model_dump(), **data.settings})
     except ValidationError as exc:
