@@ -40,6 +40,12 @@ class IngestSettings(BaseModel):
     lease_s: float = Field(600.0, gt=0, description="a claim older than this is taken back by another worker")
     poll_s: float = Field(1.0, gt=0)
     workers: int = Field(1, ge=0, description="ingest worker threads in the server (0: none)")
+    decode_threads: int = Field(
+        0,
+        ge=0,
+        description="threads decoding and thumbnailing a batch's pictures (Pillow releases the GIL); 0: one per "
+        "CPU core, at most 8",
+    )
     max_zip_mb: int = Field(20_000, ge=1, description="largest zip accepted by the bulk endpoint")
     max_zip_entries: int = Field(100_000, ge=1)
     max_zip_uncompressed_mb: int = Field(50_000, ge=1, description="zip-bomb guard: total expanded size")
@@ -117,6 +123,14 @@ class IndexSettings(BaseModel):
         200_000, ge=1, description="replay the change log up to this far behind, else rebuild"
     )
     save_every: int = Field(2_000, ge=1, description="persist the mirror after this many applied changes")
+    compact_ratio: float = Field(
+        0.1, gt=0, le=1, description="a save rewrites the vectors without tombstones once they are this share"
+    )
+    mmap_vectors: bool = Field(
+        True,
+        description="memory-map the saved full-precision vectors (file-backed pages) instead of reading them "
+        "into anonymous memory",
+    )
     use_gpu: bool = True
 
 
@@ -163,6 +177,15 @@ class SearchSettings(BaseModel):
     )
     filter_cache_ttl_s: float = Field(
         5.0, ge=0, description="longest a cached filter result is trusted (other API nodes' writes)"
+    )
+    result_cache_size: int = Field(
+        1024,
+        ge=0,
+        description="whole responses kept for repeated identical searches (same query, filters, page); dropped "
+        "at any change to this node's database or mirror; 0: off",
+    )
+    result_cache_ttl_s: float = Field(
+        10.0, ge=0, description="longest a cached response is trusted (writes by other processes or nodes)"
     )
     fusion: FusionSettings = FusionSettings()
     prompt_templates: list[str] = Field(

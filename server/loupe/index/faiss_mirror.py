@@ -6,10 +6,17 @@
   the full-precision vectors, so the scores returned are always exact cosines.
 * Catch-up: the database's change log is replayed from the manifest's last sequence; when the mirror is missing,
   belongs to another model version, or is too far behind, it is rebuilt from the vector store.
-* Deletes are tombstones until the next save compacts them; the read path also masks ids the database no longer
-  has, and over-fetches to make up for them.
-* Persistence: vectors.npy, ids.npy, ann.faiss, then manifest.json last (the commit point), each written to a
-  temporary name and renamed. Losing the directory loses only time.
+* Rows are append-only: an upsert adds a row, a delete (or a replaced vector) leaves a tombstone. The read path also
+  masks ids the database no longer has, and over-fetches to make up for them. Tombstones are compacted away at a
+  save once they are `index.compact_ratio` of the rows.
+* Memory: the full-precision vectors are a raw float32 file (`vectors.f32`), memory-mapped read-only once saved
+  (`index.mmap_vectors`), so they are file-backed pages the kernel can drop and share, not anonymous memory; rows
+  added since the last save live in an in-memory tail. Lookups go through a sorted id array (16 bytes per row)
+  plus a small dict for the tail, not a dict per row (~130 bytes each).
+* Persistence: a save appends the tail's rows to vectors.f32 (rows below the manifest's count are never rewritten
+  in place), then writes ids.npy, alive.npy and ann.faiss to temporary names and renames them, and manifest.json
+  last: the commit point (rows past its count are ignored). Compaction writes a new vectors file and renames it
+  over the old one, so searches still holding the old mapping finish on it. Losing the directory loses only time.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import os
 import shutil
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,7 +40,10 @@ from loupe.storage.metadata.tables import ChangeOp
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = (
+    2  # 1: vectors.npy held in RAM, compacted at every save (still read, written as 2 at the next save)
+)
+_CHUNK = 65_536  # rows per chunk when copying or adding vectors in bulk
 
 
 class _ChangeSource(Protocol):
@@ -71,6 +81,73 @@ class SyncReport:
     seconds: float
 
 
+@dataclass(frozen=True)
+class _View:
+    """A consistent snapshot of the row arrays for one search: rows [0, n_base) in `base` (memory-mapped once
+    saved), rows [n_base, n) in `tail`. Rows are append-only, so a view stays valid while writers go on (a delete
+    only flips `alive`)."""
+
+    ids: np.ndarray
+    alive: np.ndarray
+    base: np.ndarray
+    tail: np.ndarray
+    n_base: int
+    n: int
+    ann: Any
+    version: int
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """The vectors of these rows (a copy)."""
+        if len(rows) == 0 or int(rows.max()) < self.n_base:
+            return self.base[rows]
+        out = np.empty((len(rows), self.base.shape[1]), dtype=np.float32)
+        low = rows < self.n_base
+        out[low] = self.base[rows[low]]
+        out[~low] = self.tail[rows[~low] - self.n_base]
+        return out
+
+    def scores(self, q: np.ndarray) -> np.ndarray:
+        """q against every row, dead ones included."""
+        head = self.base[: self.n_base] @ q
+        if self.n == self.n_base:
+            return head
+        return np.concatenate([head, self.tail[: self.n - self.n_base] @ q])
+
+    def chunks(self, rows: np.ndarray) -> Any:
+        for start in range(0, len(rows), _CHUNK):
+            part = rows[start : start + _CHUNK]
+            yield part, self.take(part)
+
+
+@dataclass
+class Subset:
+    """The mirror rows of a set of ids (a filter's matching images), valid for one mirror version; the bitmap for
+    FAISS's IDSelectorBitmap is built on first use. Kept next to a cached filter, it spares the id-to-row mapping
+    (and at 1M ids, 40 ms) on every query."""
+
+    ids: np.ndarray
+    rows: np.ndarray
+    version: int
+    n: int
+    _bitmap: np.ndarray | None = field(default=None, repr=False)
+
+    def bitmap(self) -> np.ndarray:
+        if self._bitmap is None:
+            mask = np.zeros(self.n, dtype=bool)
+            mask[self.rows] = True
+            self._bitmap = np.packbits(mask, bitorder="little")
+        return self._bitmap
+
+    def contains(self, rows: np.ndarray) -> np.ndarray:
+        """A mask over `rows`: which are in the subset."""
+        bits = self.bitmap()
+        inside = rows < self.n
+        out = np.zeros(len(rows), dtype=bool)
+        r = rows[inside]
+        out[inside] = ((bits[r >> 3] >> (r & 7)) & 1).astype(bool)
+        return out
+
+
 class FaissMirror:
     def __init__(
         self, directory: Path, *, collection: str, model_version_id: int, dim: int, settings: IndexSettings
@@ -82,17 +159,32 @@ class FaissMirror:
         self.settings = settings
         self._lock = threading.RLock()
         self._sync_lock = threading.Lock()
+        self._save_lock = threading.Lock()
         self._reset_state()
         self.use_gpu = bool(settings.use_gpu and _gpu_count() > 0)
 
     # ------------------------------------------------------------ state
 
     def _reset_state(self) -> None:
-        self._ids = np.zeros(0, dtype=np.int64)
-        self._vecs = np.zeros((0, self.dim), dtype=np.float32)
+        self._epoch = getattr(self, "_epoch", 0) + 1  # row numbers are valid within one epoch
+        self._ids = np.zeros(
+            0, dtype=np.int64
+        )  # per row, capacity grows by doubling (9 bytes a row with alive)
         self._alive = np.zeros(0, dtype=bool)
         self._n = 0
-        self._row_of: dict[int, int] = {}
+        self._base = np.zeros((0, self.dim), dtype=np.float32)  # rows [0, n_base): memory-mapped once saved
+        self._n_base = 0
+        self._tail = np.zeros((0, self.dim), dtype=np.float32)  # rows [n_base, n)
+        self._file_rows = (
+            0  # rows of <directory>/vectors.f32 that are ours (0: write a new file at the next save)
+        )
+        self._live = 0
+        # id -> row: a sorted view of the rows below _n_sorted, plus a dict for the rows added since.
+        self._sorted_ids = np.zeros(0, dtype=np.int64)
+        self._sorted_rows = np.zeros(0, dtype=np.int64)
+        self._n_sorted = 0
+        self._recent: dict[int, int] = {}
+        self._recent_sorted: tuple[int, np.ndarray, np.ndarray] = (-1, self._sorted_ids, self._sorted_rows)
         self._ann: Any = None
         self._ann_type = "flat"
         self._ann_params: dict[str, Any] = {}
@@ -100,169 +192,222 @@ class FaissMirror:
         self.last_seq = 0
         self._unsaved = 0
         self._version = 0
-        self._sorted_at = -1
-        self._sorted: tuple[np.ndarray, np.ndarray] = (np.zeros(0, np.int64), np.zeros(0, np.int64))
 
     @property
     def live_count(self) -> int:
-        return len(self._row_of)
+        return self._live
 
     @property
     def index_type(self) -> str:
         return self._ann_type
 
+    @property
+    def version(self) -> int:
+        """Bumped by every change: what a cached Subset is checked against."""
+        return self._version
+
+    def _view(self) -> _View:
+        with self._lock:
+            return _View(
+                self._ids,
+                self._alive,
+                self._base,
+                self._tail,
+                self._n_base,
+                self._n,
+                self._ann,
+                self._version,
+            )
+
     def _grow(self, extra: int) -> None:
         need = self._n + extra
-        cap = len(self._ids)
-        if need <= cap:
-            return
-        new_cap = max(need, cap * 2, 1024)
-        ids = np.zeros(new_cap, dtype=np.int64)
-        vecs = np.zeros((new_cap, self.dim), dtype=np.float32)
-        alive = np.zeros(new_cap, dtype=bool)
-        ids[: self._n] = self._ids[: self._n]
-        vecs[: self._n] = self._vecs[: self._n]
-        alive[: self._n] = self._alive[: self._n]
-        self._ids, self._vecs, self._alive = ids, vecs, alive
+        if need > len(self._ids):
+            cap = max(need, len(self._ids) * 2, 1024)
+            ids, alive = np.zeros(cap, dtype=np.int64), np.zeros(cap, dtype=bool)
+            ids[: self._n], alive[: self._n] = self._ids[: self._n], self._alive[: self._n]
+            self._ids, self._alive = ids, alive
+        tail_need = need - self._n_base
+        if tail_need > len(self._tail):
+            cap = max(tail_need, len(self._tail) * 2, 1024)
+            tail = np.zeros((cap, self.dim), dtype=np.float32)
+            used = self._n - self._n_base
+            tail[:used] = self._tail[:used]
+            self._tail = tail
+
+    def _index_rows(self) -> None:
+        """Rebuild the sorted id -> row view over every live row (after a load, a save or a rebuild)."""
+        live = np.nonzero(self._alive[: self._n])[0].astype(np.int64)
+        ids = self._ids[live]
+        order = np.argsort(ids, kind="stable")
+        self._sorted_ids, self._sorted_rows = ids[order], live[order]
+        self._n_sorted = self._n
+        self._recent = {}
+        self._live = len(live)
+
+    def _row(self, image_id: int) -> int | None:
+        row = self._recent.get(image_id)
+        if row is None:
+            pos = int(np.searchsorted(self._sorted_ids, image_id))
+            if pos < len(self._sorted_ids) and int(self._sorted_ids[pos]) == image_id:
+                row = int(self._sorted_rows[pos])
+        return row if row is not None and self._alive[row] else None
 
     def upsert(self, ids: np.ndarray, vecs: np.ndarray) -> None:
         ids = np.asarray(ids, dtype=np.int64)
         vecs = np.ascontiguousarray(vecs, dtype=np.float32)
         if vecs.ndim != 2 or vecs.shape[1] != self.dim:
             raise ValueError(f"mirror expects {self.dim}-d vectors, got {vecs.shape}")
+        if len(np.unique(ids)) != len(ids):  # the last vector of an id wins
+            last = len(ids) - 1 - np.unique(ids[::-1], return_index=True)[1]
+            ids, vecs = ids[np.sort(last)], vecs[np.sort(last)]
         with self._lock:
             # An upsert of an id already present replaces it: tombstone the old row.
-            stale = [self._row_of[i] for i in ids.tolist() if i in self._row_of]
+            stale = [r for r in (self._row(i) for i in ids.tolist()) if r is not None]
             if stale:
                 self._tombstone(np.asarray(stale, dtype=np.int64))
             self._grow(len(ids))
             start = self._n
             rows = np.arange(start, start + len(ids), dtype=np.int64)
             self._ids[start : start + len(ids)] = ids
-            self._vecs[start : start + len(ids)] = vecs
+            self._tail[start - self._n_base : start - self._n_base + len(ids)] = vecs
             self._alive[start : start + len(ids)] = True
             self._n += len(ids)
+            self._live += len(ids)
             self._version += 1
-            for i, r in zip(ids.tolist(), rows.tolist(), strict=True):
-                self._row_of[i] = r
+            self._recent.update(zip(ids.tolist(), rows.tolist(), strict=True))
             if self._ann is not None:
                 self._ann.add_with_ids(vecs, rows)
             self._unsaved += len(ids)
+            if len(self._recent) > max(_CHUNK, self._live // 8):
+                self._index_rows()  # fold the dict into the sorted view
 
     def delete(self, ids: list[int] | np.ndarray) -> None:
         with self._lock:
-            rows = [self._row_of.pop(int(i)) for i in ids if int(i) in self._row_of]
+            rows = []
+            for i in ids:
+                row = self._row(int(i))
+                self._recent.pop(int(i), None)
+                if row is not None:
+                    rows.append(row)
             if rows:
                 self._tombstone(np.asarray(rows, dtype=np.int64))
                 self._unsaved += len(rows)
 
     def _tombstone(self, rows: np.ndarray) -> None:
         self._alive[rows] = False
+        self._live -= len(rows)
         self._version += 1
         if self._ann is not None:
             self._ann.remove_ids(rows)  # faiss takes an id array too
 
     def vector(self, image_id: int) -> np.ndarray | None:
         with self._lock:
-            row = self._row_of.get(int(image_id))
-            return None if row is None else self._vecs[row].copy()
+            row = self._row(int(image_id))
+            if row is None:
+                return None
+            return self._view().take(np.asarray([row]))[0]
 
     def snapshot(self) -> tuple[np.ndarray, np.ndarray]:
         """Copies of the live (ids, vectors), in row order."""
-        with self._lock:
-            alive = self._alive[: self._n]
-            return self._ids[: self._n][alive].copy(), self._vecs[: self._n][alive].copy()
+        view = self._view()
+        rows = np.nonzero(view.alive[: view.n])[0]
+        return view.ids[rows].copy(), view.take(rows)
 
     # ------------------------------------------------------------ search
 
     def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (ids, scores) by exact cosine, best first, ties broken by smaller id."""
         q = np.ascontiguousarray(np.asarray(query, dtype=np.float32).reshape(1, -1))
-        with self._lock:
-            n, ids, vecs, alive, ann = self._n, self._ids, self._vecs, self._alive, self._ann
-            rerank = self.settings.rerank_factor
-        if n == 0 or k <= 0:
-            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
-        if ann is None:
-            scores = vecs[:n] @ q[0]
-            scores = np.where(alive[:n], scores, -np.inf)
+        view = self._view()
+        if view.n == 0 or k <= 0:
+            return _empty()
+        if view.ann is None:
+            scores = np.where(view.alive[: view.n], view.scores(q[0]), -np.inf)
             rows = _top_rows(scores, k)
-        else:
-            _, cand = ann.search(q, max(k * rerank, k + 32))
-            cand = cand[0]
-            cand = cand[(cand >= 0) & (cand < n)]
-            cand = cand[alive[cand]]
-            exact = vecs[cand] @ q[0]
-            order = _top_rows(exact, k)
-            rows, scores = cand[order], None
-            return _ordered(ids[rows], exact[order])
-        return _ordered(ids[rows], scores[rows])
+            return _ordered(view.ids[rows], scores[rows])
+        _, cand = view.ann.search(q, max(k * self.settings.rerank_factor, k + 32))
+        cand = cand[0]
+        cand = cand[(cand >= 0) & (cand < view.n)]
+        cand = cand[view.alive[cand]]
+        exact = view.take(cand) @ q[0]
+        top = _top_rows(exact, k)
+        return _ordered(view.ids[cand[top]], exact[top])
 
-    def _rows_of(self, ids: np.ndarray) -> np.ndarray:
-        """Rows of these ids (those present), vectorized through a sorted view rebuilt after changes."""
+    def subset(self, ids: np.ndarray) -> Subset:
+        """The live rows of these ids (those present), for search_subset / search_masked."""
+        return self._subset_view(ids)[0]
+
+    def _subset_view(self, ids: np.ndarray | Subset) -> tuple[Subset, _View]:
+        """A Subset and a view of the same mirror version (row numbers change only at compaction, which bumps
+        the version): a cached Subset of the current version is taken as it is."""
         with self._lock:
-            if self._sorted_at != self._version:
-                live = self._ids[: self._n]
-                order = np.argsort(live, kind="stable")
-                self._sorted = (live[order], order)
-                self._sorted_at = self._version
-            sorted_ids, order = self._sorted
-            alive = self._alive
+            view = self._view()
+            if isinstance(ids, Subset):
+                if ids.version == view.version:
+                    return ids, view
+                ids = ids.ids
+            sorted_ids, sorted_rows = self._sorted_ids, self._sorted_rows
+            if self._recent and self._recent_sorted[0] != self._version:
+                rid = np.fromiter(self._recent.keys(), np.int64, len(self._recent))
+                rrow = np.fromiter(self._recent.values(), np.int64, len(self._recent))
+                order = np.argsort(rid)
+                self._recent_sorted = (self._version, rid[order], rrow[order])
+            lookups = [(sorted_ids, sorted_rows)]
+            if self._recent:
+                lookups.append(self._recent_sorted[1:])
         ids = np.asarray(ids, dtype=np.int64)
-        if len(sorted_ids) == 0 or len(ids) == 0:
-            return np.zeros(0, dtype=np.int64)
-        pos = np.clip(np.searchsorted(sorted_ids, ids), 0, len(sorted_ids) - 1)
-        hit = sorted_ids[pos] == ids
-        rows = order[pos[hit]]
-        # Upserted-again ids leave a dead row with the same id: keep the alive one.
-        rows = rows[alive[rows]]
-        return rows.astype(np.int64)
+        found = [np.zeros(0, dtype=np.int64)]
+        for keys, rows in lookups:
+            if len(keys) and len(ids):
+                pos = np.clip(np.searchsorted(keys, ids), 0, len(keys) - 1)
+                found.append(rows[pos[keys[pos] == ids]])
+        rows = np.concatenate(found)
+        # An id upserted again has its older row in the sorted view, dead: keep only alive rows, once each.
+        rows = np.unique(rows[view.alive[rows]])
+        return Subset(ids=ids, rows=rows, version=view.version, n=view.n), view
 
-    def search_subset(self, query: np.ndarray, k: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def search_subset(
+        self, query: np.ndarray, k: int, ids: np.ndarray | Subset
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-k among the given ids only (a filter's matching set): the true best matches."""
         q = np.asarray(query, dtype=np.float32).reshape(-1)
-        rows = self._rows_of(ids)
+        sub, view = self._subset_view(ids)
+        rows = sub.rows[view.alive[sub.rows]]
         if len(rows) == 0 or k <= 0:
-            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
-        with self._lock:
-            vecs, all_ids, n = self._vecs, self._ids, self._n
-        if len(rows) * 4 >= n:
+            return _empty()
+        if len(rows) * 4 >= view.n:
             # A large share: one product over every row, then a mask, instead of gathering the rows first (a copy
             # of len(rows) x dim floats per query).
-            full = vecs[:n] @ q
-            scores = np.full(n, -np.inf, dtype=np.float32)
+            full = view.scores(q)
+            scores = np.full(view.n, -np.inf, dtype=np.float32)
             scores[rows] = full[rows]
             top = _top_rows(scores, min(k, len(rows)))
-            return _ordered(all_ids[top], scores[top])
-        scores = vecs[rows] @ q
+            return _ordered(view.ids[top], scores[top])
+        scores = view.take(rows) @ q
         top = _top_rows(scores, k)
-        return _ordered(all_ids[rows[top]], scores[top])
+        return _ordered(view.ids[rows[top]], scores[top])
 
-    def search_masked(self, query: np.ndarray, k: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def search_masked(
+        self, query: np.ndarray, k: int, ids: np.ndarray | Subset
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k among the given ids through the approximate index (FAISS IDSelectorBitmap over rows), re-ranked
         exactly; falls back to the exact subset scan when the mirror is flat."""
-        with self._lock:
-            ann, n = self._ann, self._n
-        if ann is None:
-            return self.search_subset(query, k, ids)
-        rows = self._rows_of(ids)
-        mask = np.zeros(n, dtype=bool)
-        mask[rows] = True
-        bitmap = np.packbits(mask, bitorder="little")
-        sel = faiss.IDSelectorBitmap(n, faiss.swig_ptr(bitmap))
+        sub, view = self._subset_view(ids)
+        if view.ann is None:
+            return self.search_subset(query, k, sub)
+        bitmap = sub.bitmap()
+        sel = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))  # n: bytes, not bits
         params = faiss.SearchParametersIVF()
         params.sel = sel  # `sel` and `bitmap` stay referenced here for the whole search
         params.nprobe = max(self.settings.nprobe, 1)
         q = np.ascontiguousarray(np.asarray(query, dtype=np.float32).reshape(1, -1))
-        _, cand = ann.search(q, max(k * self.settings.rerank_factor, k + 32), params=params)
+        _, cand = view.ann.search(q, max(k * self.settings.rerank_factor, k + 32), params=params)
         cand = cand[0]
-        with self._lock:
-            vecs, all_ids, alive = self._vecs, self._ids, self._alive
-        cand = cand[(cand >= 0) & (cand < n)]
-        cand = cand[alive[cand] & mask[cand]]
-        exact = vecs[cand] @ q[0]
+        cand = cand[(cand >= 0) & (cand < view.n)]
+        cand = cand[view.alive[cand] & sub.contains(cand)]
+        exact = view.take(cand) @ q[0]
         top = _top_rows(exact, k)
-        return _ordered(all_ids[cand[top]], exact[top])
+        return _ordered(view.ids[cand[top]], exact[top])
 
     # ------------------------------------------------------------ approximate index
 
@@ -277,8 +422,8 @@ class FaissMirror:
     def _build_ann(self) -> None:
         """(Re)train the approximate index on the live vectors; searches use the old one until the swap."""
         with self._lock:
-            rows = np.nonzero(self._alive[: self._n])[0].astype(np.int64)
-            vecs = self._vecs[rows].copy()
+            view, epoch = self._view(), self._epoch
+        rows = np.nonzero(view.alive[: view.n])[0].astype(np.int64)
         params = self._approx_params(len(rows))
         factory = self.settings.factory.format(nlist=params["nlist"], m=params["m"])
         started = time.monotonic()
@@ -286,9 +431,10 @@ class FaissMirror:
         _no_polysemous(index)
         rng = np.random.default_rng(0)
         per_list = self.settings.train_per_list * params["nlist"]
-        sample = vecs if len(vecs) <= per_list else vecs[rng.choice(len(vecs), per_list, replace=False)]
-        index.train(sample)
-        index.add_with_ids(vecs, rows)
+        sample = rows if len(rows) <= per_list else np.sort(rng.choice(rows, per_list, replace=False))
+        index.train(view.take(sample))
+        for part, vecs in view.chunks(rows):  # in chunks: no full copy of the vectors
+            index.add_with_ids(vecs, part)
         _set_nprobe(index, params["nprobe"])
         log.info(
             "mirror %s: trained %s on %d vectors in %.1f s",
@@ -298,18 +444,22 @@ class FaissMirror:
             time.monotonic() - started,
         )
         with self._lock:
+            if self._epoch != epoch:
+                return  # reset or compacted meanwhile: row numbers changed, the next sync tries again
             # Rows added or deleted while training: bring the new index up to date before the swap.
-            new_rows = np.arange(rows[-1] + 1 if len(rows) else 0, self._n, dtype=np.int64)
-            new_rows = new_rows[self._alive[new_rows]]
+            now = self._view()
+            new_rows = np.arange(view.n, now.n, dtype=np.int64)
+            new_rows = new_rows[now.alive[new_rows]]
             if len(new_rows):
-                index.add_with_ids(self._vecs[new_rows], new_rows)
-            dead = rows[~self._alive[rows]]
+                index.add_with_ids(now.take(new_rows), new_rows)
+            dead = rows[~now.alive[rows]]
             if len(dead):
                 index.remove_ids(dead)  # type: ignore[arg-type]
             self._ann = _to_gpu(index) if self.use_gpu else index
             self._ann_type = factory
             self._ann_params = params
             self._ann_trained_on = len(rows)
+            self._version += 1
 
     def maybe_go_approximate(self) -> bool:
         """Past exact_max live vectors, build (or, after 4x growth, retrain) the approximate index."""
@@ -318,6 +468,7 @@ class FaissMirror:
             if self._ann is not None and live < self.settings.exact_max // 2:
                 with self._lock:
                     self._ann, self._ann_type, self._ann_params = None, "flat", {}
+                    self._version += 1
             return False
         if self._ann is None or live > 4 * self._ann_trained_on:
             self._build_ann()
@@ -386,53 +537,127 @@ class FaissMirror:
 
     # ------------------------------------------------------------ persistence
 
-    def _compact(self) -> None:
-        with self._lock:
-            keep = np.nonzero(self._alive[: self._n])[0]
-            if len(keep) == self._n:
-                return
-            self._ids = self._ids[keep].copy()
-            self._vecs = self._vecs[keep].copy()
-            self._alive = np.ones(len(keep), dtype=bool)
-            self._n = len(keep)
-            self._row_of = {int(i): r for r, i in enumerate(self._ids.tolist())}
-            self._version += 1
-            if self._ann is not None:
-                ann = _to_cpu(self._ann)
-                ann.reset()  # keeps the trained quantizers, drops the lists
-                ann.add_with_ids(self._vecs, np.arange(self._n, dtype=np.int64))
-                self._ann = _to_gpu(ann) if self.use_gpu else ann
+    def _map(self, rows: int) -> np.ndarray:
+        """Rows [0, rows) of vectors.f32: memory-mapped read-only, or read into memory (index.mmap_vectors)."""
+        path = self.directory / "vectors.f32"
+        if rows == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        if self.settings.mmap_vectors:
+            return np.memmap(path, dtype=np.float32, mode="r", shape=(rows, self.dim)).view(np.ndarray)
+        return np.fromfile(path, dtype=np.float32, count=rows * self.dim).reshape(rows, self.dim)
 
     def save(self) -> None:
-        self._compact()
-        with self._lock:
-            n = self._n
-            ids = self._ids[:n].copy()
-            vecs = self._vecs[:n].copy()
-            ann = faiss.clone_index(_to_cpu(self._ann)) if self._ann is not None else None
+        """Persist: append the rows added since the last save (or, with many tombstones or no file of ours yet,
+        write a compacted file), then ids, alive flags, the FAISS index, and the manifest last."""
+        with self._save_lock:
+            with self._lock:
+                view, epoch, file_rows = self._view(), self._epoch, self._file_rows
+                dead = view.n - self._live
+                compact = dead > 0 and dead >= self.settings.compact_ratio * view.n
+                ann = self._ann
+                ann_copy = faiss.clone_index(_to_cpu(ann)) if ann is not None else None
+                last_seq, unsaved = self.last_seq, self._unsaved
+                self._unsaved = 0
+            self.directory.mkdir(parents=True, exist_ok=True)
+            if compact or file_rows == 0:
+                keep = np.nonzero(view.alive[: view.n])[0] if compact else np.arange(view.n)
+                self._write_new_file(view, keep)
+                if compact and ann_copy is not None:
+                    ann_copy.reset()  # keeps the trained quantizers, drops the lists
+                    for part, vecs in view.chunks(keep):
+                        ann_copy.add_with_ids(vecs, np.searchsorted(keep, part))
+            else:
+                keep = np.arange(view.n)
+                self._append_rows(view, file_rows)
+            ids = view.ids[keep]
+            alive = view.alive[keep].copy()
+            with self._lock:
+                if self._epoch != epoch:
+                    self._unsaved += unsaved
+                    return  # reset meanwhile (a rebuild): it saves its own state
+                if compact:
+                    self._swap_compacted(view, keep, ann_copy)
+                else:
+                    self._swap_base(view.n)
             manifest = Manifest(
                 format_version=FORMAT_VERSION,
                 model_version_id=self.model_version_id,
                 collection=self.collection,
                 dim=self.dim,
-                count=n,
-                last_seq=self.last_seq,
-                index_type=self._ann_type,
+                count=len(keep),
+                last_seq=last_seq,
+                index_type=self._ann_type if ann_copy is not None else "flat",
                 index_params={**self._ann_params, "trained_on": self._ann_trained_on},
                 saved_at=time.time(),
             )
-            self._unsaved = 0
-        self.directory.mkdir(parents=True, exist_ok=True)
-        _atomic(self.directory / "ids.npy", lambda p: np.save(p, ids))
-        _atomic(self.directory / "vectors.npy", lambda p: np.save(p, vecs))
-        ann_path = self.directory / "ann.faiss"
+            _atomic(self.directory / "ids.npy", lambda p: np.save(p, ids))
+            _atomic(self.directory / "alive.npy", lambda p: np.save(p, alive))
+            ann_path = self.directory / "ann.faiss"
+            if ann_copy is not None:
+                _atomic(ann_path, lambda p: faiss.write_index(ann_copy, str(p)))
+            elif ann_path.exists():
+                ann_path.unlink()
+            (self.directory / "vectors.npy").unlink(missing_ok=True)  # format 1
+            _atomic(
+                self.directory / "manifest.json",
+                lambda p: p.write_text(json.dumps(asdict(manifest), indent=2)),
+            )
+
+    def _write_new_file(self, view: _View, keep: np.ndarray) -> None:
+        """These rows into a new vectors.f32, renamed over the old one (mappings of the old file stay valid)."""
+        path = self.directory / "vectors.f32"
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                for _, vecs in view.chunks(keep):
+                    f.write(np.ascontiguousarray(vecs).tobytes())
+
+        _atomic(path, write)
+
+    def _append_rows(self, view: _View, file_rows: int) -> None:
+        """Rows [file_rows, n) at their place in vectors.f32; rows below are never rewritten in place, and
+        anything past the manifest's count (a save cut short) is overwritten."""
+        if view.n == file_rows:
+            return
+        row_bytes = self.dim * 4
+        with open(self.directory / "vectors.f32", "r+b") as f:
+            f.seek(file_rows * row_bytes)
+            for _, vecs in view.chunks(np.arange(file_rows, view.n)):
+                f.write(np.ascontiguousarray(vecs).tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _swap_base(self, rows: int) -> None:
+        """Rows [0, rows) are in the file now: map them as the base, keep the rest in a smaller tail."""
+        base = self._map(rows)
+        extra = self._n - rows
+        tail = np.zeros((max(extra, 1024), self.dim), dtype=np.float32)
+        tail[:extra] = self._tail[rows - self._n_base : self._n - self._n_base]
+        self._base, self._n_base, self._tail, self._file_rows = base, rows, tail, rows
+
+    def _swap_compacted(self, view: _View, keep: np.ndarray, ann: Any) -> None:
+        """Renumber: kept row keep[j] becomes row j, rows added since the snapshot follow them."""
+        later = np.arange(view.n, self._n, dtype=np.int64)
+        ids = np.concatenate([self._ids[keep], self._ids[later]])
+        alive = np.concatenate([self._alive[keep], self._alive[later]])
+        tail = np.concatenate([self._view().take(later), np.zeros((1024, self.dim), dtype=np.float32)])
         if ann is not None:
-            _atomic(ann_path, lambda p: faiss.write_index(ann, str(p)))
-        elif ann_path.exists():
-            ann_path.unlink()
-        _atomic(
-            self.directory / "manifest.json", lambda p: p.write_text(json.dumps(asdict(manifest), indent=2))
-        )
+            moved = np.arange(len(keep), len(keep) + len(later), dtype=np.int64)
+            if len(later):
+                ann.add_with_ids(tail[: len(later)], moved)
+            gone = np.nonzero(~alive)[0].astype(np.int64)
+            if len(gone):
+                ann.remove_ids(gone)
+            ann = _to_gpu(ann) if self.use_gpu else ann
+        elif self._ann is not None:  # built while the snapshot was written: the next sync builds it again
+            self._ann_type, self._ann_params, self._ann_trained_on = "flat", {}, 0
+        self._ids, self._alive, self._n = ids, alive, len(ids)
+        self._base, self._n_base, self._file_rows = self._map(len(keep)), len(keep), len(keep)
+        self._tail = tail
+        self._ann = ann
+        self._epoch += 1
+        self._version += 1
+        self._index_rows()
 
     def load(self) -> bool:
         """Load a saved mirror of this model version. False (and an empty mirror) when there is none usable."""
@@ -443,7 +668,7 @@ class FaissMirror:
         except (OSError, ValueError, TypeError):
             return False
         if (
-            manifest.format_version != FORMAT_VERSION
+            manifest.format_version not in (1, FORMAT_VERSION)
             or manifest.model_version_id != self.model_version_id
             or manifest.dim != self.dim
             or manifest.collection != self.collection
@@ -452,30 +677,39 @@ class FaissMirror:
                 "mirror %s: saved files belong to another model or format; rebuilding", self.collection
             )
             return False
+        n = manifest.count
         try:
             ids = np.load(self.directory / "ids.npy")
-            vecs = np.load(self.directory / "vectors.npy")
+            if manifest.format_version == 1:
+                base = np.load(self.directory / "vectors.npy", mmap_mode="r").view(np.ndarray)
+                alive = np.ones(len(ids), dtype=bool)
+                file_rows = 0  # the next save writes vectors.f32
+            else:
+                alive = np.load(self.directory / "alive.npy")
+                size = (self.directory / "vectors.f32").stat().st_size
+                if size < n * self.dim * 4:
+                    raise ValueError(f"vectors.f32 holds {size} bytes, fewer than {n} rows")
+                base, file_rows = self._map(n), n
             ann = None
             if manifest.index_type != "flat":
                 ann = faiss.read_index(str(self.directory / "ann.faiss"))
         except (OSError, ValueError, RuntimeError) as exc:
             log.warning("mirror %s: cannot read saved files (%s); rebuilding", self.collection, exc)
             return False
-        if len(ids) != manifest.count or vecs.shape != (manifest.count, self.dim):
+        if len(ids) != n or len(alive) != n or base.shape != (n, self.dim):
             log.warning("mirror %s: saved files do not match the manifest; rebuilding", self.collection)
             return False
         with self._lock:
             self._reset_state()
-            self._ids, self._vecs = ids.astype(np.int64), np.ascontiguousarray(vecs, dtype=np.float32)
-            self._alive = np.ones(len(ids), dtype=bool)
-            self._n = len(ids)
-            self._row_of = {int(i): r for r, i in enumerate(ids.tolist())}
+            self._ids, self._alive, self._n = ids.astype(np.int64), alive.astype(bool), n
+            self._base, self._n_base, self._file_rows = base, n, file_rows
+            self._index_rows()
             if ann is not None:
                 _set_nprobe(ann, self.settings.nprobe)  # the setting wins: tuning needs no rebuild
                 self._ann = _to_gpu(ann) if self.use_gpu else ann
                 self._ann_type = manifest.index_type
-                self._ann_params = dict(manifest.index_params)
-                self._ann_trained_on = int(manifest.index_params.get("trained_on", len(ids)))
+                self._ann_params = {k: v for k, v in manifest.index_params.items() if k != "trained_on"}
+                self._ann_trained_on = int(manifest.index_params.get("trained_on", n))
             self.last_seq = manifest.last_seq
         return True
 
@@ -488,6 +722,26 @@ class FaissMirror:
             return SyncReport(self.live_count, True, self.last_seq, time.monotonic() - started)
         return self.sync(changes, vectors)
 
+    def memory(self) -> dict[str, int]:
+        """Bytes held: in RAM (ids, flags, lookup, tail, index codes) and memory-mapped from vectors.f32."""
+        with self._lock:
+            mapped = self._n_base * self.dim * 4 if self.settings.mmap_vectors else 0
+            ram = (
+                self._ids.nbytes
+                + self._alive.nbytes
+                + self._sorted_ids.nbytes
+                + self._sorted_rows.nbytes
+                + self._tail.nbytes
+                + (0 if self.settings.mmap_vectors else self._n_base * self.dim * 4)
+            )
+            ann = self._ann
+        codes = 0
+        if ann is not None:
+            with contextlib.suppress(RuntimeError, AttributeError):  # not IVF, or on a GPU
+                invlists: Any = faiss.extract_index_ivf(ann).invlists
+                codes = sum(invlists.list_size(i) for i in range(invlists.nlist)) * (invlists.code_size + 8)
+        return {"ram_bytes": ram + codes, "index_bytes": codes, "mapped_bytes": mapped}
+
     def stats(self) -> dict[str, Any]:
         return {
             "collection": self.collection,
@@ -496,10 +750,15 @@ class FaissMirror:
             "params": self._ann_params,
             "last_seq": self.last_seq,
             "gpu": self.use_gpu,
+            "memory": self.memory(),
         }
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def _empty() -> tuple[np.ndarray, np.ndarray]:
+    return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
 
 
 def _top_rows(scores: np.ndarray, k: int) -> np.ndarray:

@@ -73,9 +73,12 @@ class EdgeVectorStore:
             if name in self._shards:
                 return
             path = self._path(name)
-            config = EdgeConfig(vectors=EdgeVectorParams(size=dim, distance=Distance.Cosine))
+            # Vectors on disk (memory-mapped, not read in at load): the FAISS mirror answers searches, Qdrant is
+            # read for catch-up, rebuilds and filters. Segments written before this setting keep theirs until
+            # Qdrant's optimizer rewrites them.
+            config = EdgeConfig(vectors=EdgeVectorParams(size=dim, distance=Distance.Cosine, on_disk=True))
             if path.exists() and any(path.iterdir()):
-                shard = EdgeShard.load(str(path))
+                shard = EdgeShard.load(str(path), config)
             else:
                 shard = EdgeShard.create(str(path), config)
             self._shards[name] = shard
