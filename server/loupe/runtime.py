@@ -454,6 +454,7 @@ class Runtime:
                 "mirror": self.mirror.stats(),
                 "blobs": "files",
             },
+            "caches": self.search.cache_stats(),
             "warnings": [],
         }
         if info.is_demo:

@@ -189,10 +189,12 @@ def test_edits_reach_the_payload_and_the_filters(lib: Lib):
 
 def test_a_cached_filter_follows_edits_and_deletes(lib: Lib):
     flt = {"tags": {"any": ["cache-probe"]}}
-    req = SearchRequest(query=[Term(vector=lib.vecs[0].tolist())], filters=flt, limit=50)
+    limits = iter(range(50, 10, -1))  # a new page size each time: the whole-response cache never answers
 
     def found() -> tuple[set[int], bool]:
+        req = SearchRequest(query=[Term(vector=lib.vecs[0].tolist())], filters=flt, limit=next(limits))
         res = lib.rt.search.search(req)
+        assert "result_cache" not in res.plan
         return {h.id for h in res.hits}, res.plan["filter"]["cached"]
 
     assert found() == (set(), False)
@@ -203,3 +205,47 @@ def test_a_cached_filter_follows_edits_and_deletes(lib: Lib):
     assert found() == (set(picked), True)
     lib.rt.ingest.delete(picked[0])
     assert found() == (set(picked[1:]), False)
+
+
+def test_repeated_searches_come_from_the_result_cache_until_anything_changes(lib: Lib):
+    svc = lib.rt.search
+    flt = {"tags": {"any": ["result-probe"]}}
+    q = lib.vecs[5]
+    picked = [int(i) for i in lib.ids[200:204]]
+    lib.rt.ingest.edit(picked[:2], {"add_tags": ["result-probe"]})
+
+    def ask(**kw) -> tuple[list[int], str | None]:
+        req = SearchRequest(query=[Term(vector=q.tolist())], **({"filters": flt, "limit": 10} | kw))
+        res = svc.search(req)
+        return [h.id for h in res.hits], res.plan.get("result_cache")
+
+    first, how = ask()
+    assert sorted(first) == sorted(picked[:2]) and how is None
+    assert ask() == (first, "hit")
+    assert ask(limit=1)[1] is None  # another page size is another request
+    lib.rt.ingest.edit(picked[2:], {"add_tags": ["result-probe"]})  # a database commit drops it
+    again, how = ask()
+    assert sorted(again) == sorted(picked) and how is None
+    # A new vector reaching the mirror drops it too (here one next to the query, so it comes first).
+    near = q + np.random.default_rng(0).normal(scale=1e-3, size=q.shape).astype(np.float32)
+    (new_id,) = lib.rt.ingest.add_vectors(
+        near[None, :] / np.linalg.norm(near), meta=[{"tags": ["result-probe"]}]
+    )
+    top, how = ask()
+    assert top[0] == new_id and how is None
+    lib.rt.ingest.delete(new_id)
+    assert new_id not in ask()[0]
+    unfiltered = SearchRequest(query=[Term(vector=q.tolist())], limit=5)
+    a, b = svc.search(unfiltered), svc.search(unfiltered)
+    assert [h.id for h in a.hits] == [h.id for h in b.hits] and b.plan["result_cache"] == "hit"
+    assert b.next_cursor == a.next_cursor and b.timing_ms["total"] < a.timing_ms["total"]
+    page2 = svc.search(unfiltered.model_copy(update={"cursor": a.next_cursor}))
+    assert "result_cache" not in page2.plan and not {h.id for h in page2.hits} & {h.id for h in a.hits}
+    stats = lib.rt.health()["caches"]["results"]
+    assert stats["hits"] >= 2 and stats["misses"] >= 5 and stats["entries"] >= 1
+    ttl = svc.settings.result_cache_ttl_s
+    svc.settings.result_cache_ttl_s = 0.0  # trusted for no time: every request is computed
+    try:
+        assert "result_cache" not in svc.search(unfiltered).plan
+    finally:
+        svc.settings.result_cache_ttl_s = ttl

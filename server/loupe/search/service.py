@@ -17,7 +17,7 @@ import numpy as np
 
 from loupe.config import SearchSettings
 from loupe.errors import InvalidQuery, NotFound
-from loupe.index.faiss_mirror import FaissMirror
+from loupe.index.faiss_mirror import FaissMirror, Subset
 from loupe.ingest.text import TextIndexer
 from loupe.models.batching import MicroBatcher
 from loupe.models.clip import ClipModel
@@ -68,21 +68,39 @@ class TextEmbeddingCache:
         return [out[t] for t in texts]
 
 
+class _FilterEntry:
+    """A cached filter: its matching ids, and their mirror rows for the mirror version they were mapped at."""
+
+    __slots__ = ("at", "generation", "ids", "subset")
+
+    def __init__(self, generation: int, at: float, ids: np.ndarray) -> None:
+        self.generation, self.at, self.ids = generation, at, ids
+        self.subset: Subset | None = None
+
+    def rows(self, mirror: FaissMirror) -> Subset:
+        sub = self.subset
+        if sub is None or sub.version != mirror.version:
+            sub = self.subset = mirror.subset(self.ids)
+        return sub
+
+
 @dataclass
 class FilterScope:
     ids: np.ndarray  # matching image ids, sorted
     selectivity: float
     exact: bool
     cached: bool = False
+    entry: _FilterEntry | None = None
 
     @property
     def matching(self) -> int:
         return len(self.ids)
 
     def search(self, mirror: FaissMirror, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        within: np.ndarray | Subset = self.entry.rows(mirror) if self.entry is not None else self.ids
         if self.exact:
-            return mirror.search_subset(query, k, self.ids)
-        return mirror.search_masked(query, k, self.ids)
+            return mirror.search_subset(query, k, within)
+        return mirror.search_masked(query, k, within)
 
     def allows(self, image_id: int) -> bool:
         pos = int(np.searchsorted(self.ids, image_id))
@@ -121,12 +139,30 @@ class SearchService:
         self.collection = collection
         self.cursors = Signer(secret, "search-cursor")
         self.text_cache = TextEmbeddingCache(text_cache_size, clip)
-        self._filter_cache: OrderedDict[str, tuple[int, float, np.ndarray]] = OrderedDict()
+        self._filter_cache: OrderedDict[str, _FilterEntry] = OrderedDict()
         self._filter_lock = threading.Lock()
+        self._results: OrderedDict[str, tuple[int, int, float, SearchResponse]] = OrderedDict()
+        self._results_lock = threading.Lock()
+        self.result_hits = self.result_misses = 0
         self.text_indexer = text_indexer
         self.url_for: Callable[[str], str] = lambda path: (
             path
         )  # the runtime signs URLs when keys are required
+
+    def cache_stats(self) -> dict[str, dict[str, int]]:
+        return {
+            "query_embeddings": {
+                "entries": len(self.text_cache._data),
+                "hits": self.text_cache.hits,
+                "misses": self.text_cache.misses,
+            },
+            "results": {
+                "entries": len(self._results),
+                "hits": self.result_hits,
+                "misses": self.result_misses,
+            },
+            "filters": {"entries": len(self._filter_cache)},
+        }
 
     # ------------------------------------------------------------ composition
 
@@ -213,6 +249,53 @@ class SearchService:
         exclude: Sequence[int] = (),
         return_query_term: bool = False,
         cursor_scope: Any = None,
+    ) -> SearchResponse:
+        """One page of results. A repeated identical request (same terms, filters, page, options) is answered
+        from a small cache while neither this node's database nor the mirror changed, for at most
+        search.result_cache_ttl_s; uploaded-image queries (`extra`) are not cached."""
+        if extra or not self.settings.result_cache_size:
+            return self._search(req, extra, exclude, return_query_term, cursor_scope)
+        t0 = time.perf_counter()
+        key = digest(
+            {
+                "r": req.model_dump(mode="json"),
+                "x": sorted(int(i) for i in exclude),
+                "t": return_query_term,
+                "s": cursor_scope,
+            }
+        )
+        gen, mver, now = self.repo.generation, self.mirror.version, time.monotonic()
+        with self._results_lock:
+            hit = self._results.get(key)
+            if (
+                hit is not None
+                and hit[:2] == (gen, mver)
+                and now - hit[2] <= self.settings.result_cache_ttl_s
+            ):
+                self._results.move_to_end(key)
+                self.result_hits += 1
+                took = round((time.perf_counter() - t0) * 1000, 3)
+                return hit[3].model_copy(
+                    update={
+                        "timing_ms": {"embed": 0.0, "search": 0.0, "join": 0.0, "total": took},
+                        "plan": {**hit[3].plan, "result_cache": "hit"},
+                    }
+                )
+        res = self._search(req, extra, exclude, return_query_term, cursor_scope)
+        with self._results_lock:
+            self.result_misses += 1
+            self._results[key] = (gen, mver, now, res)
+            while len(self._results) > self.settings.result_cache_size:
+                self._results.popitem(last=False)
+        return res
+
+    def _search(
+        self,
+        req: SearchRequest,
+        extra: Sequence[tuple[np.ndarray, float]],
+        exclude: Sequence[int],
+        return_query_term: bool,
+        cursor_scope: Any,
     ) -> SearchResponse:
         t0 = time.perf_counter()
         limit = min(req.limit, self.settings.max_limit)
@@ -308,31 +391,35 @@ class SearchService:
         selectivity this has the unfiltered recall). A flat mirror is always exact."""
         if req.filters is None:
             return None
-        ids, cached = self._filter_ids(req)
+        entry, cached = self._filter_ids(req)
+        ids = entry.ids
         total = max(self.mirror.live_count, 1)
         exact = len(ids) <= self.settings.exact_scan_max or self.mirror.index_type == "flat"
-        return FilterScope(ids=ids, selectivity=len(ids) / total, exact=exact, cached=cached)
+        return FilterScope(ids=ids, selectivity=len(ids) / total, exact=exact, cached=cached, entry=entry)
 
-    def _filter_ids(self, req: SearchRequest) -> tuple[np.ndarray, bool]:
+    def _filter_ids(self, req: SearchRequest) -> tuple[_FilterEntry, bool]:
         """The matching ids, from a small cache valid while the database is unchanged (this process's commits
         bump repo.generation) and, for writes by other nodes, for at most search.filter_cache_ttl_s: a user
-        typing queries and paging under one filter pays the SQL once."""
+        typing queries and paging under one filter pays the SQL once, and the id-to-row mapping once per mirror
+        version."""
         assert req.filters is not None
         key = req.filters.model_dump_json(exclude_none=True, by_alias=True)
         now = time.monotonic()
         gen = self.repo.generation
         with self._filter_lock:
             hit = self._filter_cache.get(key)
-            if hit is not None and hit[0] == gen and now - hit[1] <= self.settings.filter_cache_ttl_s:
+            if hit is not None and hit.generation == gen and now - hit.at <= self.settings.filter_cache_ttl_s:
                 self._filter_cache.move_to_end(key)
-                return hit[2], True
+                return hit, True
         ids = self.repo.ids_where(ready_and(req.filters))
         ids.setflags(write=False)
+        entry = _FilterEntry(gen, now, ids)
         with self._filter_lock:
-            self._filter_cache[key] = (gen, now, ids)
+            if self.settings.filter_cache_size:
+                self._filter_cache[key] = entry
             while len(self._filter_cache) > self.settings.filter_cache_size:
                 self._filter_cache.popitem(last=False)
-        return ids, False
+        return entry, False
 
     # ------------------------------------------------------------ several channels
 
@@ -433,7 +520,7 @@ class SearchService:
         ]
         tj = time.perf_counter()
         window = cand[: limit + self.settings.overfetch + 1]
-        rows = self.repo.get_images([i for i, _, _ in window])
+        rows = self.repo.hit_rows([i for i, _, _ in window])
         live = [(i, sc, ev) for i, sc, ev in window if i in rows and rows[i].state == ImageState.ready]
         page = live[:limit]
         texts = self.repo.get_texts([i for i, _, ev in page if "ocr" in ev or "keyword" in ev])
@@ -497,7 +584,7 @@ class SearchService:
                     break
                 cand.append((i, s))
             tj = time.perf_counter()
-            rows = self.repo.get_images([i for i, _ in cand[: limit + self.settings.overfetch + 1]])
+            rows = self.repo.hit_rows([i for i, _ in cand[: limit + self.settings.overfetch + 1]])
             t_join += time.perf_counter() - tj
             # Ids the database no longer has (deleted, not yet out of the mirror) are masked here.
             live = [(i, s) for i, s in cand if i in rows and rows[i].state == ImageState.ready]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from sqlalchemy import Engine, delete, event, func, insert, or_, select, text, update
@@ -38,6 +38,13 @@ class NewImage:
     frames: int
     tags: tuple[str, ...] = ()
     albums: tuple[str, ...] = ()
+
+
+class HitRow(NamedTuple):
+    id: int
+    state: str
+    width: int
+    height: int
 
 
 @dataclass(frozen=True)
@@ -154,6 +161,17 @@ class MetadataRepo:
         with self.session() as s:
             rows = s.execute(select(Image).where(col(Image.id).in_(list(ids)))).scalars().all()
             return {r.id: r for r in rows}
+
+    def hit_rows(self, ids: Sequence[int]) -> dict[int, HitRow]:
+        """What a page of search hits needs (state and size), by primary key in one round trip: a plain column
+        select, without building ORM objects for every row."""
+        if not ids:
+            return {}
+        stmt = select(col(Image.id), col(Image.state), col(Image.width), col(Image.height)).where(
+            col(Image.id).in_(list(ids))
+        )
+        with self.engine.connect() as conn:
+            return {r[0]: HitRow(r[0], r[1], r[2], r[3]) for r in conn.execute(stmt)}  # type: ignore[misc,arg-type]
 
     def ready_ids(self, ids: Sequence[int]) -> set[int]:
         if not ids:
