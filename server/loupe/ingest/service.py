@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -169,28 +170,26 @@ class IngestService:
         t0 = time.perf_counter()
         decoded: list[tuple[Image, Any]] = []
         meta: dict[int, dict[str, Any]] = {}
-        for image in claimed:
-            try:
-                data = self.blobs.read_original(image.sha256)
-            except FileNotFoundError:
+        threads = self.settings.decode_threads or min(8, os.cpu_count() or 1)
+        with ThreadPoolExecutor(
+            max(1, min(threads, len(claimed))), thread_name_prefix="loupe-decode"
+        ) as pool:
+            prepared = list(pool.map(self._prepare, claimed))
+        for image, outcome in zip(claimed, prepared, strict=True):
+            if isinstance(outcome, FileNotFoundError):
                 self._fail(image, "blob_missing", "the stored original is missing", report, permanent=True)
-                continue
-            try:
-                # JPEGs decode at a reduced DCT scale that still covers the model's input and the thumbnail
-                # (bench/RESULTS.md: 1.8x the end-to-end rate of a decode at twice the model's size).
-                rgb = decode_rgb(data, max_pixels=self.settings.max_pixels, min_side=self._decode_side)
-                # Width and height were recorded (EXIF-oriented) at upload; a draft decode is smaller anyway.
-                meta[int(image.id)] = {**read_exif(data), "phash": dhash(rgb)}  # type: ignore[arg-type]
-                self.blobs.put_thumbnail(
-                    image.sha256,
-                    make_thumbnail(rgb, self.settings.thumbnail_px, self.settings.thumbnail_quality),
+            elif isinstance(outcome, LoupeError):
+                self._fail(image, outcome.code, outcome.message, report, permanent=True)
+            elif isinstance(
+                outcome, Exception
+            ):  # unexpected: retry with backoff, keep the traceback in the log
+                log.error("decoding image %s failed", image.id, exc_info=outcome)
+                self._fail(
+                    image, "decode_error", f"unexpected {type(outcome).__name__}", report, permanent=False
                 )
+            else:
+                rgb, meta[int(image.id)] = outcome  # type: ignore[arg-type]
                 decoded.append((image, rgb))
-            except LoupeError as exc:
-                self._fail(image, exc.code, exc.message, report, permanent=True)
-            except Exception as exc:  # unexpected: retry with backoff, keep the traceback in the log
-                log.exception("decoding image %s failed", image.id)
-                self._fail(image, "decode_error", f"unexpected {type(exc).__name__}", report, permanent=False)
         t1 = time.perf_counter()
         if decoded:
             try:
@@ -252,6 +251,23 @@ class IngestService:
                 log.warning("OCR of image %s failed: %s: %s", image_id, type(exc).__name__, exc)
                 items.append((image_id, OcrResult(checked=False)))
         return self.text_indexer.index(items)
+
+    def _prepare(self, image: Image) -> tuple[Any, dict[str, Any]] | Exception:
+        """Read, decode, fingerprint and thumbnail one claimed picture (in a decode thread): the RGB image and
+        its metadata, or the exception that stopped it."""
+        try:
+            data = self.blobs.read_original(image.sha256)
+            # JPEGs decode at a reduced DCT scale that still covers the model's input and the thumbnail
+            # (bench/RESULTS.md: 1.8x the end-to-end rate of a decode at twice the model's size).
+            rgb = decode_rgb(data, max_pixels=self.settings.max_pixels, min_side=self._decode_side)
+            # Width and height were recorded (EXIF-oriented) at upload; a draft decode is smaller anyway.
+            meta = {**read_exif(data), "phash": dhash(rgb)}
+            self.blobs.put_thumbnail(
+                image.sha256, make_thumbnail(rgb, self.settings.thumbnail_px, self.settings.thumbnail_quality)
+            )
+            return rgb, meta
+        except Exception as exc:
+            return exc
 
     def _fail(self, image: Image, code: str, message: str, report: BatchReport, *, permanent: bool) -> None:
         attempts = image.attempts  # already counts this attempt (claim increments it)
