@@ -252,18 +252,16 @@ class SearchService:
     ) -> SearchResponse:
         """One page of results. A repeated identical request (same terms, filters, page, options) is answered
         from a small cache while neither this node's database nor the mirror changed, for at most
-        search.result_cache_ttl_s; uploaded-image queries (`extra`) are not cached."""
-        if extra or not self.settings.result_cache_size:
-            return self._search(req, extra, exclude, return_query_term, cursor_scope)
+        search.result_cache_ttl_s; uploaded-image queries (`extra`, `cursor_scope`) are not cached."""
         t0 = time.perf_counter()
-        key = digest(
-            {
-                "r": req.model_dump(mode="json"),
-                "x": sorted(int(i) for i in exclude),
-                "t": return_query_term,
-                "s": cursor_scope,
-            }
+        # The query's digest (what a cursor is bound to) is computed once: serializing a 512-float vector term
+        # costs a few hundred microseconds.
+        qhash = digest(
+            cursor_scope if cursor_scope is not None else req.model_dump(mode="json", exclude={"cursor"})
         )
+        if extra or cursor_scope is not None or not self.settings.result_cache_size:
+            return self._search(req, extra, exclude, return_query_term, qhash, t0)
+        key = f"{qhash}|{req.cursor}|{sorted(int(i) for i in exclude)}|{return_query_term}"
         gen, mver, now = self.repo.generation, self.mirror.version, time.monotonic()
         with self._results_lock:
             hit = self._results.get(key)
@@ -281,7 +279,7 @@ class SearchService:
                         "plan": {**hit[3].plan, "result_cache": "hit"},
                     }
                 )
-        res = self._search(req, extra, exclude, return_query_term, cursor_scope)
+        res = self._search(req, extra, exclude, return_query_term, qhash, t0)
         with self._results_lock:
             self.result_misses += 1
             self._results[key] = (gen, mver, now, res)
@@ -295,12 +293,10 @@ class SearchService:
         extra: Sequence[tuple[np.ndarray, float]],
         exclude: Sequence[int],
         return_query_term: bool,
-        cursor_scope: Any,
+        qhash: str,
+        t0: float,
     ) -> SearchResponse:
-        t0 = time.perf_counter()
         limit = min(req.limit, self.settings.max_limit)
-        scope = cursor_scope if cursor_scope is not None else req.model_dump(mode="json", exclude={"cursor"})
-        qhash = digest(scope)
         offset, after = 0, None
         if req.cursor:
             cur = self.cursors.loads(req.cursor)
