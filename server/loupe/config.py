@@ -103,7 +103,17 @@ class IndexSettings(BaseModel):
         ge=0,
         description="the mirror stays exact (flat) up to this many vectors, then goes approximate",
     )
-    factory: str = Field("IVF{nlist},PQ{m}x8", description="FAISS factory string of the approximate index")
+    factory: str = Field(
+        "auto",
+        description="FAISS factory string of the approximate index, or auto: 4-bit fast-scan PQ, residual 4-bit "
+        "PQ, then 8-bit PQ, the first to reach min_recall on a sample of the library's own vectors",
+    )
+    min_recall: float = Field(
+        0.95, gt=0, le=1, description="recall@10 (against exact search) the approximate index must reach"
+    )
+    recall_queries: int = Field(
+        200, ge=10, description="sample queries the index type is chosen with (recall@10 against exact)"
+    )
     nlist: int = Field(0, ge=0, description="0: about 4*sqrt(n), clamped to [16, 65536]")
     pq_m: int = Field(0, ge=0, description="0: dimension/4 sub-quantizers")
     nprobe: int = Field(

@@ -56,6 +56,12 @@ def test_approximate_index_past_the_threshold_keeps_recall(make_settings, runtim
     )
     print(f"IVF-PQ + exact re-rank recall@10 at {n} vectors: {recall:.3f} ({rt.mirror.stats()})")
     assert recall >= 0.95
+    # The index type was chosen by measured recall. These queries come from another distribution (as text queries
+    # do for image vectors); the probes turned away from the library's vectors see what that does to 4-bit
+    # fast-scan codes, which score 0.99 on the library's own vectors but under 0.5 here.
+    params = rt.mirror.stats()["params"]
+    assert params["tried"]["IVF512,PQ16x4fs"] < 0.6
+    assert params["recall@10"] >= 0.95 and rt.mirror.index_type == list(params["tried"])[-1]
 
 
 def test_the_mirror_catches_up_by_replaying_the_change_log(make_settings, runtime_factory):

@@ -166,3 +166,13 @@ def test_a_long_run_of_upserts_folds_the_recent_dict_into_the_sorted_view(tmp_pa
     m.delete([9])
     del live[9]
     check(m, live, rng)
+
+
+def test_a_configured_factory_is_used_as_it_is_and_its_recall_reported(tmp_path):
+    rng = np.random.default_rng(6)
+    m = mirror(tmp_path, exact_max=500, nlist=8, pq_m=4, factory="IVF{nlist},SQ8")
+    m.upsert(np.arange(2000), unit(rng, 2000))
+    assert m.maybe_go_approximate()
+    params = m.stats()["params"]
+    assert m.index_type == "IVF8,SQ8" and list(params["tried"]) == ["IVF8,SQ8"]
+    assert 0.9 <= params["recall@10"] <= 1.0
