@@ -114,11 +114,6 @@ class IndexSettings(BaseModel):
     recall_queries: int = Field(
         200, ge=10, description="sample queries the index type is chosen with (recall@10 against exact)"
     )
-    recall_rows: int = Field(
-        50_000,
-        ge=1000,
-        description="larger libraries judge the candidate index types on a random sample of this many vectors",
-    )
     nlist: int = Field(0, ge=0, description="0: about 4*sqrt(n), clamped to [16, 65536]")
     pq_m: int = Field(0, ge=0, description="0: dimension/4 sub-quantizers")
     nprobe: int = Field(

@@ -176,14 +176,3 @@ def test_a_configured_factory_is_used_as_it_is_and_its_recall_reported(tmp_path)
     params = m.stats()["params"]
     assert m.index_type == "IVF8,SQ8" and list(params["tried"]) == ["IVF8,SQ8"]
     assert 0.9 <= params["recall@10"] <= 1.0
-
-
-def test_index_types_are_judged_on_a_sample_and_the_chosen_one_then_holds_every_vector(tmp_path):
-    rng = np.random.default_rng(7)
-    m = mirror(tmp_path, exact_max=500, nlist=16, pq_m=4, recall_rows=1000)
-    vecs = unit(rng, 3000)
-    m.upsert(np.arange(3000), vecs)
-    assert m.maybe_go_approximate()
-    assert m.stats()["params"]["judged_on"] == 1000
-    for i in range(0, 3000, 37):  # rows outside the judged sample were added to the chosen index too
-        assert m.search(vecs[i], 1)[0].tolist() == [i]

@@ -503,11 +503,7 @@ class FaissMirror:
         per_list = self.settings.train_per_list * params["nlist"]
         sample = rows if len(rows) <= per_list else np.sort(rng.choice(rows, per_list, replace=False))
         train = view.take(sample)
-        # Candidates are judged on a random part of the library (the same share of it is probed per query), so
-        # a rejected one costs its training and that part, not a full add.
-        part_rows = self.settings.recall_rows
-        judged = rows if len(rows) <= 2 * part_rows else np.sort(rng.choice(rows, part_rows, replace=False))
-        probe = ProbeSet.make(view, judged, rng, self.settings.recall_queries)
+        probe = ProbeSet.make(view, rows, rng, self.settings.recall_queries)
         chosen: tuple[Any, str, float] | None = None
         tried: dict[str, float] = {}
         candidates = self._candidates(params)
@@ -516,7 +512,7 @@ class FaissMirror:
             index = faiss.index_factory(self.dim, factory, faiss.METRIC_INNER_PRODUCT)
             _no_polysemous(index)
             index.train(train)
-            for part, vecs in view.chunks(judged):  # in chunks: no full copy of the vectors
+            for part, vecs in view.chunks(rows):  # in chunks: no full copy of the vectors
                 index.add_with_ids(vecs, part)
             _set_nprobe(index, params["nprobe"])
             recall, bound = probe.recall(index, view, self.settings.rerank_factor)
@@ -537,9 +533,6 @@ class FaissMirror:
                 break
         assert chosen is not None
         index, factory, recall = chosen
-        if len(judged) < len(rows):
-            for part, vecs in view.chunks(np.setdiff1d(rows, judged, assume_unique=True)):
-                index.add_with_ids(vecs, part)
         if factory == candidates[-1] and recall < self.settings.min_recall:
             log.warning(
                 "mirror %s: no index type reached recall@10 %.2f (%s); using %s: raise index.nprobe",
@@ -548,7 +541,7 @@ class FaissMirror:
                 tried,
                 factory,
             )
-        params = {**params, "recall@10": round(recall, 4), "tried": tried, "judged_on": len(judged)}
+        params = {**params, "recall@10": round(recall, 4), "tried": tried}
         with self._lock:
             if self._epoch != epoch:
                 return  # reset or compacted meanwhile: row numbers changed, the next sync tries again
