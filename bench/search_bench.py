@@ -87,7 +87,7 @@ def candidates(n: int, d: int, only_default: bool = False) -> list[tuple[str, di
     out: list[tuple[str, dict, list[int]]] = [exact, default, fast]
     out.append(
         (
-            "auto (first of PQx4fs, PQx4fsr, PQx8 to reach 0.95 on probes)",
+            "auto (first of PQx4fs, PQx4fsr, PQx8 to reach 0.95 on probes) + re-rank 10x",
             {"exact_max": 0, "factory": "auto"},
             [128],
         )
