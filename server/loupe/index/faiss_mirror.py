@@ -490,11 +490,11 @@ class FaissMirror:
         return [f.format(nlist=params["nlist"], m=params["m"]) for f in chain]
 
     def _build_ann(self) -> None:
-        """(Re)train the approximate index on the live vectors, choosing its type by measured recall: each
-        candidate is trained, then searched the way queries are (candidates re-ranked exactly) with a sample of
-        sample queries (ProbeSet) against exact search; the first whose recall is at least index.min_recall
-        with two standard errors to spare is kept (the last candidate is kept anyway, with a warning below the
-        target). Searches use the old index until the swap."""
+        """(Re)train the approximate index on the live vectors and measure its recall: each candidate type (one,
+        unless index.factory is auto) is trained, then searched the way queries are (candidates re-ranked
+        exactly) with probe queries (ProbeSet) against exact search; the first whose recall is at least
+        index.min_recall with two standard errors to spare is kept (the last one is kept anyway, with a warning
+        below the target). Searches use the old index until the swap."""
         with self._lock:
             view, epoch = self._view(), self._epoch
         rows = np.nonzero(view.alive[: view.n])[0].astype(np.int64)
