@@ -9,3 +9,4 @@ PY=${PY:-.venv/bin/python}
 "$PY" bench/ingest_bench.py --write
 "$PY" bench/finetune_bench.py --write
 "$PY" bench/ocr_bench.py
+"$PY" bench/int8_text_bench.py --write
