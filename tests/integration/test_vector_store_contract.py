@@ -85,3 +85,33 @@ def test_edge_store_survives_a_reopen(tmp_path: Path):
     s2.ensure_collection("c", 4)
     assert s2.count("c") == 2 and set(s2.retrieve("c", [7, 8])) == {7, 8}
     s2.close()
+
+
+def test_edge_keeps_vectors_on_disk_also_for_collections_made_before(tmp_path: Path):
+    """Qdrant Edge's vectors are memory-mapped, not read into RAM at load (the FAISS mirror answers searches). A
+    collection created without the setting gets it written into its config when Loupe opens it, so its future
+    segments follow; its points stay readable."""
+    import json
+
+    from qdrant_edge import Distance, EdgeConfig, EdgeShard, EdgeVectorParams
+
+    rng = np.random.default_rng(5)
+    store = EdgeVectorStore(tmp_path / "edge")
+    store.ensure_collection("new", 8)
+    store.close()
+    config = json.loads((tmp_path / "edge" / "new" / "edge_config.json").read_text())
+    assert config["vectors"][""]["on_disk"] is True
+
+    old = tmp_path / "edge" / "old"
+    old.mkdir()
+    EdgeShard.create(str(old), EdgeConfig(vectors=EdgeVectorParams(size=8, distance=Distance.Cosine))).close()
+    assert json.loads((old / "edge_config.json").read_text())["vectors"][""].get("on_disk") in (None, False)
+    store = EdgeVectorStore(tmp_path / "edge")
+    try:
+        store.ensure_collection("old", 8)
+        vecs = unit(rng, 5, 8)
+        store.upsert("old", [1, 2, 3, 4, 5], vecs)
+        assert json.loads((old / "edge_config.json").read_text())["vectors"][""]["on_disk"] is True
+        assert np.allclose(store.retrieve("old", [3])[3], vecs[2], atol=1e-6)
+    finally:
+        store.close()
