@@ -230,22 +230,19 @@ class FaissMirror:
 
     def _reset_state(self) -> None:
         self._epoch = getattr(self, "_epoch", 0) + 1  # row numbers are valid within one epoch
-        self._ids = np.zeros(
-            0, dtype=np.int64
-        )  # per row, capacity grows by doubling (9 bytes a row with alive)
+        # Per row; capacity grows by doubling (9 bytes a row with alive).
+        self._ids = np.zeros(0, dtype=np.int64)
         self._alive = np.zeros(0, dtype=bool)
         self._n = 0
         self._base = np.zeros((0, self.dim), dtype=np.float32)  # rows [0, n_base): memory-mapped once saved
         self._n_base = 0
         self._tail = np.zeros((0, self.dim), dtype=np.float32)  # rows [n_base, n)
-        self._file_rows = (
-            0  # rows of <directory>/vectors.f32 that are ours (0: write a new file at the next save)
-        )
+        # Rows of <directory>/vectors.f32 that are ours (0: write a new file at the next save).
+        self._file_rows = 0
         self._live = 0
-        # id -> row: a sorted view of the rows below _n_sorted, plus a dict for the rows added since.
+        # id -> row: a sorted view of the live rows at the last fold, plus a dict for the rows added since.
         self._sorted_ids = np.zeros(0, dtype=np.int64)
         self._sorted_rows = np.zeros(0, dtype=np.int64)
-        self._n_sorted = 0
         self._recent: dict[int, int] = {}
         self._recent_sorted: tuple[int, np.ndarray, np.ndarray] = (-1, self._sorted_ids, self._sorted_rows)
         self._ann: Any = None
@@ -303,7 +300,6 @@ class FaissMirror:
         ids = self._ids[live]
         order = np.argsort(ids, kind="stable")
         self._sorted_ids, self._sorted_rows = ids[order], live[order]
-        self._n_sorted = self._n
         self._recent = {}
         self._live = len(live)
 
@@ -320,9 +316,10 @@ class FaissMirror:
         vecs = np.ascontiguousarray(vecs, dtype=np.float32)
         if vecs.ndim != 2 or vecs.shape[1] != self.dim:
             raise ValueError(f"mirror expects {self.dim}-d vectors, got {vecs.shape}")
-        if len(np.unique(ids)) != len(ids):  # the last vector of an id wins
-            last = len(ids) - 1 - np.unique(ids[::-1], return_index=True)[1]
-            ids, vecs = ids[np.sort(last)], vecs[np.sort(last)]
+        uniq, first_from_end = np.unique(ids[::-1], return_index=True)
+        if len(uniq) != len(ids):  # the same id twice in one batch: its last vector wins
+            keep = np.sort(len(ids) - 1 - first_from_end)
+            ids, vecs = ids[keep], vecs[keep]
         with self._lock:
             # An upsert of an id already present replaces it: tombstone the old row.
             stale = [r for r in (self._row(i) for i in ids.tolist()) if r is not None]

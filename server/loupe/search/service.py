@@ -42,6 +42,9 @@ class TextEmbeddingCache:
         self._lock = threading.Lock()
         self.hits = self.misses = 0
 
+    def __len__(self) -> int:
+        return len(self._data)
+
     def get_many(self, texts: Sequence[str]) -> list[np.ndarray]:
         out: dict[str, np.ndarray] = {}
         missing: list[str] = []
@@ -86,18 +89,21 @@ class _FilterEntry:
 
 @dataclass
 class FilterScope:
-    ids: np.ndarray  # matching image ids, sorted
+    entry: _FilterEntry  # the matching ids (sorted) and their mirror rows
     selectivity: float
     exact: bool
     cached: bool = False
-    entry: _FilterEntry | None = None
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self.entry.ids
 
     @property
     def matching(self) -> int:
         return len(self.ids)
 
     def search(self, mirror: FaissMirror, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        within: np.ndarray | Subset = self.entry.rows(mirror) if self.entry is not None else self.ids
+        within = self.entry.rows(mirror)
         if self.exact:
             return mirror.search_subset(query, k, within)
         return mirror.search_masked(query, k, within)
@@ -152,7 +158,7 @@ class SearchService:
     def cache_stats(self) -> dict[str, dict[str, int]]:
         return {
             "query_embeddings": {
-                "entries": len(self.text_cache._data),
+                "entries": len(self.text_cache),
                 "hits": self.text_cache.hits,
                 "misses": self.text_cache.misses,
             },
@@ -388,10 +394,10 @@ class SearchService:
         if req.filters is None:
             return None
         entry, cached = self._filter_ids(req)
-        ids = entry.ids
+        matching = len(entry.ids)
         total = max(self.mirror.live_count, 1)
-        exact = len(ids) <= self.settings.exact_scan_max or self.mirror.index_type == "flat"
-        return FilterScope(ids=ids, selectivity=len(ids) / total, exact=exact, cached=cached, entry=entry)
+        exact = matching <= self.settings.exact_scan_max or self.mirror.index_type == "flat"
+        return FilterScope(entry=entry, selectivity=matching / total, exact=exact, cached=cached)
 
     def _filter_ids(self, req: SearchRequest) -> tuple[_FilterEntry, bool]:
         """The matching ids, from a small cache valid while the database is unchanged (this process's commits
