@@ -52,6 +52,14 @@ def test_onnx_text_tower_matches_torch_and_falls_back_when_broken(
             assert np.min(np.sum(ref * got, axis=1)) >= floor
     exported = sorted(p.name for p in (tmp_path / "onnx").iterdir())
     assert len(exported) == 2 and all(clip.info.fingerprint in name for name in exported)
+    # int8 weights carry one scale per output channel (per-tensor scales moved real-weight vectors 5x further).
+    import onnx
+
+    int8 = onnx.load(str(tmp_path / "onnx" / next(n for n in exported if "int8" in n)))
+    inits = {init.name: list(init.dims) for init in int8.graph.initializer}
+    weights = [n.input[1] for n in int8.graph.node if n.op_type == "MatMulInteger"]
+    scales = [inits[w.replace("_quantized", "_scale")] for w in weights]
+    assert weights and all(len(dims) == 1 and dims[0] > 1 for dims in scales), scales
 
     # A damaged export: torch serves, the log says why, and the file is removed so the next start rebuilds it.
     broken = tmp_path / "onnx" / next(n for n in exported if "int8" not in n)
