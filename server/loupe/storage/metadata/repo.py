@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 import numpy as np
-from sqlalchemy import Engine, delete, event, func, insert, or_, select, text, update
+from sqlalchemy import Engine, bindparam, delete, event, func, insert, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col
 
@@ -45,6 +45,13 @@ class HitRow(NamedTuple):
     state: str
     width: int
     height: int
+
+
+# Built once: the page's ids go in as one expanding parameter, so SQLAlchemy compiles the statement once per
+# dialect and reuses it (building and compiling an IN clause on every search cost about a third of the join).
+_HIT_ROWS = select(col(Image.id), col(Image.state), col(Image.width), col(Image.height)).where(
+    col(Image.id).in_(bindparam("ids", expanding=True))
+)
 
 
 @dataclass(frozen=True)
@@ -167,11 +174,9 @@ class MetadataRepo:
         select, without building ORM objects for every row."""
         if not ids:
             return {}
-        stmt = select(col(Image.id), col(Image.state), col(Image.width), col(Image.height)).where(
-            col(Image.id).in_(list(ids))
-        )
         with self.engine.connect() as conn:
-            return {r[0]: HitRow(r[0], r[1], r[2], r[3]) for r in conn.execute(stmt)}  # type: ignore[misc,arg-type]
+            rows = conn.execute(_HIT_ROWS, {"ids": list(ids)})
+            return {r[0]: HitRow(r[0], r[1], r[2], r[3]) for r in rows}  # type: ignore[misc,arg-type]
 
     def ready_ids(self, ids: Sequence[int]) -> set[int]:
         if not ids:
