@@ -1,0 +1,113 @@
+"""A/B of the search hot path: `loupe serve` from another git revision against this checkout, on the same library,
+in the same run, rounds interleaved, so that a noisy or different machine still gives a fair ratio.
+
+    python bench/ab_serve.py --base <git rev> [--scale 10k] [--rounds 3] [--requests 200] [--write]
+
+The base revision is checked out into a temporary git worktree and its server is started with PYTHONPATH pointing
+at that worktree's `server/` (the same virtual environment, model and library otherwise). Rows: a vector term (no
+model) and text whose embedding is cached (each request made distinct by a min_score that excludes nothing, so
+the result cache cannot answer), at concurrency 1 and 8. Each cell is the median over the rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, write_section
+from fullsize import build as build_fullsize
+from search_bench import build_library, load, parse_scale, pct, serving
+from vectors import synthetic
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--base", required=True, help="git revision to compare this checkout against")
+    ap.add_argument("--scale", default="10k")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--write", action="store_true")
+    args = ap.parse_args()
+    rev = subprocess.run(
+        ["git", "rev-parse", "--short", args.base], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout.strip()
+    head = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "server"], cwd=ROOT, capture_output=True, text=True
+    )
+    this = head + (" + uncommitted changes" if dirty.stdout.strip() else "")
+
+    n = parse_scale(args.scale)
+    corpus, queries = synthetic(n)
+    settings, _ = build_library(n, corpus, build_fullsize())
+    rng = np.random.default_rng(1)
+    counter = iter(range(10**9))
+
+    def vector(i: int) -> dict:
+        v = queries[i % len(queries)] + rng.normal(scale=0.01, size=queries.shape[1])
+        return {"query": [{"vector": (v / np.linalg.norm(v)).tolist()}], "limit": 10}
+
+    def text(i: int) -> dict:
+        return {
+            "query": [{"text": "a red bicycle against a brick wall"}],
+            "limit": 10,
+            "min_score": -1 + next(counter) * 1e-6,
+        }
+
+    rows = [("vector term (no model)", vector, 1), ("vector term (no model)", vector, 8)]
+    rows += [("text, embedding cached", text, 1), ("text, embedding cached", text, 8)]
+    got: dict[tuple[str, str, int], list[tuple[float, float]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = Path(tmp) / "base"
+        subprocess.run(["git", "worktree", "add", "-q", "--detach", str(tree), rev], cwd=ROOT, check=True)
+        try:
+            for r in range(args.rounds):
+                for side, path in (("base", tree / "server"), ("this", ROOT / "server")):
+                    with serving(settings, PYTHONPATH=str(path)) as (url, _):
+                        load(url, [vector(i) for i in range(30)] + [text(i) for i in range(20)], 1)  # warm
+                        for label, make, conc in rows:
+                            lat, wall, errors = load(url, [make(i) for i in range(args.requests)], conc)
+                            assert errors == 0, f"{side}: {errors} failed requests"
+                            got.setdefault((side, label, conc), []).append((pct(lat, 50), len(lat) / wall))
+                    print(f"round {r + 1}/{args.rounds}: {side} done", flush=True)
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
+
+    def med(side: str, label: str, conc: int, k: int) -> float:
+        return statistics.median(x[k] for x in got[(side, label, conc)])
+
+    lines = [
+        f"`loupe serve` from {rev} (base) against {this} (this), on the same {n:,}-image library (embedded "
+        f"defaults, full-size ViT-B/32), {args.rounds} interleaved rounds of {args.requests} requests per row; "
+        "medians over the rounds. The load generator shares the cores.",
+        "",
+        "| query | concurrency | base p50 ms | this p50 ms | p50 ratio | base searches/s | this searches/s | "
+        "throughput ratio |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for label, _, conc in rows:
+        b50, t50 = med("base", label, conc, 0), med("this", label, conc, 0)
+        bqps, tqps = med("base", label, conc, 1), med("this", label, conc, 1)
+        lines.append(
+            f"| {label} | {conc} | {b50:.1f} | {t50:.1f} | {t50 / b50:.2f}x | {bqps:.0f} | {tqps:.0f} | "
+            f"{tqps / bqps:.2f}x |"
+        )
+    out = "\n".join(lines)
+    print(out)
+    if args.write:
+        write_section("Search hot path A/B", out, "python bench/ab_serve.py " + " ".join(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    os.chdir(ROOT)
+    main()

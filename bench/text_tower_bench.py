@@ -1,0 +1,115 @@
+"""The CLIP text tower on this CPU, in every runtime Loupe has or has considered: one query at a time (a search's
+latency) and batches of 8 (what micro-batching forms under load), with each runtime's cosine to torch fp32.
+
+    python bench/text_tower_bench.py [--write]
+
+Full-size ViT-B/32 text tower (random weights, real tokenizer: bench/fullsize.py). Runtimes: torch fp32 (the
+reference), ONNX Runtime fp32 (the default, `LOUPE_MODEL__TEXT_RUNTIME=onnx`), ONNX Runtime int8 with per-channel
+weight scales (`onnx-int8`, opt-in), all exported by Loupe's own code (server/loupe/models/onnx_text.py), and torch
+bf16 (a copy of the model in bfloat16; not offered as a runtime, measured as a lead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_section
+from fullsize import build as build_fullsize
+
+QUERIES = [
+    "a red bicycle against a brick wall",
+    "a photo of a cat",
+    "sunset over the sea with boats",
+    "two people walking a dog on the beach",
+    "a hand-drawn sketch of a house",
+    "screenshot of an error message",
+    "a bowl of ramen on a wooden table",
+    "snow on the mountains at dawn",
+]
+
+
+def single_ms(fn: Callable[[list[str]], np.ndarray], n: int = 40) -> float:
+    for q in QUERIES[:3]:
+        fn([q])
+    took = []
+    for i in range(n):
+        t = time.perf_counter()
+        fn([QUERIES[i % len(QUERIES)]])
+        took.append(time.perf_counter() - t)
+    return statistics.median(took) * 1000
+
+
+def batch_qps(fn: Callable[[list[str]], np.ndarray], rounds: int = 10) -> float:
+    fn(QUERIES)
+    t = time.perf_counter()
+    for r in range(rounds):
+        fn(QUERIES[r % 8 :] + QUERIES[: r % 8])
+    return rounds * len(QUERIES) / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--write", action="store_true")
+    args = ap.parse_args()
+    import torch
+
+    from loupe.models import onnx_text
+    from loupe.models.clip import load_clip, pooled
+    from loupe.models.vectors import normalize
+
+    clip = load_clip(str(build_fullsize()), device="cpu")
+    ref = clip.embed_texts_torch(QUERIES)
+    runtimes: dict[str, Callable[[list[str]], np.ndarray]] = {"torch fp32": clip.embed_texts_torch}
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in ("onnx", "onnx-int8"):
+            c = load_clip(str(build_fullsize()), device="cpu")
+            assert onnx_text.attach(c, kind, Path(tmp), torch.get_num_threads()) == kind
+            runtimes[f"ONNX Runtime {kind}"] = c.embed_texts
+        bf16 = copy.deepcopy(clip.model).to(torch.bfloat16).eval()
+
+        def torch_bf16(texts: list[str]) -> np.ndarray:
+            enc = clip.tokenize(texts)
+            with torch.inference_mode():
+                out = bf16.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+            return normalize(pooled(out).float().numpy())
+
+        runtimes["torch bf16"] = torch_bf16
+        rows = []
+        for name, fn in runtimes.items():
+            cos = float(np.min(np.sum(ref * fn(QUERIES), axis=1)))
+            rows.append((name, single_ms(fn), batch_qps(fn), cos))
+            print(rows[-1], flush=True)
+    base_ms, base_qps = rows[1][1], rows[1][2]  # ONNX Runtime fp32, the default
+    lines = [
+        f"Full-size ViT-B/32 text tower, queries of 5-9 words run on their real tokens only; torch "
+        f"{torch.__version__}, {torch.get_num_threads()} threads. Ratios against ONNX Runtime fp32 (the default), "
+        "same run.",
+        "",
+        "| runtime | one query, ms (median) | vs default | batch of 8, queries/s | vs default | worst cosine to "
+        "torch fp32 |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {name} | {ms:.1f} | {base_ms / ms:.2f}x | {qps:.0f} | {qps / base_qps:.2f}x | {cos:.5f} |"
+        for name, ms, qps, cos in rows
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if args.write:
+        write_section(
+            "Text tower runtimes", text, "python bench/text_tower_bench.py " + " ".join(sys.argv[1:])
+        )
+
+
+if __name__ == "__main__":
+    main()
