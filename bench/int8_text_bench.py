@@ -21,7 +21,6 @@ import logging
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -45,22 +44,10 @@ def export_minilm(enc: Any, out: Path) -> None:
             w = attention_mask.unsqueeze(-1).to(h.dtype)
             return (h * w).sum(1) / w.sum(1)
 
+    from loupe.models.onnx_text import export_encoder
+
     b = enc.tokenizer(["a photo of a cat", "two words"], padding=True, return_tensors="pt")
-    with torch.inference_mode(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            MeanPooled().eval(),
-            (b["input_ids"], b["attention_mask"]),
-            str(out),
-            input_names=["input_ids", "attention_mask"],
-            output_names=["embedding"],
-            dynamic_axes={
-                "input_ids": {0: "batch", 1: "tokens"},
-                "attention_mask": {0: "batch", 1: "tokens"},
-            },
-            opset_version=17,
-            dynamo=False,
-        )
+    export_encoder(MeanPooled().eval(), b["input_ids"], b["attention_mask"], out)
 
 
 def run_onnx(path: Path, tokenizer: Any, queries: list[str]) -> tuple[np.ndarray, float]:

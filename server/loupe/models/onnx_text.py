@@ -4,9 +4,9 @@ The text tower (transformer + projection) is exported once per model fingerprint
 the batch and sequence length dynamic so a query runs only its real tokens. `onnx-int8` also quantizes the weights
 dynamically (int8 matmuls), with one scale per output channel: on a real-weights text encoder (MiniLM,
 bench/int8_text_bench.py) that kept query vectors at cosine 0.9935 to fp32 and 93% of the top 10, against 0.967 and
-87% with one scale per tensor, at the same speed. Every export is checked against torch on probe queries before it is used: below the
-cosine floor it is refused and torch keeps serving (the log says why). Image vectors always come from torch, so
-the library never depends on this choice.
+87% with one scale per tensor, at the same speed. Every export is checked against torch on probe queries before
+it is used: below the cosine floor it is refused and torch keeps serving (the log says why). Image vectors always
+come from torch, so the library never depends on this choice.
 """
 
 from __future__ import annotations
@@ -76,31 +76,37 @@ class OnnxTextTower:
 _export_lock = threading.Lock()
 
 
-def export(clip: Any, target: Path, kind: str) -> Path:
-    """Export (and for onnx-int8 quantize) the text tower of `clip` to `target`; atomic, cached by the caller."""
+def export_encoder(module: Any, input_ids: Any, attention_mask: Any, out: Path) -> None:
+    """Export a text encoder `module(input_ids, attention_mask) -> embedding` to ONNX with the batch and the
+    number of tokens dynamic (the legacy TorchScript exporter: the dynamo one needs onnxscript)."""
     import torch
 
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about shape checks the export fixes
+        torch.onnx.export(
+            module,
+            (input_ids, attention_mask),
+            str(out),
+            input_names=["input_ids", "attention_mask"],
+            output_names=["embedding"],
+            dynamic_axes={
+                "input_ids": {0: "batch", 1: "tokens"},
+                "attention_mask": {0: "batch", 1: "tokens"},
+            },
+            opset_version=17,
+            dynamo=False,
+        )
+
+
+def export(clip: Any, target: Path, kind: str) -> Path:
+    """Export (and for onnx-int8 quantize) the text tower of `clip` to `target`; atomic, cached by the caller."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fp32 = target.with_name(target.name.replace(SUFFIX[kind], "")) if SUFFIX[kind] else target
     with _export_lock:
         if not fp32.exists():
             enc = clip.tokenize(PROBES[:2])
             tmp = fp32.with_suffix(".tmp")
-            with torch.inference_mode(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # tracer warnings about shape checks the export fixes
-                torch.onnx.export(
-                    _TextTower.make(clip.model),
-                    (enc["input_ids"], enc["attention_mask"]),
-                    str(tmp),
-                    input_names=["input_ids", "attention_mask"],
-                    output_names=["embedding"],
-                    dynamic_axes={
-                        "input_ids": {0: "batch", 1: "tokens"},
-                        "attention_mask": {0: "batch", 1: "tokens"},
-                    },
-                    opset_version=17,
-                    dynamo=False,
-                )
+            export_encoder(_TextTower.make(clip.model), enc["input_ids"], enc["attention_mask"], tmp)
             tmp.replace(fp32)
         if kind == "onnx-int8" and not target.exists():
             from onnxruntime.quantization import QuantType, quantize_dynamic
