@@ -5,8 +5,9 @@ in the same run, rounds interleaved, so that a noisy or different machine still 
 
 The base revision is checked out into a temporary git worktree and its server is started with PYTHONPATH pointing
 at that worktree's `server/` (the same virtual environment, model and library otherwise). Rows: a vector term (no
-model) and text whose embedding is cached (each request made distinct by a min_score that excludes nothing, so
-the result cache cannot answer), at concurrency 1 and 8. Each cell is the median over the rounds.
+model), text whose embedding is cached (each request made distinct by a min_score that excludes nothing, so the
+result cache cannot answer) and new text every request (the text tower runs), at concurrency 1 and 8. Each cell
+is the median over the rounds.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, write_section
 from fullsize import build as build_fullsize
-from search_bench import build_library, load, parse_scale, pct, serving
+from search_bench import build_library, load, parse_scale, pct, rss_mb, serving
 from vectors import synthetic
 
 
@@ -34,6 +35,7 @@ def main() -> None:
     ap.add_argument("--scale", default="10k")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--name", default="Search hot path A/B", help="the RESULTS.md section to write")
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
     rev = subprocess.run(
@@ -64,17 +66,23 @@ def main() -> None:
             "min_score": -1 + next(counter) * 1e-6,
         }
 
+    def new_text(i: int) -> dict:
+        return {"query": [{"text": f"a photo of a red bicycle number {next(counter)}"}], "limit": 10}
+
     rows = [("vector term (no model)", vector, 1), ("vector term (no model)", vector, 8)]
     rows += [("text, embedding cached", text, 1), ("text, embedding cached", text, 8)]
+    rows += [("text, uncached", new_text, 1), ("text, uncached", new_text, 8)]
     got: dict[tuple[str, str, int], list[tuple[float, float]]] = {}
+    anon: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         tree = Path(tmp) / "base"
         subprocess.run(["git", "worktree", "add", "-q", "--detach", str(tree), rev], cwd=ROOT, check=True)
         try:
             for r in range(args.rounds):
                 for side, path in (("base", tree / "server"), ("this", ROOT / "server")):
-                    with serving(settings, PYTHONPATH=str(path)) as (url, _):
+                    with serving(settings, PYTHONPATH=str(path)) as (url, pid):
                         load(url, [vector(i) for i in range(30)] + [text(i) for i in range(20)], 1)  # warm
+                        anon.setdefault(side, []).append(rss_mb(pid)["anon"])
                         for label, make, conc in rows:
                             lat, wall, errors = load(url, [make(i) for i in range(args.requests)], conc)
                             assert errors == 0, f"{side}: {errors} failed requests"
@@ -102,10 +110,15 @@ def main() -> None:
             f"| {label} | {conc} | {b50:.1f} | {t50:.1f} | {t50 / b50:.2f}x | {bqps:.0f} | {tqps:.0f} | "
             f"{tqps / bqps:.2f}x |"
         )
+    lines += [
+        "",
+        f"Server anonymous memory after warm-up (median): base {statistics.median(anon['base']):.0f} MB, this "
+        f"{statistics.median(anon['this']):.0f} MB.",
+    ]
     out = "\n".join(lines)
     print(out)
     if args.write:
-        write_section("Search hot path A/B", out, "python bench/ab_serve.py " + " ".join(sys.argv[1:]))
+        write_section(args.name, out, "python bench/ab_serve.py " + " ".join(sys.argv[1:]))
 
 
 if __name__ == "__main__":

@@ -434,6 +434,7 @@ class Runtime:
                 "device": info.device,
                 "demo": info.is_demo,
                 "text_runtime": self.clip.text_runtime,
+                "text_batches": self.clip.text_batches or None,
                 "versions": [
                     {"id": v.id, "name": v.name, "active": v.active, "created_at": v.created_at.isoformat()}
                     for v in self.repo.model_versions("clip")

@@ -69,3 +69,43 @@ def test_onnx_text_tower_matches_torch_and_falls_back_when_broken(
     assert clip.text_tower is None and "use torch" in caplog.text and not broken.exists()
     assert onnx_text.attach(clip, "onnx", tmp_path / "onnx") == "onnx"  # rebuilt
     assert onnx_text.attach(load_clip(str(tiny_clip_dir)), "torch", tmp_path / "onnx") == "torch"
+
+
+def test_bf16_copy_takes_micro_batches_only_when_asked_or_faster(tiny_clip_dir: Path, tmp_path: Path):
+    from loupe.models import bf16_text, onnx_text
+
+    clip = load_clip(str(tiny_clip_dir))
+    assert onnx_text.attach(clip, "onnx", tmp_path / "onnx") == "onnx"
+    ref = clip.embed_texts_torch(QUERIES)
+    single = clip.text_tower(
+        **{k: v for k, v in clip.tokenize(QUERIES[:1], "np").items() if k != "token_type_ids"}
+    )
+
+    assert bf16_text.attach(clip, "off") == "" and clip.text_batch_tower is None
+    # auto decides by the measured speed-up: one no runtime can reach, and one any reaches.
+    assert bf16_text.attach(clip, "auto", gain_needed=1e9) == "" and clip.text_batch_tower is None
+    assert bf16_text.attach(clip, "auto", gain_needed=0.0) == "bf16 from 4 queries"
+    assert clip.text_batch_min == 4
+    assert bf16_text.attach(clip, "on") == "bf16 from 2 queries"
+
+    batched = clip.embed_texts(QUERIES)
+    cos = np.sum(ref * batched, axis=1)
+    assert cos.min() >= bf16_text.COSINE_FLOOR
+    assert np.abs(batched - ref).max() > 1e-6  # bf16 rounding: the batch really ran on the copy
+    np.testing.assert_allclose(clip.embed_texts(QUERIES[:1]), single, atol=1e-6)  # one query: ONNX Runtime
+
+    # The copy shares the fp32 token table; the fp32 model that embeds images and checks exports is untouched.
+    table = clip.model.text_model.embeddings.token_embedding
+    assert clip.text_batch_tower.text.embeddings.token_embedding.table[0] is table
+    assert table.weight.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in clip.model.parameters())
+    np.testing.assert_allclose(clip.embed_texts_torch(QUERIES), ref, atol=1e-6)
+
+
+def test_health_names_the_bf16_batches(make_settings, runtime_factory):
+    rt = runtime_factory(make_settings(model={"text_batches_bf16": "on"}))
+    assert rt.health()["model"]["text_batches"] == "bf16 from 2 queries"
+    rt2 = runtime_factory(
+        make_settings(data_dir=rt.settings.data_dir.parent / "d2", model={"text_batches_bf16": "off"})
+    )
+    assert rt2.health()["model"]["text_batches"] is None

@@ -51,6 +51,10 @@ class ClipModel:
         self._lock = threading.Lock()
         self.text_tower: Any = None  # an ONNX Runtime text tower (models/onnx_text.py) when attached
         self.text_runtime = "torch"
+        # Batches of at least text_batch_min queries go to a bf16 copy of the text tower (models/bf16_text.py).
+        self.text_batch_tower: Any = None
+        self.text_batch_min = 0
+        self.text_batches = ""
         import torch
 
         ip = image_processor
@@ -104,6 +108,9 @@ class ClipModel:
         and pools the end-of-text token, so this equals full-context padding), on ONNX Runtime when attached."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
+        if self.text_batch_tower is not None and len(texts) >= self.text_batch_min:
+            enc = self.tokenize(texts)
+            return self.text_batch_tower(enc["input_ids"], enc["attention_mask"])  # type: ignore[no-any-return]
         if self.text_tower is not None:
             enc = self.tokenize(texts, "np")
             return self.text_tower(enc["input_ids"], enc["attention_mask"])  # type: ignore[no-any-return]

@@ -63,6 +63,8 @@ class OnnxTextTower:
         if threads:
             opts.intra_op_num_threads = threads
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # No busy-waiting between runs: its threads would spin on the cores the bf16 copy or torch need next.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.path = path
 
@@ -122,10 +124,15 @@ def export(clip: Any, target: Path, kind: str) -> Path:
 
 
 def attach_for_settings(clip: Any, settings: Settings) -> str:
-    """`attach` as configured: LOUPE_MODEL__TEXT_RUNTIME, the export cache in the data directory, torch's threads."""
-    return attach(
+    """`attach` as configured: LOUPE_MODEL__TEXT_RUNTIME, the export cache in the data directory, torch's threads;
+    then the bf16 copy for micro-batches (LOUPE_MODEL__TEXT_BATCHES_BF16), timed against the runtime chosen."""
+    from loupe.models import bf16_text
+
+    clip.text_runtime = attach(
         clip, settings.model.text_runtime, settings.data_dir / "models" / "onnx", settings.model.torch_threads
     )
+    clip.text_batches = bf16_text.attach(clip, settings.model.text_batches_bf16)
+    return clip.text_runtime
 
 
 def attach(clip: Any, kind: str, cache_dir: Path, threads: int = 0) -> str:
