@@ -36,6 +36,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--name", default="Search hot path A/B", help="the RESULTS.md section to write")
+    ap.add_argument(
+        "--this-env",
+        action="append",
+        default=[],
+        help="KEY=VALUE for this checkout's server only (repeatable)",
+    )
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
     rev = subprocess.run(
@@ -48,6 +54,7 @@ def main() -> None:
         ["git", "status", "--porcelain", "server"], cwd=ROOT, capture_output=True, text=True
     )
     this = head + (" + uncommitted changes" if dirty.stdout.strip() else "")
+    this += "".join(f", with {e}" for e in args.this_env)
 
     n = parse_scale(args.scale)
     corpus, queries = synthetic(n)
@@ -80,7 +87,8 @@ def main() -> None:
         try:
             for r in range(args.rounds):
                 for side, path in (("base", tree / "server"), ("this", ROOT / "server")):
-                    with serving(settings, PYTHONPATH=str(path)) as (url, pid):
+                    env = dict(e.split("=", 1) for e in args.this_env) if side == "this" else {}
+                    with serving(settings, PYTHONPATH=str(path), **env) as (url, pid):
                         load(url, [vector(i) for i in range(30)] + [text(i) for i in range(20)], 1)  # warm
                         anon.setdefault(side, []).append(rss_mb(pid)["anon"])
                         for label, make, conc in rows:

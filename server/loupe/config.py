@@ -69,7 +69,7 @@ class ModelSettings(BaseModel):
     text_batches_bf16: str = Field(
         "auto",
         pattern="^(auto|on|off)$",
-        description="micro-batches of text queries on a bf16 copy of the text tower (about 76 MB for ViT-B/32): "
+        description="micro-batches of text queries on a bf16 copy of the text tower (76 MB of weights for ViT-B/32): "
         "auto uses it where it measures at least 1.25x faster at start (CPUs with bf16 units), on whenever its "
         "cosine to fp32 holds",
     )

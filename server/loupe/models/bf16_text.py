@@ -7,7 +7,9 @@ On CPUs without them bf16 is slower. So nothing is assumed: at start the copy is
 use on probe batches of 4 and 8, and it takes batches from the smallest size where it wins by BATCH_GAIN, and only
 if its vectors keep a worst cosine of COSINE_FLOOR to torch fp32 on the probes. The copy shares the fp32 token
 embedding table (a lookup needs no bf16), so it costs the transformer's weights at 2 bytes each: about 76 MB for
-ViT-B/32. Image vectors never come from it.
+ViT-B/32 (80-170 MB more anonymous memory in the server, measured). ONNX Runtime's threads do not busy-wait
+(models/onnx_text.py): spinning, they took the cores from this copy, and the server lost throughput
+(bench/RESULTS.md, "A/B: bf16 micro-batches"). Image vectors never come from it.
 """
 
 from __future__ import annotations
