@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import fcntl
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import IO, Any
 
@@ -65,6 +68,14 @@ class DataDirLock:
             self._file = None
 
 
+def release_freed_heap() -> None:
+    """Return freed heap pages to the kernel (glibc's malloc_trim; nothing elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):  # AttributeError: not glibc (musl has no malloc_trim)
+        ctypes.CDLL(None).malloc_trim(0)
+
+
 def open_vector_store(settings: Settings) -> VectorStore:
     if settings.qdrant_url:
         from loupe.storage.vectors.server import QdrantServerVectorStore
@@ -79,7 +90,7 @@ def open_vector_store(settings: Settings) -> VectorStore:
         return QdrantServerVectorStore.connect(settings.qdrant_url, settings.qdrant_api_key)
     from loupe.storage.vectors.edge import EdgeVectorStore
 
-    return EdgeVectorStore(settings.data_dir / "qdrant")
+    return EdgeVectorStore(settings.data_dir / "qdrant", compact_min=settings.qdrant_edge_compact)
 
 
 def collection_name(version: ModelVersion) -> str:
@@ -286,7 +297,7 @@ class Runtime:
         collection = collection_name(version)
         vectors_up = True
         try:
-            vectors.ensure_collection(collection, version.dim)
+            vectors.ensure_collection(collection, version.dim, graph=False)
             vectors.create_payload_indexes(collection, PAYLOAD_INDEXES)
         except Unavailable:
             # A Qdrant server that is down does not stop Loupe: searches run from the mirror's files, uploads
@@ -367,6 +378,9 @@ class Runtime:
         ingest.on_indexed = rt.sync_mirror
         search.url_for = rt.url
 
+        # Loading shards, the mirror and the models frees far more than it keeps; glibc holds freed heap in its
+        # arenas unless asked (Qdrant Edge at 100k: 312 MB anonymous after load, 127 MB after this).
+        release_freed_heap()
         if start_workers:
             rt.start_workers()
         return rt

@@ -29,11 +29,12 @@ def unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
-def test_search_ranks_by_cosine_exactly_like_brute_force(store):
+@pytest.mark.parametrize("graph", [True, False])
+def test_search_ranks_by_cosine_exactly_like_brute_force(store, graph):
     rng = np.random.default_rng(0)
     vecs = unit(rng, 300, 16)
     ids = list(range(1000, 1300))
-    store.ensure_collection("c", 16)
+    store.ensure_collection("c", 16, graph=graph)
     store.upsert("c", ids, vecs, [{"image_id": i} for i in ids])
     q = unit(rng, 1, 16)[0]
     hits = store.search("c", q, 10)
@@ -115,3 +116,87 @@ def test_edge_keeps_vectors_on_disk_also_for_collections_made_before(tmp_path: P
         assert np.allclose(store.retrieve("old", [3])[3], vecs[2], atol=1e-6)
     finally:
         store.close()
+
+
+def _segment_configs(shard_dir: Path) -> list[dict]:
+    import json
+
+    return [
+        json.loads((seg / "segment.json").read_text())["config"] for seg in (shard_dir / "segments").iterdir()
+    ]
+
+
+def test_edge_compacts_loose_points_into_memory_mapped_segments_at_open(tmp_path: Path):
+    """Points in Edge's appendable segment are held on the heap; opening a shard with compact_min or more of them
+    rewrites them into an immutable, memory-mapped segment. Nothing is lost or changed on the way: vectors,
+    deletions, payload filters and exact ranking are the same after, and a shard made by an older Loupe (default
+    memory placement, payload indexes in RAM) is compacted too."""
+    import json
+
+    from qdrant_edge import Distance, EdgeConfig, EdgeShard, EdgeVectorParams
+
+    rng = np.random.default_rng(6)
+    root = tmp_path / "edge"
+    old = root / "c"
+    old.mkdir(parents=True)
+    EdgeShard.create(
+        str(old), EdgeConfig(vectors=EdgeVectorParams(size=8, distance=Distance.Cosine, on_disk=True))
+    ).close()
+    n = 1200
+    ids = list(range(1, n + 1))
+    vecs = unit(rng, n, 8)
+    store = EdgeVectorStore(root, compact_min=1000)
+    store.ensure_collection("c", 8, graph=False)  # below compact_min (empty): nothing to do
+    store.create_payload_indexes("c", [("tags", "keyword"), ("image_id", "integer")])
+    store.upsert("c", ids, vecs, [{"image_id": i, "tags": ["odd" if i % 2 else "even"]} for i in ids])
+    store.delete("c", [2, 4, 6])
+    assert store.unindexed_count("c") >= 1000
+    store.close()
+
+    below = EdgeVectorStore(root, compact_min=5000)
+    below.ensure_collection("c", 8, graph=False)
+    assert below.unindexed_count("c") == below.count("c") == n - 3  # left as it was
+    below.close()
+
+    store = EdgeVectorStore(root, compact_min=1000)
+    try:
+        store.ensure_collection("c", 8, graph=False)
+        assert store.unindexed_count("c") == 0
+        assert store.count("c") == n - 3
+        configs = _segment_configs(old)
+        sealed = [c for c in configs if c["vector_data"][""]["index"]["type"] == "hnsw"]
+        assert sealed and all(c["vector_data"][""]["index"]["options"]["m"] == 0 for c in sealed)  # no graph
+        assert all(
+            c["id_tracker_memory"] == "cold" and c["payload_storage_type"]["type"] == "mmap" for c in sealed
+        )
+        edge_json = json.loads((old / "edge_config.json").read_text())
+        assert edge_json["payload_memory"] == "cold" and edge_json["hnsw_config"]["m"] == 0
+
+        got = store.retrieve("c", [1, 2, 600, n])
+        assert set(got) == {1, 600, n} and np.allclose(got[600], vecs[599], atol=1e-6)
+        even = {i for i in ids if i % 2 == 0} - {2, 4, 6}
+        assert store.filtered_ids("c", {"must": [("any", "tags", ["even"])]}) == even
+        assert store.filtered_count("c", {"must": [("range", "image_id", 100, 199)]}) == 100
+        q = unit(rng, 1, 8)[0]
+        live = np.array([i for i in ids if i not in (2, 4, 6)])
+        expected = live[np.argsort(-(vecs[live - 1] @ q))[:10]]
+        assert [h.id for h in store.search("c", q, 10)] == expected.tolist()
+        # New points go to a fresh appendable segment and are served from it.
+        store.upsert("c", [n + 1], unit(rng, 1, 8))
+        assert store.count("c") == n - 2 and store.unindexed_count("c") == 1
+    finally:
+        store.close()
+
+
+def test_edge_builds_its_own_graph_only_where_asked(tmp_path: Path):
+    import json
+
+    store = EdgeVectorStore(tmp_path / "edge", compact_min=0)
+    try:
+        store.ensure_collection("mirrored", 8, graph=False)
+        store.ensure_collection("searched", 8)
+    finally:
+        store.close()
+    read = lambda name: json.loads((tmp_path / "edge" / name / "edge_config.json").read_text())  # noqa: E731
+    assert read("mirrored")["hnsw_config"]["m"] == 0
+    assert read("searched")["hnsw_config"]["m"] == 16 and read("searched")["hnsw_config"]["memory"] == "cold"

@@ -159,7 +159,7 @@ class IngestService:
         if not claimed:
             return report
         try:
-            self.vectors.ensure_collection(self.collection, self.clip.dim)
+            self.vectors.ensure_collection(self.collection, self.clip.dim, graph=False)
         except Unavailable:
             # The vector store is down: put the batch back without spending an attempt, and wait.
             self.repo.release([int(i.id) for i in claimed], retry_in_s=max(self.settings.retry_base_s, 1.0))  # type: ignore[arg-type]

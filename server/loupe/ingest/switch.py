@@ -170,7 +170,7 @@ class ModelSwitcher:
         from loupe.runtime import collection_name
 
         collection = collection_name(version)
-        rt.vectors.ensure_collection(collection, clip.dim)
+        rt.vectors.ensure_collection(collection, clip.dim, graph=False)
         rt.vectors.create_payload_indexes(collection, PAYLOAD_INDEXES)
         mirror = FaissMirror(
             (settings.index.directory or settings.data_dir / "mirror") / collection,

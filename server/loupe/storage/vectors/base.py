@@ -26,7 +26,10 @@ QFilter = dict[str, list[Any]]
 class VectorStore(Protocol):
     kind: str
 
-    def ensure_collection(self, name: str, dim: int) -> None: ...
+    def ensure_collection(self, name: str, dim: int, *, graph: bool = True) -> None:
+        """Create or open a collection. graph=False: Qdrant builds no HNSW graph for it (the FAISS mirror is
+        what searches it)."""
+        ...
 
     def has_collection(self, name: str) -> bool: ...
 

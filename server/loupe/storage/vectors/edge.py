@@ -1,32 +1,49 @@
 """Qdrant Edge (qdrant-edge-py): Qdrant's engine in-process. One shard directory per collection.
 
 WAL-backed: an update returns once it is in the write-ahead log, so a killed process loses nothing it acknowledged.
+
+Memory: new points land in an appendable segment whose id tracker, payload and payload indexes live on the heap
+(about 1.3 KB per point measured at 100k, 512-d, with Loupe's payload). Qdrant's optimizer rewrites such a segment
+into an immutable one whose every part is memory-mapped (`Memory.Cold`): 10 MB of heap for 1M points, measured.
+Edge runs the optimizer only when asked and holds the GIL while it runs (a 60k-point pass stops every Python thread
+for ~8 s on 2 cores), so a store compacts when it opens a shard, before serving, once enough points have gathered
+(`compact_min`). A collection searched through the FAISS mirror gets no HNSW graph of its own (`graph=False`):
+building one would cost minutes at 1M and nothing would read it.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from qdrant_edge import (
+    BoolIndexParams,
     CountRequest,
     Distance,
     EdgeConfig,
+    EdgeOptimizersConfig,
     EdgeShard,
     EdgeVectorParams,
     FieldCondition,
     Filter,
+    FloatIndexParams,
     GeoBoundingBox,
+    GeoIndexParams,
     GeoPoint,
     GeoRadius,
+    HnswIndexConfig,
+    IntegerIndexParams,
+    KeywordIndexParams,
     MatchAny,
     MatchValue,
-    PayloadSchemaType,
+    Memory,
     Point,
     Query,
     QueryRequest,
@@ -37,14 +54,31 @@ from qdrant_edge import (
 
 from loupe.storage.vectors.base import QFilter, VectorHit, as_matrix, records_to_arrays, vector_of
 
+log = logging.getLogger(__name__)
+
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
+
+
+def edge_config(dim: int, graph: bool) -> EdgeConfig:
+    """Vectors, payload, id tracker and HNSW graph memory-mapped; m=0 builds no graph."""
+    return EdgeConfig(
+        vectors=EdgeVectorParams(size=dim, distance=Distance.Cosine, on_disk=True),
+        payload_memory=Memory.Cold,
+        id_tracker_memory=Memory.Cold,
+        hnsw_config=HnswIndexConfig(
+            m=16 if graph else 0, ef_construct=100, full_scan_threshold=10_000, memory=Memory.Cold
+        ),
+        # Loupe decides when to compact (compact_min); the optimizer then seals whatever is loose, however small.
+        optimizers=EdgeOptimizersConfig(indexing_threshold=1),
+    )
 
 
 class EdgeVectorStore:
     kind = "qdrant-edge"
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, compact_min: int = 20_000) -> None:
         self.root = root
+        self.compact_min = compact_min
         self.root.mkdir(parents=True, exist_ok=True)
         self._shards: dict[str, EdgeShard] = {}
         self._dims: dict[str, int] = {}
@@ -68,21 +102,41 @@ class EdgeVectorStore:
                     self._shards[name] = shard
         return shard
 
-    def ensure_collection(self, name: str, dim: int) -> None:
+    def ensure_collection(self, name: str, dim: int, *, graph: bool = True) -> None:
         with self._lock:
             if name in self._shards:
                 return
             path = self._path(name)
-            # Vectors on disk (memory-mapped, not read in at load): the FAISS mirror answers searches, Qdrant is
-            # read for catch-up, rebuilds and filters. Segments written before this setting keep theirs until
-            # Qdrant's optimizer rewrites them.
-            config = EdgeConfig(vectors=EdgeVectorParams(size=dim, distance=Distance.Cosine, on_disk=True))
+            # Shards written before these settings take them on when the optimizer next rewrites a segment.
+            config = edge_config(dim, graph)
             if path.exists() and any(path.iterdir()):
                 shard = EdgeShard.load(str(path), config)
+                self._compact(name, shard)
             else:
                 shard = EdgeShard.create(str(path), config)
             self._shards[name] = shard
             self._dims[name] = dim
+
+    def _compact(self, name: str, shard: EdgeShard) -> None:
+        info = shard.info()
+        loose = int(info.points_count) - int(info.indexed_vectors_count)
+        if self.compact_min <= 0 or loose < self.compact_min:
+            return
+        log.warning(
+            "compacting %d points of the embedded vector store %r into memory-mapped segments "
+            "(once; about 10 s per 100k points on 2 cores, nothing else runs meanwhile)",
+            loose,
+            name,
+        )
+        t0 = time.perf_counter()
+        shard.optimize()
+        shard.flush()
+        log.info("compacted %r in %.1f s", name, time.perf_counter() - t0)
+
+    def unindexed_count(self, name: str) -> int:
+        """Points still in appendable (heap-held) segments."""
+        info = self._shard(name).info()
+        return int(info.points_count) - int(info.indexed_vectors_count)
 
     def has_collection(self, name: str) -> bool:
         return name in self._shards or (self._path(name).exists() and any(self._path(name).iterdir()))
@@ -194,12 +248,13 @@ class EdgeVectorStore:
             self._shards.clear()
 
 
-_SCHEMA = {
-    "keyword": PayloadSchemaType.Keyword,
-    "integer": PayloadSchemaType.Integer,
-    "float": PayloadSchemaType.Float,
-    "bool": PayloadSchemaType.Bool,
-    "geo": PayloadSchemaType.Geo,
+# Payload indexes memory-mapped too (417 MB of heap at 1M when held in RAM).
+_SCHEMA: dict[str, Any] = {
+    "keyword": KeywordIndexParams(memory=Memory.Cold),
+    "integer": IntegerIndexParams(lookup=True, range=True, memory=Memory.Cold),
+    "float": FloatIndexParams(memory=Memory.Cold),
+    "bool": BoolIndexParams(memory=Memory.Cold),
+    "geo": GeoIndexParams(memory=Memory.Cold),
 }
 
 

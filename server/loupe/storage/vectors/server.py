@@ -64,13 +64,14 @@ class QdrantServerVectorStore:
         # mirror and catches up); errors surface per call as Unavailable.
         return cls(QdrantClient(url=url, api_key=api_key, timeout=int(timeout), check_compatibility=False))
 
-    def ensure_collection(self, name: str, dim: int) -> None:
+    def ensure_collection(self, name: str, dim: int, *, graph: bool = True) -> None:
         if name in self._known:
             return
         if not self.client.collection_exists(name):
             self.client.create_collection(
                 name,
                 vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE),
+                hnsw_config=None if graph else models.HnswConfigDiff(m=0),
                 replication_factor=self._replication,
                 shard_number=self._shards,
             )
