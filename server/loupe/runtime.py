@@ -465,6 +465,7 @@ class Runtime:
                 "metadata": self.engine.dialect.name,
                 "vectors": self.vectors.kind,
                 "vectors_status": self._vector_store_status(),
+                "vectors_uncompacted": self._uncompacted(),
                 "collection": self.collection,
                 "mirror": self.mirror.stats(),
                 "blobs": "files",
@@ -482,6 +483,13 @@ class Runtime:
                 }
             )
         return out
+
+    def _uncompacted(self) -> int | None:
+        """Points Qdrant Edge holds on the heap until the next start compacts them (LOUPE_QDRANT_EDGE_COMPACT)."""
+        try:
+            return self.vectors.uncompacted_count(self.collection)
+        except Exception:  # unavailable, or no collection yet: the status field says which
+            return None
 
     def _vector_store_status(self) -> str:
         try:

@@ -135,6 +135,7 @@ def test_a_deleted_image_never_comes_back_also_after_a_crash_and_restart(make_se
     rt = runtime_factory(settings)
     ids = [o.id for o in rt.ingest.upload([(f"{i}.png", mk.noise_png(i, 48)) for i in range(6)])]
     rt.ingest.drain()
+    assert rt.health()["stores"]["vectors_uncompacted"] == 6  # held on the heap until the next start
     rt.mirror.save()  # the saved mirror still holds the image deleted below
     rt.ingest.delete(ids[2])
     q = {"query": [{"image_id": ids[1]}], "limit": 10}
@@ -146,7 +147,8 @@ def test_a_deleted_image_never_comes_back_also_after_a_crash_and_restart(make_se
     rt.vectors.close()
     rt.closed = True
     rt2 = runtime_factory(settings)
-    assert rt2.vectors.unindexed_count(rt2.collection) == 0 and rt2.vectors.count(rt2.collection) == 5
+    assert rt2.vectors.uncompacted_count(rt2.collection) == 0 and rt2.vectors.count(rt2.collection) == 5
+    assert rt2.health()["stores"]["vectors_uncompacted"] == 0
     assert rt2.mirror.vector(ids[2]) is None
     assert ids[2] not in [h.id for h in rt2.search.search(SearchRequest(**q)).hits]
     assert len(rt2.search.search(SearchRequest(**q)).hits) == 5

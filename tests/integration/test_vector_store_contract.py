@@ -150,18 +150,18 @@ def test_edge_compacts_loose_points_into_memory_mapped_segments_at_open(tmp_path
     store.create_payload_indexes("c", [("tags", "keyword"), ("image_id", "integer")])
     store.upsert("c", ids, vecs, [{"image_id": i, "tags": ["odd" if i % 2 else "even"]} for i in ids])
     store.delete("c", [2, 4, 6])
-    assert store.unindexed_count("c") >= 1000
+    assert store.uncompacted_count("c") >= 1000
     store.close()
 
     below = EdgeVectorStore(root, compact_min=5000)
     below.ensure_collection("c", 8, graph=False)
-    assert below.unindexed_count("c") == below.count("c") == n - 3  # left as it was
+    assert below.uncompacted_count("c") == below.count("c") == n - 3  # left as it was
     below.close()
 
     store = EdgeVectorStore(root, compact_min=1000)
     try:
         store.ensure_collection("c", 8, graph=False)
-        assert store.unindexed_count("c") == 0
+        assert store.uncompacted_count("c") == 0
         assert store.count("c") == n - 3
         configs = _segment_configs(old)
         sealed = [c for c in configs if c["vector_data"][""]["index"]["type"] == "hnsw"]
@@ -183,7 +183,7 @@ def test_edge_compacts_loose_points_into_memory_mapped_segments_at_open(tmp_path
         assert [h.id for h in store.search("c", q, 10)] == expected.tolist()
         # New points go to a fresh appendable segment and are served from it.
         store.upsert("c", [n + 1], unit(rng, 1, 8))
-        assert store.count("c") == n - 2 and store.unindexed_count("c") == 1
+        assert store.count("c") == n - 2 and store.uncompacted_count("c") == 1
     finally:
         store.close()
 

@@ -55,6 +55,11 @@ class VectorStore(Protocol):
 
     def create_payload_indexes(self, name: str, specs: Sequence[tuple[str, str]]) -> None: ...
 
+    def uncompacted_count(self, name: str) -> int | None:
+        """Points an embedded store holds on the heap until it next compacts; None where a server manages its own
+        segments."""
+        ...
+
     def filtered_ids(self, name: str, filter: QFilter) -> set[int]:
         """Every point id the filter selects (tests compare it with the SQL compilation)."""
         ...

@@ -133,8 +133,8 @@ class EdgeVectorStore:
         shard.flush()
         log.info("compacted %r in %.1f s", name, time.perf_counter() - t0)
 
-    def unindexed_count(self, name: str) -> int:
-        """Points still in appendable (heap-held) segments."""
+    def uncompacted_count(self, name: str) -> int | None:
+        """Points still in appendable segments, held on the heap until the next compaction."""
         info = self._shard(name).info()
         return int(info.points_count) - int(info.indexed_vectors_count)
 

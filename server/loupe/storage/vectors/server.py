@@ -145,6 +145,9 @@ class QdrantServerVectorStore:
                 name, payload=dict(payload), points=[int(i) for i in ids], wait=True
             )
 
+    def uncompacted_count(self, name: str) -> int | None:
+        return None  # the Qdrant server's own optimizer manages its segments
+
     def create_payload_indexes(self, name: str, specs: Sequence[tuple[str, str]]) -> None:
         if getattr(self.client, "_client", None).__class__.__name__ == "QdrantLocal":
             return  # local mode has no payload indexes (and says so in a warning); a server builds them
