@@ -126,7 +126,10 @@ def _segment_configs(shard_dir: Path) -> list[dict]:
     ]
 
 
-def test_edge_compacts_loose_points_into_memory_mapped_segments_at_open(tmp_path: Path):
+@pytest.mark.parametrize(
+    "graph", [False, True]
+)  # the mirrored clip collection; the OCR one, which Qdrant searches
+def test_edge_compacts_loose_points_into_memory_mapped_segments_at_open(tmp_path: Path, graph: bool):
     """Points in Edge's appendable segment are held on the heap; opening a shard with compact_min or more of them
     rewrites them into an immutable, memory-mapped segment. Nothing is lost or changed on the way: vectors,
     deletions, payload filters and exact ranking are the same after, and a shard made by an older Loupe (default
@@ -146,7 +149,7 @@ def test_edge_compacts_loose_points_into_memory_mapped_segments_at_open(tmp_path
     ids = list(range(1, n + 1))
     vecs = unit(rng, n, 8)
     store = EdgeVectorStore(root, compact_min=1000)
-    store.ensure_collection("c", 8, graph=False)  # below compact_min (empty): nothing to do
+    store.ensure_collection("c", 8, graph=graph)  # below compact_min (empty): nothing to do
     store.create_payload_indexes("c", [("tags", "keyword"), ("image_id", "integer")])
     store.upsert("c", ids, vecs, [{"image_id": i, "tags": ["odd" if i % 2 else "even"]} for i in ids])
     store.delete("c", [2, 4, 6])
@@ -154,23 +157,25 @@ def test_edge_compacts_loose_points_into_memory_mapped_segments_at_open(tmp_path
     store.close()
 
     below = EdgeVectorStore(root, compact_min=5000)
-    below.ensure_collection("c", 8, graph=False)
+    below.ensure_collection("c", 8, graph=graph)
     assert below.uncompacted_count("c") == below.count("c") == n - 3  # left as it was
     below.close()
 
     store = EdgeVectorStore(root, compact_min=1000)
     try:
-        store.ensure_collection("c", 8, graph=False)
+        store.ensure_collection("c", 8, graph=graph)
         assert store.uncompacted_count("c") == 0
         assert store.count("c") == n - 3
         configs = _segment_configs(old)
         sealed = [c for c in configs if c["vector_data"][""]["index"]["type"] == "hnsw"]
-        assert sealed and all(c["vector_data"][""]["index"]["options"]["m"] == 0 for c in sealed)  # no graph
+        assert sealed and all(
+            c["vector_data"][""]["index"]["options"]["m"] == (16 if graph else 0) for c in sealed
+        )
         assert all(
             c["id_tracker_memory"] == "cold" and c["payload_storage_type"]["type"] == "mmap" for c in sealed
         )
         edge_json = json.loads((old / "edge_config.json").read_text())
-        assert edge_json["payload_memory"] == "cold" and edge_json["hnsw_config"]["m"] == 0
+        assert edge_json["payload_memory"] == "cold" and edge_json["hnsw_config"]["m"] == (16 if graph else 0)
 
         got = store.retrieve("c", [1, 2, 600, n])
         assert set(got) == {1, 600, n} and np.allclose(got[600], vecs[599], atol=1e-6)
