@@ -126,9 +126,8 @@ def _segment_configs(shard_dir: Path) -> list[dict]:
     ]
 
 
-@pytest.mark.parametrize(
-    "graph", [False, True]
-)  # the mirrored clip collection; the OCR one, which Qdrant searches
+# graph=False: the mirrored clip collection; True: the OCR one, which Qdrant searches.
+@pytest.mark.parametrize("graph", [False, True])
 def test_edge_compacts_loose_points_into_memory_mapped_segments_at_open(tmp_path: Path, graph: bool):
     """Points in Edge's appendable segment are held on the heap; opening a shard with compact_min or more of them
     rewrites them into an immutable, memory-mapped segment. Nothing is lost or changed on the way: vectors,
@@ -202,6 +201,9 @@ def test_edge_builds_its_own_graph_only_where_asked(tmp_path: Path):
         store.ensure_collection("searched", 8)
     finally:
         store.close()
-    read = lambda name: json.loads((tmp_path / "edge" / name / "edge_config.json").read_text())  # noqa: E731
+
+    def read(name: str) -> dict:
+        return json.loads((tmp_path / "edge" / name / "edge_config.json").read_text())
+
     assert read("mirrored")["hnsw_config"]["m"] == 0
     assert read("searched")["hnsw_config"]["m"] == 16 and read("searched")["hnsw_config"]["memory"] == "cold"

@@ -117,9 +117,14 @@ class EdgeVectorStore:
             self._shards[name] = shard
             self._dims[name] = dim
 
-    def _compact(self, name: str, shard: EdgeShard) -> None:
+    @staticmethod
+    def _loose(shard: EdgeShard) -> int:
+        """Points in appendable segments (the optimizer counts every sealed point as indexed, graph or not)."""
         info = shard.info()
-        loose = int(info.points_count) - int(info.indexed_vectors_count)
+        return int(info.points_count) - int(info.indexed_vectors_count)
+
+    def _compact(self, name: str, shard: EdgeShard) -> None:
+        loose = self._loose(shard)
         if self.compact_min <= 0 or loose < self.compact_min:
             return
         log.warning(
@@ -135,8 +140,7 @@ class EdgeVectorStore:
 
     def uncompacted_count(self, name: str) -> int | None:
         """Points still in appendable segments, held on the heap until the next compaction."""
-        info = self._shard(name).info()
-        return int(info.points_count) - int(info.indexed_vectors_count)
+        return self._loose(self._shard(name))
 
     def has_collection(self, name: str) -> bool:
         return name in self._shards or (self._path(name).exists() and any(self._path(name).iterdir()))
