@@ -4,19 +4,21 @@
 
 Full-size ViT-B/32 (random weights, bench/fullsize.py), embedded defaults (SQLite, Qdrant Edge), OCR off (OCR is
 measured by bench/ocr_bench.py). For each JPEG size the same library is ingested by `IngestService.drain()`
-(decode in JPEG draft mode, EXIF, perceptual hash, WebP thumbnail, resize, CLIP, upsert, database, mirror) and the
-raw image tower is timed on pre-decoded 224x224 tensors in batches of the ingest batch size. Overhead is the share
-of the pipeline's time not spent in the tower.
+(decode in JPEG draft mode, EXIF, perceptual hash, WebP thumbnail, resize, CLIP, upsert, database, mirror), once
+with one model on all threads after the decode threads and once with the default model workers, and the raw image
+tower is timed on pre-decoded 224x224 tensors in batches of the ingest batch size, both ways. Overhead is the
+pipeline's time over the faster tower's.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
+import json
+import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -54,15 +56,69 @@ def make_jpegs(n: int, width: int, height: int, seed: int) -> list[bytes]:
     return out
 
 
-def raw_tower(clip, batch: int, n: int) -> float:  # type: ignore[no-untyped-def]
+def raw_tower(clip, batch: int, n: int, workers: int = 1, threads: int | None = None) -> float:  # type: ignore[no-untyped-def]
+    """Images/s of the bare image tower on pre-decoded 224x224 uint8 tensors: one model on `threads` torch threads,
+    or `workers` concurrent model workers splitting each batch (as the pipeline's model workers do)."""
     x = np.random.default_rng(0).integers(0, 255, (batch, 224, 224, 3), dtype=np.uint8)
-    clip.embed_uint8(x)  # warm
+    shares = [x[k * batch // workers : (k + 1) * batch // workers] for k in range(workers)]
+
+    def run(share: np.ndarray) -> None:
+        clip.embed_uint8(share, threads)
+        for _ in range(n // batch):
+            clip.embed_uint8(share, threads)
+
     t = time.perf_counter()
-    done = 0
-    while done < n:
-        clip.embed_uint8(x)
-        done += batch
-    return done / (time.perf_counter() - t)
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(run, shares))
+    return (n // batch + 1) * batch / (time.perf_counter() - t)
+
+
+def towers(clip, batch: int, workers: int, each: int) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    """The tower on pre-decoded tensors run the way a variant runs it, and as one model on all threads."""
+    return raw_tower(clip, batch, 64, workers, each), raw_tower(clip, batch, 64)
+
+
+VARIANTS = [
+    ("one model on all threads, 2 decode threads", {"model_workers": 1, "decode_threads": 2}),
+    ("model workers (default)", {}),
+]
+
+
+def run_variant(mp: int, variant: int, images: int) -> tuple:  # type: ignore[type-arg]
+    """One pipeline run with its baselines, in a process of its own (as a server runs one runtime): a second
+    runtime in the same process ran the model workers 8% slower (20.2 against 22.0 images/s)."""
+    from loupe.runtime import Runtime
+
+    model_dir = build_fullsize()
+    label, ingest = VARIANTS[variant]
+    w, h = SIZES[mp]
+    n = max(8, images // (1 if mp == 1 else 2 if mp == 4 else 3))
+    blobs = make_jpegs(n, w, h, seed=mp)
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = Settings(
+            data_dir=Path(tmp) / "lib",
+            clip_model=str(model_dir),
+            ocr={"enabled": False},  # type: ignore[arg-type]
+            ingest=ingest,  # type: ignore[arg-type]
+        )
+        rt = Runtime.open(settings, start_workers=False)
+        try:
+            rt.ingest.upload([(f"{k}.jpg", b) for k, b in enumerate(blobs)], tags=(), albums=())
+            batch = settings.ingest.batch_size
+            workers, each = rt.ingest._model_workers(batch)
+            # The tower's rate drifts on a shared box: measured right before and right after the pipeline, and
+            # averaged.
+            before = towers(rt.clip, batch, workers, each)
+            t = time.perf_counter()
+            rt.ingest.drain()
+            e2e = n / (time.perf_counter() - t)
+            after = towers(rt.clip, batch, workers, each)
+            ready = rt.repo.counts_by_state().get("ready", 0)
+        finally:
+            rt.close()
+    assert ready == n, (ready, n)
+    raw, plain = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
+    return (mp, w, h, f"{label}: {workers} x {each} threads", n, e2e, raw, plain)
 
 
 def main() -> None:
@@ -70,57 +126,39 @@ def main() -> None:
     ap.add_argument("--sizes", default="1,4,12")
     ap.add_argument("--images", type=int, default=96)
     ap.add_argument("--write", action="store_true")
+    ap.add_argument("--variant", help=argparse.SUPPRESS)  # "MP:INDEX": one run, its row as JSON (internal)
     args = ap.parse_args()
-    from loupe.runtime import Runtime
-
-    model_dir = build_fullsize()
+    if args.variant:
+        mp, variant = (int(v) for v in args.variant.split(":"))
+        print("ROW " + json.dumps(run_variant(mp, variant, args.images)), flush=True)
+        return
+    build_fullsize()
     import torch
 
     threads = torch.get_num_threads()
-    variants = [("1 decode thread", 1), (f"decode threads: default ({min(8, os.cpu_count() or 1)})", 0)]
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for mp in (int(s) for s in args.sizes.split(",")):
-            w, h = SIZES[mp]
-            n = max(8, args.images // (1 if mp == 1 else 2 if mp == 4 else 3))
-            blobs = make_jpegs(n, w, h, seed=mp)
-            for label, decode_threads in variants:
-                data = Path(tmp) / f"lib-{mp}-{decode_threads}"
-                settings = Settings(
-                    data_dir=data,
-                    clip_model=str(model_dir),
-                    ocr={"enabled": False},  # type: ignore[arg-type]
-                    ingest={"decode_threads": decode_threads},  # type: ignore[arg-type]
-                )
-                rt = Runtime.open(settings)
-                try:
-                    rt.ingest.upload([(f"{k}.jpg", b) for k, b in enumerate(blobs)], tags=(), albums=())
-                    # The tower's rate drifts on a shared box: measured right before and right after the
-                    # pipeline, and averaged.
-                    before = raw_tower(rt.clip, settings.ingest.batch_size, 64)
-                    t = time.perf_counter()
-                    rt.ingest.drain()
-                    e2e = n / (time.perf_counter() - t)
-                    raw = (before + raw_tower(rt.clip, settings.ingest.batch_size, 64)) / 2
-                    ready = rt.repo.counts_by_state().get("ready", 0)
-                finally:
-                    rt.close()
-                    shutil.rmtree(data, ignore_errors=True)
-                assert ready == n, (ready, n)
-                overhead = raw / e2e - 1
-                rows.append((mp, w, h, label, n, e2e, raw, overhead))
-                print(rows[-1], flush=True)
+    for mp in (int(s) for s in args.sizes.split(",")):
+        for variant in range(len(VARIANTS)):
+            out = subprocess.run(
+                [sys.executable, __file__, "--variant", f"{mp}:{variant}", "--images", str(args.images)],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+            rows.append(tuple(json.loads(out.split("ROW ", 1)[1])))
+            print(rows[-1], flush=True)
     lines = [
         f"Full-size ViT-B/32 (random init), torch fp32 on {threads} threads, batches of {Settings().ingest.batch_size}, "
-        "OCR off; the same runtime's raw image tower on pre-decoded 224x224 tensors is the baseline (timed just "
-        "before and just after each pipeline run, averaged).",
+        "OCR off. Baselines, timed just before and just after each pipeline run and averaged: the raw image tower "
+        "on pre-decoded 224x224 tensors run the way the variant runs it (one model, or the model workers each "
+        "embedding its share of a batch), and one model on all threads. Overhead is against the faster.",
         "",
-        "| JPEG | decoding | images | pipeline images/s | raw tower images/s | pipeline overhead vs tower |",
-        "|---|---|---|---|---|---|",
+        "| JPEG | model | images | pipeline images/s | raw tower, same shape | raw tower, one model | pipeline overhead vs the faster tower |",
+        "|---|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {mp} MP ({w}x{h}) | {label} | {n} | {e2e:.1f} | {raw:.1f} | {ov * 100:+.0f}% |"
-        for mp, w, h, label, n, e2e, raw, ov in rows
+        f"| {mp} MP ({w}x{h}) | {label} | {n} | {e2e:.1f} | {raw:.1f} | {plain:.1f} | {max(raw, plain) / e2e - 1:+.0%} |"
+        for mp, w, h, label, n, e2e, raw, plain in rows
     ]
     text = "\n".join(lines)
     print(text)

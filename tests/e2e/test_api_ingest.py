@@ -134,10 +134,10 @@ def test_embedding_failures_are_retried_with_backoff_then_fail(api, monkeypatch)
     image_id = upload(client, [("p.png", mk.noise_png(9, 48))]).json()["files"][0]["id"]
     rt.settings.ingest.retry_base_s = 0.0
 
-    def broken(images):
+    def broken(*args, **kwargs):
         raise RuntimeError("GPU fell off the bus")
 
-    monkeypatch.setattr(rt.ingest.clip, "embed_images", broken)
+    monkeypatch.setattr(rt.ingest.clip, "embed_uint8", broken)
     rt.ingest.process_batch()
     row = rt.repo.get_image(image_id)
     assert (row.state, row.error_code, row.attempts) == ("pending", "index_error", 1)

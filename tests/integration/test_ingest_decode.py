@@ -1,16 +1,25 @@
-"""The worker's decode stage runs in threads: one picture that fails there in an unexpected way (here its
-thumbnail path is taken by a directory, a real OSError from the file system) is retried on its own, and the rest
-of its batch is indexed."""
+"""The worker's decode stage runs in threads (decode threads before one model, or model workers that each decode
+and embed a share of the batch): one picture that fails there in an unexpected way (here its thumbnail path is
+taken by a directory, a real OSError from the file system) is retried on its own, and the rest of its batch is
+indexed; both ways give the same vectors."""
 
 from __future__ import annotations
 
 import shutil
 
+import numpy as np
+import pytest
+
 from tests.fixtures import images as mk
 
 
-def test_an_unexpected_failure_in_a_decode_thread_retries_only_that_picture(make_settings, runtime_factory):
-    settings = make_settings(ingest={"decode_threads": 4, "retry_base_s": 0, "batch_size": 16})
+@pytest.mark.parametrize("model_workers", [1, 3])
+def test_an_unexpected_failure_in_a_decode_thread_retries_only_that_picture(
+    make_settings, runtime_factory, model_workers
+):
+    settings = make_settings(
+        ingest={"decode_threads": 4, "retry_base_s": 0, "batch_size": 16, "model_workers": model_workers}
+    )
     rt = runtime_factory(settings)
     shapes = mk.shape_set(per_class=1, seed=3)[:6]
     outcomes = rt.ingest.upload([(s.name, s.data) for s in shapes])
@@ -30,3 +39,20 @@ def test_an_unexpected_failure_in_a_decode_thread_retries_only_that_picture(make
     assert rt.ingest.drain() == 1  # due again at once (retry_base_s 0), and now it goes through
     assert rt.repo.get_image(ids[2]).state == "ready" and blocked.is_file()
     assert rt.mirror.live_count == 6
+
+
+def test_model_workers_give_the_vectors_of_one_model(make_settings, runtime_factory, tmp_path):
+    """A batch split over model workers, each on its own torch thread, in the order of the batch: the same vectors
+    as one model on all threads after the decode threads (and image ids stay paired with their vectors)."""
+    shapes = mk.shape_set(per_class=1, seed=5)[:11]
+    vectors = {}
+    for workers in (1, 3):
+        rt = runtime_factory(
+            make_settings(data_dir=tmp_path / f"w{workers}", ingest={"model_workers": workers, "batch_size": 16})
+        )
+        assert rt.ingest._model_workers(11)[0] == workers
+        ids = [o.id for o in rt.ingest.upload([(s.name, s.data) for s in shapes])]
+        assert rt.ingest.drain() == 11
+        vectors[workers] = np.stack([rt.mirror.vector(i) for i in ids])
+    assert np.allclose(vectors[1], vectors[3], atol=1e-5)
+    assert len({v.tobytes() for v in vectors[3].round(3)}) == 11  # eleven different pictures, not one repeated

@@ -7,6 +7,7 @@ says so loudly.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -41,22 +42,27 @@ class ModelInfo:
 
 
 class ClipModel:
-    """Both towers of one CLIP checkpoint. Thread-safe: forward passes are serialized per model."""
+    """Both towers of one CLIP checkpoint. Thread-safe. On a GPU forward passes are serialized (one batch's
+    activations in memory at a time); on the CPU they run concurrently, each on the torch threads its caller asks
+    for (ingest runs one single-threaded model worker per core: see `embed_uint8`)."""
 
     def __init__(self, model: Any, tokenizer: Any, image_processor: Any, info: ModelInfo) -> None:
+        import torch
+
         self.model = model
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.info = info
-        self._lock = threading.Lock()
+        self._lock: Any = threading.Lock() if info.device.startswith("cuda") else contextlib.nullcontext()
+        # torch's intra-op threads for a caller that asks for none: the process's setting when the model loaded.
+        self.threads = torch.get_num_threads()
+        self._thread_setting = threading.local()
         self.text_tower: Any = None  # an ONNX Runtime text tower (models/onnx_text.py) when attached
         self.text_runtime = "torch"
         # Batches of at least text_batch_min queries go to a bf16 copy of the text tower (models/bf16_text.py).
         self.text_batch_tower: Any = None
         self.text_batch_min = 0
         self.text_batches = ""
-        import torch
-
         ip = image_processor
         shortest = ip.size.get("shortest_edge") if hasattr(ip.size, "get") else ip.size["shortest_edge"]
         self._sizes = (int(shortest or info.image_size), int(ip.crop_size["height"]))
@@ -66,6 +72,11 @@ class ClipModel:
     @property
     def dim(self) -> int:
         return self.info.dim
+
+    @property
+    def input_side(self) -> int:
+        """The shorter side a picture is resized to before the centre crop."""
+        return self._sizes[0]
 
     def resize_crop(self, img: Image.Image) -> np.ndarray:
         return resize_crop(img, *self._sizes)
@@ -79,10 +90,24 @@ class ClipModel:
         x = x.permute(0, 3, 1, 2).float().div_(255.0)
         return (x - self._mean.to(x.device)) / self._std.to(x.device)
 
-    def embed_uint8(self, batch: np.ndarray) -> np.ndarray:
-        """Embed resize_crop outputs (n, H, W, 3) uint8: rescale and normalize on the model's device."""
+    def use_threads(self, n: int | None = None) -> None:
+        """Run this thread's torch work on `n` intra-op threads (default: `self.threads`).
+
+        torch keeps the count per thread (OpenMP's and MKL's), but a thread's first torch call seeds it from
+        whatever count any thread set last, so every caller states its own: once per thread and count."""
         import torch
 
+        n = n or self.threads
+        if getattr(self._thread_setting, "n", None) != n:
+            torch.set_num_threads(n)
+            self._thread_setting.n = n
+
+    def embed_uint8(self, batch: np.ndarray, threads: int | None = None) -> np.ndarray:
+        """Embed resize_crop outputs (n, H, W, 3) uint8: rescale and normalize on the model's device, on `threads`
+        torch threads of the CPU (default: `self.threads`)."""
+        import torch
+
+        self.use_threads(threads)
         with self._lock, torch.inference_mode():
             x = self.pixel_values(batch, self.model.device)
             out = self.model.get_image_features(pixel_values=x.to(self.model.dtype))
@@ -120,6 +145,7 @@ class ClipModel:
         import torch
 
         enc = self.tokenize(texts)
+        self.use_threads()
         with self._lock, torch.inference_mode():
             out = self.model.get_text_features(**{k: v.to(self.model.device) for k, v in enc.items()})
             return normalize(pooled(out).float().cpu().numpy())
