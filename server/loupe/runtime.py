@@ -470,6 +470,12 @@ class Runtime:
                 "demo": info.is_demo,
                 "text_runtime": self.clip.text_runtime,
                 "text_batches": self.clip.text_batches or None,
+                # Text encodes since start: how many forward passes served how many new query texts (their ratio is
+                # the micro-batches' mean size under load).
+                "text_encodes": {
+                    "passes": self.search.text_cache.encode.batches,
+                    "queries": self.search.text_cache.encode.items,
+                },
                 "versions": [
                     {"id": v.id, "name": v.name, "active": v.active, "created_at": v.created_at.isoformat()}
                     for v in self.repo.model_versions("clip")

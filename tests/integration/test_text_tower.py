@@ -105,6 +105,10 @@ def test_bf16_copy_takes_micro_batches_only_when_asked_or_faster(tiny_clip_dir: 
 def test_health_names_the_bf16_batches(make_settings, runtime_factory):
     rt = runtime_factory(make_settings(model={"text_batches_bf16": "on"}))
     assert rt.health()["model"]["text_batches"] == "bf16 from 2 queries"
+    assert rt.health()["model"]["text_encodes"] == {"passes": 0, "queries": 0}
+    rt.search.text_cache.get_many(QUERIES[:3])  # new texts: one forward pass for the three
+    rt.search.text_cache.get_many(QUERIES[:2])  # cached: no pass
+    assert rt.health()["model"]["text_encodes"] == {"passes": 1, "queries": 3}
     rt2 = runtime_factory(
         make_settings(data_dir=rt.settings.data_dir.parent / "d2", model={"text_batches_bf16": "off"})
     )
