@@ -48,11 +48,15 @@ def test_model_workers_give_the_vectors_of_one_model(make_settings, runtime_fact
     vectors = {}
     for workers in (1, 3):
         rt = runtime_factory(
-            make_settings(data_dir=tmp_path / f"w{workers}", ingest={"model_workers": workers, "batch_size": 16})
+            make_settings(
+                data_dir=tmp_path / f"w{workers}", ingest={"model_workers": workers, "batch_size": 16}
+            )
         )
         assert rt.ingest._model_workers(11)[0] == workers
         ids = [o.id for o in rt.ingest.upload([(s.name, s.data) for s in shapes])]
         assert rt.ingest.drain() == 11
         vectors[workers] = np.stack([rt.mirror.vector(i) for i in ids])
     assert np.allclose(vectors[1], vectors[3], atol=1e-5)
-    assert len({v.tobytes() for v in vectors[3].round(3)}) == 11  # eleven different pictures, not one repeated
+    assert (
+        len({v.tobytes() for v in vectors[3].round(3)}) == 11
+    )  # eleven different pictures, not one repeated
