@@ -57,6 +57,5 @@ def test_model_workers_give_the_vectors_of_one_model(make_settings, runtime_fact
         assert rt.ingest.drain() == 11
         vectors[workers] = np.stack([rt.mirror.vector(i) for i in ids])
     assert np.allclose(vectors[1], vectors[3], atol=1e-5)
-    assert (
-        len({v.tobytes() for v in vectors[3].round(3)}) == 11
-    )  # eleven different pictures, not one repeated
+    # Eleven different pictures, not one repeated.
+    assert len({v.tobytes() for v in vectors[3].round(3)}) == 11

@@ -276,9 +276,9 @@ class IngestService:
         torch threads. A failed forward pass is returned, not raised, so the batch's bookkeeping sees it."""
         outcomes = [self._prepare(image, ocr) for image in share]
         pixels = [o[0] for o in outcomes if not isinstance(o, Exception)]
+        if not pixels:
+            return outcomes, np.zeros((0, self.clip.dim), dtype=np.float32)
         try:
-            if not pixels:
-                return outcomes, np.zeros((0, self.clip.dim), dtype=np.float32)
             return outcomes, self.clip.embed_uint8(np.stack(pixels), threads)
         except Exception as exc:
             return outcomes, exc
