@@ -77,9 +77,9 @@ class ModelSettings(BaseModel):
     text_batches_bf16: str = Field(
         "auto",
         pattern="^(auto|on|off)$",
-        description="micro-batches of text queries on a bf16 copy of the text tower (76 MB of weights for ViT-B/32): "
-        "auto uses it where it measures at least 1.25x faster at start (CPUs with bf16 units), on whenever its "
-        "cosine to fp32 holds",
+        description="text queries on a traced bf16 copy of the text tower (76 MB of weights for ViT-B/32), from the "
+        "smallest micro-batch (1, 2, 4 or 8 queries) where it measures at least 1.25x faster at start (CPUs with "
+        "bf16 units); on: from 2 queries whenever its cosine to fp32 holds",
     )
     demo_fallback: bool = Field(True, description="offline with the default model: start on the demo model")
 

@@ -21,7 +21,7 @@ from loupe.ingest.bulk import BulkService, BulkWorker
 from loupe.ingest.service import IngestService, IngestWorker
 from loupe.ingest.switch import ModelSwitcher
 from loupe.ingest.text import TextIndexer
-from loupe.models import onnx_text
+from loupe.models import onnx_text, torch_thread
 from loupe.models.clip import DEMO_MODEL_NAME, ClipModel, demo_model_dir, load_clip, open_clip_for_settings
 from loupe.models.finetune import FinetuneRunner
 from loupe.models.text_encoder import SentenceEncoder
@@ -128,7 +128,9 @@ def open_text_indexer(settings: Settings, repo: MetadataRepo, vectors: VectorSto
             "Tesseract is not installed (apt-get install tesseract-ocr), or set LOUPE_OCR__ENABLED=false"
         )
     device = settings.model.device if settings.model.device != "auto" else "cpu"
-    encoder = SentenceEncoder(settings.ocr.encoder, device=device)
+    encoder = torch_thread.call(
+        SentenceEncoder, settings.ocr.encoder, device=device
+    )  # models/torch_thread.py
     active = repo.active_model("ocr")
     if active is None:
         active = repo.activate_first_model("ocr", encoder.name, encoder.fingerprint, encoder.dim, False)
@@ -295,9 +297,7 @@ class Runtime:
     def _build(cls, settings: Settings, lock: DataDirLock | None, start_workers: bool) -> Runtime:
         keep_model_buffers_on_heap()
         if settings.model.torch_threads:
-            import torch
-
-            torch.set_num_threads(settings.model.torch_threads)
+            torch_thread.set_default_threads(settings.model.torch_threads)
         engine = create_db_engine(settings.effective_database_url)
         try:
             upgrade(engine)
@@ -313,8 +313,10 @@ class Runtime:
                 log.info("resuming %d images interrupted while processing", released)
         blobs = FileBlobStore(settings.data_dir / "blobs")
         vectors = open_vector_store(settings)
-        clip, version = resolve_model(settings, repo)
-        clip.text_runtime = onnx_text.attach_for_settings(clip, settings)
+        # Loading and the start-up checks run torch on all threads: on the torch thread, so that no other thread
+        # of the process keeps an OpenMP team (models/torch_thread.py).
+        clip, version = torch_thread.call(resolve_model, settings, repo)
+        clip.text_runtime = torch_thread.call(onnx_text.attach_for_settings, clip, settings)
         collection = collection_name(version)
         vectors_up = True
         try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from loupe.models.clip import load_clip
@@ -84,8 +85,8 @@ def test_bf16_copy_takes_micro_batches_only_when_asked_or_faster(tiny_clip_dir: 
     assert bf16_text.attach(clip, "off") == "" and clip.text_batch_tower is None
     # auto decides by the measured speed-up: one no runtime can reach, and one any reaches.
     assert bf16_text.attach(clip, "auto", gain_needed=1e9) == "" and clip.text_batch_tower is None
-    assert bf16_text.attach(clip, "auto", gain_needed=0.0) == "bf16 from 4 queries"
-    assert clip.text_batch_min == 4
+    assert bf16_text.attach(clip, "auto", gain_needed=0.0) == "bf16 from 1 query"
+    assert clip.text_batch_min == 1
     assert bf16_text.attach(clip, "on") == "bf16 from 2 queries"
 
     batched = clip.embed_texts(QUERIES)
@@ -113,3 +114,106 @@ def test_health_names_the_bf16_batches(make_settings, runtime_factory):
         make_settings(data_dir=rt.settings.data_dir.parent / "d2", model={"text_batches_bf16": "off"})
     )
     assert rt2.health()["model"]["text_batches"] is None
+
+
+def test_bf16_copy_runs_as_a_trace_that_matches_eager_mode_at_other_shapes(tiny_clip_dir: Path):
+    """Traced on two queries, the copy serves any batch size and length with eager mode's vectors (a trace that
+    froze a shape would differ here), and stays in eager mode where tracing fails."""
+    from loupe.models import bf16_text
+
+    clip = load_clip(str(tiny_clip_dir))
+    tower = bf16_text.Bf16TextTower(clip.model, clip.tokenize)
+    assert tower.traced is not None
+    texts = [*QUERIES, "a very small red square next to a large blue circle on a grey noisy background"]
+    for batch in ([texts[1]], texts[:3], texts):
+        enc = clip.tokenize(batch)
+        with torch.inference_mode():
+            eager = normalize(tower.tower(enc["input_ids"], enc["attention_mask"]).float().numpy())
+        np.testing.assert_allclose(tower(enc["input_ids"], enc["attention_mask"]), eager, atol=2e-3)
+    assert bf16_text.Bf16TextTower(clip.model).traced is None  # no tokenizer: eager mode only
+
+    def broken(texts: list[str]) -> dict:
+        raise RuntimeError("tokenizer gone")
+
+    eager_only = bf16_text.Bf16TextTower(clip.model, broken)
+    assert eager_only.traced is None
+    enc = clip.tokenize(QUERIES)
+    ref = clip.embed_texts_torch(QUERIES)
+    assert np.min(np.sum(ref * eager_only(enc["input_ids"], enc["attention_mask"]), axis=1)) >= 0.9995
+
+
+def test_multi_threaded_torch_passes_run_on_the_one_torch_thread(tiny_clip_dir: Path):
+    """GNU OpenMP gives each thread that runs a parallel region its own team; past one team per core its workers
+    sleep between operators. Passes on several torch threads therefore all run on one thread, single-threaded
+    passes where they are called; errors come back to the caller."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from loupe.models import torch_thread
+
+    clip = load_clip(str(tiny_clip_dir))
+
+    def where() -> tuple[str, int]:
+        return threading.current_thread().name, torch.get_num_threads()
+
+    with ThreadPoolExecutor(4) as pool:
+        multi = list(pool.map(lambda _: clip.torch_pass(where, 2), range(8)))
+        single = list(pool.map(lambda _: clip.torch_pass(where, 1), range(8)))
+    assert {name for name, _ in multi} == {name for name, _ in multi if name.startswith("loupe-torch")}
+    assert len({name for name, _ in multi}) == 1 and {n for _, n in multi} == {2}
+    assert not any(name.startswith("loupe-torch") for name, _ in single) and {n for _, n in single} == {1}
+    # Nested calls from the torch thread run in place (no deadlock), and errors reach the caller.
+    assert torch_thread.call(lambda: clip.torch_pass(where, 2))[0].startswith("loupe-torch")
+
+    def fail() -> None:
+        raise ValueError("bad pass")
+
+    with pytest.raises(ValueError, match="bad pass"):
+        clip.torch_pass(fail, 2)
+    # The towers' own passes go the same way: vectors equal to a direct pass.
+    np.testing.assert_allclose(
+        clip.embed_texts_torch(QUERIES, threads=2), clip.embed_texts_torch(QUERIES, 1), atol=1e-5
+    )
+
+
+def test_text_passes_leave_a_core_while_other_searches_are_in_flight(make_settings, runtime_factory):
+    """The text tower runs on all torch threads for a lone search, on one fewer while others are in flight (their
+    HTTP and search work needs a core: a pass on all of them lost its threads at every operator's barrier)."""
+    import threading
+
+    rt = runtime_factory(make_settings())
+    search = rt.search
+    clip = search.clip
+    seen: list[int | None] = []
+    real = clip.embed_texts
+
+    def recording(texts: list[str], threads: int | None = None) -> np.ndarray:
+        seen.append(threads)
+        return real(texts, threads)
+
+    clip.embed_texts = recording
+    from loupe.search.query import SearchRequest, Term
+
+    search.search(SearchRequest(query=[Term(text="a red circle")], limit=5))
+    assert seen == [None]
+    inside = threading.Event()
+    release = threading.Event()
+    real_page = search._page
+
+    def slow_page(*args, **kwargs):  # a search that stays in flight until released
+        inside.set()
+        release.wait(10)
+        return real_page(*args, **kwargs)
+
+    search._page = slow_page
+    other = threading.Thread(
+        target=search.search, args=(SearchRequest(query=[Term(text="a blue star")], limit=5),)
+    )
+    other.start()
+    assert inside.wait(10)
+    search._page = real_page
+    search.search(SearchRequest(query=[Term(text="a green triangle")], limit=5))
+    release.set()
+    other.join(10)
+    assert seen == [None, None, clip.threads_under_load]
+    assert search._in_flight == 0

@@ -22,7 +22,7 @@ import numpy as np
 from loupe.errors import BadRequest, ConfigError, Conflict, LoupeError
 from loupe.index.faiss_mirror import FaissMirror
 from loupe.ingest.validate import decode_rgb
-from loupe.models import onnx_text
+from loupe.models import onnx_text, torch_thread
 from loupe.models.clip import ClipModel, open_clip_for_settings
 from loupe.search.filters import PAYLOAD_INDEXES
 
@@ -150,8 +150,9 @@ class ModelSwitcher:
     def _run(self, name: str, progress: Callable[[SwitchStatus], None] | None) -> None:
         rt, st = self.rt, self.status
         settings = rt.settings
-        try:
-            clip = open_clip_for_settings(
+        try:  # on the torch thread, as every multi-threaded torch pass (models/torch_thread.py)
+            clip = torch_thread.call(
+                open_clip_for_settings,
                 name,
                 is_default=False,
                 data_dir=settings.data_dir,
@@ -164,7 +165,7 @@ class ModelSwitcher:
             ) from exc
         if clip.info.fingerprint == rt.clip.info.fingerprint:
             raise BadRequest(f"{name!r} is the library's current model", code="model_active")
-        clip.text_runtime = onnx_text.attach_for_settings(clip, settings)
+        clip.text_runtime = torch_thread.call(onnx_text.attach_for_settings, clip, settings)
         version = rt.repo.create_model_version("clip", clip.info.name, clip.info.fingerprint, clip.dim, False)
         st.version = int(version.id)  # type: ignore[arg-type]
         from loupe.runtime import collection_name

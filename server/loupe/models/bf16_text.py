@@ -1,15 +1,16 @@
-"""Micro-batches of text queries on a bfloat16 copy of the text tower, where the CPU makes that faster.
+"""Text queries on a bfloat16 copy of the text tower, where the CPU makes that faster.
 
 Under concurrent load, text queries are encoded in micro-batches (models/batching.py). On CPUs with native bf16
 matrix units (Intel AMX, AVX512-BF16) a bf16 copy of the text tower runs a batch of 8 about 1.8x faster than
-ONNX Runtime fp32, while a single query stays faster on ONNX Runtime (bench/RESULTS.md, "Text tower runtimes").
-On CPUs without them bf16 is slower. So nothing is assumed: at start the copy is timed against the text runtime in
-use on probe batches of 4 and 8, and it takes batches from the smallest size where it wins by BATCH_GAIN, and only
-if its vectors keep a worst cosine of COSINE_FLOOR to torch fp32 on the probes. The copy shares the fp32 token
-embedding table (a lookup needs no bf16), so it costs the transformer's weights at 2 bytes each: about 76 MB for
-ViT-B/32 (80-170 MB more anonymous memory in the server, measured). ONNX Runtime's threads do not busy-wait
-(models/onnx_text.py): spinning, they took the cores from this copy, and the server lost throughput
-(bench/RESULTS.md, "A/B: bf16 micro-batches"). Image vectors never come from it.
+ONNX Runtime fp32 (bench/RESULTS.md, "Text tower runtimes"); traced (one call per pass, see Bf16TextTower) it runs a
+single query faster too on an AMX CPU (5.8 against 9.1 ms). On CPUs without bf16 units it is slower. So nothing is
+assumed: at start the copy is timed against the text runtime in use on probe batches of 1, 2, 4 and 8, and it takes
+batches from the smallest size where it wins by BATCH_GAIN, and only if its vectors keep a worst cosine of
+COSINE_FLOOR to torch fp32 on the probes. The copy shares the fp32 token embedding table (a lookup needs no bf16),
+so it costs the transformer's weights at 2 bytes each: about 76 MB for ViT-B/32 (80-170 MB more anonymous memory in
+the server, measured). ONNX Runtime's threads do not busy-wait (models/onnx_text.py): spinning, they took the cores
+from this copy, and the server lost throughput (bench/RESULTS.md, "A/B: bf16 micro-batches"). Image vectors never
+come from it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import copy
 import logging
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -41,13 +43,17 @@ PROBES = [
 ]
 # bf16 rounding measured 0.99994 on ViT-B/32 and 0.9999 on MiniLM's real weights (99.5% of its top 10).
 COSINE_FLOOR = 0.9995
+# A trace must give eager mode's vectors (it runs the same bf16 kernels) at other shapes than it was traced at.
+TRACE_FLOOR = 0.99999
+# Batch sizes timed at start; the copy takes batches from the smallest where it wins.
+PROBE_SIZES = (1, 2, 4, 8)
 # The speed-up over the runtime in use that makes the copy worth its memory.
 BATCH_GAIN = 1.25
 
 
-class _Bf16Embedding:  # torch module built lazily (torch is imported by the caller)
+class _Modules:  # torch modules built lazily (torch is imported by the caller)
     @staticmethod
-    def make(table: Any) -> Any:
+    def embedding(table: Any) -> Any:
         import torch
 
         class Bf16Embedding(torch.nn.Module):
@@ -62,11 +68,34 @@ class _Bf16Embedding:  # torch module built lazily (torch is imported by the cal
 
         return Bf16Embedding()
 
+    @staticmethod
+    def tower(text: Any, projection: Any, table: Any) -> Any:
+        import torch
+
+        class Tower(torch.nn.Module):
+            """(input_ids, attention_mask) -> the projected bf16 embedding. The shared fp32 table is registered
+            here (after the cast), so a trace sees it as a parameter, not a constant to copy."""
+
+            def __init__(self) -> None:
+                super().__init__()
+                self.text, self.projection, self.table = text, projection, table
+
+            def forward(self, input_ids: Any, attention_mask: Any) -> Any:
+                return self.projection(pooled(self.text(input_ids=input_ids, attention_mask=attention_mask)))
+
+        return Tower().eval()
+
 
 class Bf16TextTower:
-    """get_text_features of a CLIP model, on a bfloat16 copy of its text transformer and projection."""
+    """get_text_features of a CLIP model, on a bfloat16 copy of its text transformer and projection.
 
-    def __init__(self, model: Any) -> None:
+    The copy runs as a TorchScript trace where tracing works: one call that releases the GIL for the whole
+    forward pass. Eager mode releases and retakes the GIL at each of its ~400 operators, so in a server whose other
+    threads run Python (HTTP, JSON, the search) every operator queued behind them: a batch of 4 took 2.5x its
+    standalone time under load (bench/RESULTS.md, "Text tower under load"). A trace is checked against eager mode
+    at other batch sizes and lengths than it was traced at; if it fails or differs, eager mode serves."""
+
+    def __init__(self, model: Any, tokenize: Callable[[list[str]], Any] | None = None) -> None:
         import torch
 
         text = model.text_model
@@ -76,16 +105,48 @@ class Bf16TextTower:
             self.text = copy.deepcopy(text).to(torch.bfloat16).eval()
         finally:
             text.embeddings.token_embedding = table
-        self.text.embeddings.token_embedding = _Bf16Embedding.make(table)
+        self.text.embeddings.token_embedding = _Modules.embedding(table)
         self.projection = copy.deepcopy(model.text_projection).to(torch.bfloat16).eval()
+        self.tower = _Modules.tower(self.text, self.projection, table)
+        self.traced: Any = None
         self._lock = threading.Lock()
+        if tokenize is not None:
+            self.traced = self._trace(tokenize)
+
+    def _trace(self, tokenize: Callable[[list[str]], Any]) -> Any:
+        """Traced on two queries of different lengths (so padding is masked), checked on one query and on eight
+        padded to a third length."""
+        import torch
+
+        try:
+            example = tokenize(PROBES[1:3])
+            ids, mask = example["input_ids"], example["attention_mask"]
+            checks = [tokenize(PROBES[:1]), tokenize(PROBES)]
+            with torch.inference_mode(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # tracer warnings: shape checks that hold for every query
+                traced = torch.jit.trace(self.tower, (ids, mask), check_trace=False)
+                for check in checks:
+                    c_ids, c_mask = check["input_ids"], check["attention_mask"]
+                    want = normalize(self.tower(c_ids, c_mask).float().numpy())
+                    got = normalize(traced(c_ids, c_mask).float().numpy())
+                    worst = float(np.min(np.sum(want * got, axis=1)))
+                    if worst < TRACE_FLOOR:
+                        raise ValueError(f"worst cosine {worst:.6f} to eager mode on {tuple(c_ids.shape)}")
+        except Exception as exc:  # tracing is an optimisation: eager mode gives the same vectors
+            log.warning(
+                "the bf16 text tower could not be traced (%s: %s): it runs in eager mode",
+                type(exc).__name__,
+                exc,
+            )
+            return None
+        return traced
 
     def __call__(self, input_ids: Any, attention_mask: Any) -> np.ndarray:
         import torch
 
+        run = self.traced if self.traced is not None else self.tower
         with self._lock, torch.inference_mode():
-            out = self.text(input_ids=input_ids, attention_mask=attention_mask)
-            return normalize(self.projection(pooled(out)).float().numpy())
+            return normalize(run(input_ids, attention_mask).float().numpy())
 
 
 def _best_of(fn: Callable[[], Any], repeat: int = 3) -> float:
@@ -100,12 +161,13 @@ def _best_of(fn: Callable[[], Any], repeat: int = 3) -> float:
 
 def attach(clip: Any, mode: str, gain_needed: float = BATCH_GAIN) -> str:
     """Route micro-batches to a bf16 copy of the text tower when `mode` is on, or auto and it measures at least
-    `gain_needed` times faster. Returns a description for health: "" (not used) or "bf16 from N queries"."""
+    `gain_needed` times faster. Returns a description for health: "" (not used) or "bf16 from N queries" (N = 1:
+    every text query)."""
     clip.text_batch_tower, clip.text_batch_min = None, 0
     if mode == "off" or clip.info.device != "cpu":
         return ""
     try:
-        tower = Bf16TextTower(clip.model)
+        tower = Bf16TextTower(clip.model, clip.tokenize)
         enc = clip.tokenize(PROBES)
         got = tower(enc["input_ids"], enc["attention_mask"])
         worst = float(np.min(np.sum(clip.embed_texts_torch(PROBES) * got, axis=1)))
@@ -121,10 +183,10 @@ def attach(clip: Any, mode: str, gain_needed: float = BATCH_GAIN) -> str:
     if mode == "on":
         start = 2
     else:
-        for size in (4, 8):
+        for size in PROBE_SIZES:
             part = clip.tokenize(PROBES[:size])
             gain = _best_of(partial(clip.embed_texts, PROBES[:size])) / _best_of(
-                partial(tower, part["input_ids"], part["attention_mask"])
+                partial(clip.torch_pass, partial(tower, part["input_ids"], part["attention_mask"]))
             )
             log.info("bf16 text tower on %d queries: %.2fx the %s runtime", size, gain, clip.text_runtime)
             if gain >= gain_needed:
@@ -138,4 +200,4 @@ def attach(clip: Any, mode: str, gain_needed: float = BATCH_GAIN) -> str:
         start,
         worst,
     )
-    return f"bf16 from {start} queries"
+    return f"bf16 from {start} {'query' if start == 1 else 'queries'}"

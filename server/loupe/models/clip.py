@@ -13,20 +13,23 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import numpy as np
 from PIL import Image
 
 from loupe.errors import ConfigError
+from loupe.models import torch_thread
 from loupe.models.vectors import normalize
 
 log = logging.getLogger(__name__)
 
 DEMO_MODEL_NAME = "loupe/demo-tiny-clip"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -43,8 +46,9 @@ class ModelInfo:
 
 class ClipModel:
     """Both towers of one CLIP checkpoint. Thread-safe. On a GPU forward passes are serialized (one batch's
-    activations in memory at a time); on the CPU they run concurrently, each on the torch threads its caller asks
-    for (ingest runs one single-threaded model worker per core: see `embed_uint8`)."""
+    activations in memory at a time). On the CPU each runs on the torch threads its caller asks for: passes on
+    more than one run one at a time on the process's torch thread (`torch_pass`), single-threaded ones where they
+    are called, side by side (ingest runs one single-threaded model worker per core: see `embed_uint8`)."""
 
     def __init__(self, model: Any, tokenizer: Any, image_processor: Any, info: ModelInfo) -> None:
         import torch
@@ -54,9 +58,8 @@ class ClipModel:
         self.image_processor = image_processor
         self.info = info
         self._lock: Any = threading.Lock() if info.device.startswith("cuda") else contextlib.nullcontext()
-        # torch's intra-op threads for a caller that asks for none: the process's setting when the model loaded.
-        self.threads = torch.get_num_threads()
-        self._thread_setting = threading.local()
+        # torch's intra-op threads for a caller that asks for none.
+        self.threads = torch_thread.default_threads()
         self.text_tower: Any = None  # an ONNX Runtime text tower (models/onnx_text.py) when attached
         self.text_runtime = "torch"
         # Batches of at least text_batch_min queries go to a bf16 copy of the text tower (models/bf16_text.py).
@@ -91,27 +94,30 @@ class ClipModel:
         return (x - self._mean.to(x.device)) / self._std.to(x.device)
 
     def use_threads(self, n: int | None = None) -> None:
-        """Run this thread's torch work on `n` intra-op threads (default: `self.threads`).
+        """Run this thread's torch work on `n` intra-op threads (default: `self.threads`)."""
+        torch_thread.use_threads(n or self.threads)
 
-        torch keeps the count per thread (OpenMP's and MKL's), but a thread's first torch call seeds it from
-        whatever count any thread set last, so every caller states its own: once per thread and count."""
-        import torch
-
-        n = n or self.threads
-        if getattr(self._thread_setting, "n", None) != n:
-            torch.set_num_threads(n)
-            self._thread_setting.n = n
+    def torch_pass(self, fn: Callable[[], T], threads: int | None = None) -> T:
+        """Run the torch work `fn` on `threads` torch threads (default: `self.threads`). On the CPU with more than
+        one, on the process's torch thread (models/torch_thread.py: one OpenMP team for the process)."""
+        n = threads or self.threads
+        if self.info.device == "cpu" and n > 1 and not torch_thread.on_torch_thread():
+            return torch_thread.call(self.torch_pass, fn, n)
+        self.use_threads(n)
+        return fn()
 
     def embed_uint8(self, batch: np.ndarray, threads: int | None = None) -> np.ndarray:
         """Embed resize_crop outputs (n, H, W, 3) uint8: rescale and normalize on the model's device, on `threads`
         torch threads of the CPU (default: `self.threads`)."""
         import torch
 
-        self.use_threads(threads)
-        with self._lock, torch.inference_mode():
-            x = self.pixel_values(batch, self.model.device)
-            out = self.model.get_image_features(pixel_values=x.to(self.model.dtype))
-            return normalize(pooled(out).float().cpu().numpy())
+        def run() -> np.ndarray:
+            with self._lock, torch.inference_mode():
+                x = self.pixel_values(batch, self.model.device)
+                out = self.model.get_image_features(pixel_values=x.to(self.model.dtype))
+                return normalize(pooled(out).float().cpu().numpy())
+
+        return self.torch_pass(run, threads)
 
     def embed_images(self, images: list[Image.Image]) -> np.ndarray:
         if not images:
@@ -128,27 +134,40 @@ class ClipModel:
             return_tensors=return_tensors,
         )
 
-    def embed_texts(self, texts: list[str]) -> np.ndarray:
+    @property
+    def threads_under_load(self) -> int:
+        """torch threads for a text pass while other searches are in flight: one core is left to the server's
+        Python (HTTP, JSON, the search: one core at a time under the GIL). On 2 cores, a 2-thread pass lost its
+        second thread to that work at every operator's barrier (bench/RESULTS.md, "Text tower under load")."""
+        return max(1, self.threads - 1)
+
+    def embed_texts(self, texts: list[str], threads: int | None = None) -> np.ndarray:
         """Text queries: only their real tokens (padding to the batch's longest; the tower is causally masked
-        and pools the end-of-text token, so this equals full-context padding), on ONNX Runtime when attached."""
+        and pools the end-of-text token, so this equals full-context padding), on the bf16 copy from its batch
+        size, else on ONNX Runtime when attached, else torch. `threads`: torch threads (default `self.threads`;
+        ONNX Runtime keeps its own)."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         if self.text_batch_tower is not None and len(texts) >= self.text_batch_min:
             enc = self.tokenize(texts)
-            return self.text_batch_tower(enc["input_ids"], enc["attention_mask"])  # type: ignore[no-any-return]
+            tower = self.text_batch_tower
+            return self.torch_pass(lambda: tower(enc["input_ids"], enc["attention_mask"]), threads)
         if self.text_tower is not None:
             enc = self.tokenize(texts, "np")
             return self.text_tower(enc["input_ids"], enc["attention_mask"])  # type: ignore[no-any-return]
-        return self.embed_texts_torch(texts)
+        return self.embed_texts_torch(texts, threads)
 
-    def embed_texts_torch(self, texts: list[str]) -> np.ndarray:
+    def embed_texts_torch(self, texts: list[str], threads: int | None = None) -> np.ndarray:
         import torch
 
         enc = self.tokenize(texts)
-        self.use_threads()
-        with self._lock, torch.inference_mode():
-            out = self.model.get_text_features(**{k: v.to(self.model.device) for k, v in enc.items()})
-            return normalize(pooled(out).float().cpu().numpy())
+
+        def run() -> np.ndarray:
+            with self._lock, torch.inference_mode():
+                out = self.model.get_text_features(**{k: v.to(self.model.device) for k, v in enc.items()})
+                return normalize(pooled(out).float().cpu().numpy())
+
+        return self.torch_pass(run, threads)
 
 
 def pooled(out: Any) -> Any:

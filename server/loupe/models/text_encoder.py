@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from loupe.errors import ConfigError
+from loupe.models import torch_thread
 from loupe.models.vectors import normalize
 
 DEFAULT_ENCODER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
@@ -59,10 +60,16 @@ class SentenceEncoder:
         self._lock = threading.Lock()
 
     def embed(self, texts: list[str], batch: int = 64) -> np.ndarray:
-        import torch
-
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
+        if self.model.device.type == "cpu" and torch_thread.default_threads() > 1:
+            return torch_thread.call(self._embed, texts, batch)  # one OpenMP team (models/torch_thread.py)
+        return self._embed(texts, batch)
+
+    def _embed(self, texts: list[str], batch: int) -> np.ndarray:
+        import torch
+
+        torch_thread.use_threads(torch_thread.default_threads())
         out = []
         with self._lock, torch.inference_mode():
             for start in range(0, len(texts), batch):

@@ -33,11 +33,14 @@ from loupe.storage.vectors.base import VectorStore
 
 
 class TextEmbeddingCache:
-    """LRU of query-text embeddings (text -> unit vector)."""
+    """LRU of query-text embeddings (text -> unit vector). Misses are encoded in micro-batches; while `busy()`
+    says other searches are in flight, on the model's threads under load (ClipModel.threads_under_load)."""
 
-    def __init__(self, size: int, clip: ClipModel) -> None:
+    def __init__(self, size: int, clip: ClipModel, busy: Callable[[], bool] = lambda: False) -> None:
         self.size = size
-        self.encode = MicroBatcher(clip.embed_texts)
+        self.encode = MicroBatcher(
+            lambda texts: clip.embed_texts(texts, clip.threads_under_load if busy() else None)
+        )
         self._data: OrderedDict[str, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = self.misses = 0
@@ -144,7 +147,9 @@ class SearchService:
         self.vectors = vectors
         self.collection = collection
         self.cursors = Signer(secret, "search-cursor")
-        self.text_cache = TextEmbeddingCache(text_cache_size, clip)
+        self._in_flight = 0  # searches running now in this process (the text tower's thread count follows it)
+        self._in_flight_lock = threading.Lock()
+        self.text_cache = TextEmbeddingCache(text_cache_size, clip, busy=lambda: self._in_flight > 1)
         self._filter_cache: OrderedDict[str, _FilterEntry] = OrderedDict()
         self._filter_lock = threading.Lock()
         self._results: OrderedDict[str, tuple[int, int, float, SearchResponse]] = OrderedDict()
@@ -259,6 +264,22 @@ class SearchService:
         """One page of results. A repeated identical request (same terms, filters, page, options) is answered
         from a small cache while neither this node's database nor the mirror changed, for at most
         search.result_cache_ttl_s; uploaded-image queries (`extra`, `cursor_scope`) are not cached."""
+        with self._in_flight_lock:
+            self._in_flight += 1
+        try:
+            return self._search_cached(req, extra, exclude, return_query_term, cursor_scope)
+        finally:
+            with self._in_flight_lock:
+                self._in_flight -= 1
+
+    def _search_cached(
+        self,
+        req: SearchRequest,
+        extra: Sequence[tuple[np.ndarray, float]],
+        exclude: Sequence[int],
+        return_query_term: bool,
+        cursor_scope: Any,
+    ) -> SearchResponse:
         t0 = time.perf_counter()
         # The query's digest (what a cursor is bound to) is computed once, from pydantic's own JSON (fields in
         # declaration order, no free-form dicts): for a 512-float vector term 0.12 ms, against 1.3 ms through
