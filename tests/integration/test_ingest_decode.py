@@ -59,3 +59,32 @@ def test_model_workers_give_the_vectors_of_one_model(make_settings, runtime_fact
     assert np.allclose(vectors[1], vectors[3], atol=1e-5)
     # Eleven different pictures, not one repeated.
     assert len({v.tobytes() for v in vectors[3].round(3)}) == 11
+
+
+def test_the_image_tower_runs_as_a_trace_with_eager_modes_vectors(tiny_clip_dir, monkeypatch, caplog):
+    """On the CPU the image tower is a TorchScript trace (one call per pass, the GIL released throughout): the
+    vectors of eager mode at any batch size; where tracing fails, eager mode serves and the log says why."""
+    import torch
+
+    from loupe.models.clip import load_clip, pooled
+    from loupe.models.vectors import normalize
+
+    clip = load_clip(str(tiny_clip_dir))
+    assert clip._image_tower is not None
+    rng = np.random.default_rng(3)
+    side = clip._sizes[1]
+    for n in (1, 5):
+        batch = rng.integers(0, 256, size=(n, side, side, 3), dtype=np.uint8)
+        with torch.inference_mode():
+            eager = normalize(
+                pooled(clip.model.get_image_features(pixel_values=clip.pixel_values(batch))).numpy()
+            )
+        np.testing.assert_allclose(clip.embed_uint8(batch), eager, atol=1e-6)
+
+    def no_trace(*args, **kwargs):
+        raise RuntimeError("tracing unsupported here")
+
+    monkeypatch.setattr(torch.jit, "trace", no_trace)
+    untraced = load_clip(str(tiny_clip_dir))
+    assert untraced._image_tower is None and "image tower could not be traced" in caplog.text
+    np.testing.assert_allclose(untraced.embed_uint8(batch), eager, atol=1e-6)

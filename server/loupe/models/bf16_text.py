@@ -19,7 +19,6 @@ import copy
 import logging
 import threading
 import time
-import warnings
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from loupe.models.clip import pooled
+from loupe.models.tracing import trace_checked
 from loupe.models.vectors import normalize
 
 log = logging.getLogger(__name__)
@@ -116,30 +116,20 @@ class Bf16TextTower:
     def _trace(self, tokenize: Callable[[list[str]], Any]) -> Any:
         """Traced on two queries of different lengths (so padding is masked), checked on one query and on eight
         padded to a third length."""
-        import torch
+
+        def differs(eager: Any, traced: Any) -> str | None:
+            worst = float(
+                np.min(np.sum(normalize(eager.float().numpy()) * normalize(traced.float().numpy()), 1))
+            )
+            return f"worst cosine {worst:.6f} to eager mode" if worst < TRACE_FLOOR else None
 
         try:
-            example = tokenize(PROBES[1:3])
-            ids, mask = example["input_ids"], example["attention_mask"]
-            checks = [tokenize(PROBES[:1]), tokenize(PROBES)]
-            with torch.inference_mode(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # tracer warnings: shape checks that hold for every query
-                traced = torch.jit.trace(self.tower, (ids, mask), check_trace=False)
-                for check in checks:
-                    c_ids, c_mask = check["input_ids"], check["attention_mask"]
-                    want = normalize(self.tower(c_ids, c_mask).float().numpy())
-                    got = normalize(traced(c_ids, c_mask).float().numpy())
-                    worst = float(np.min(np.sum(want * got, axis=1)))
-                    if worst < TRACE_FLOOR:
-                        raise ValueError(f"worst cosine {worst:.6f} to eager mode on {tuple(c_ids.shape)}")
-        except Exception as exc:  # tracing is an optimisation: eager mode gives the same vectors
-            log.warning(
-                "the bf16 text tower could not be traced (%s: %s): it runs in eager mode",
-                type(exc).__name__,
-                exc,
-            )
+            inputs = [tokenize(texts) for texts in (PROBES[1:3], PROBES[:1], PROBES)]
+        except Exception as exc:
+            log.warning("the bf16 text tower runs in eager mode: the probes cannot be tokenized (%s)", exc)
             return None
-        return traced
+        example, *checks = [(enc["input_ids"], enc["attention_mask"]) for enc in inputs]
+        return trace_checked("bf16 text tower", self.tower, example, checks, differs)
 
     def __call__(self, input_ids: Any, attention_mask: Any) -> np.ndarray:
         import torch
