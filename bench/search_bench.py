@@ -472,8 +472,9 @@ def http_bench(settings: Settings, queries: np.ndarray, requests: int) -> tuple[
             print(rows[-1], flush=True)
     lines = [
         f"HTTP on loopback against `loupe serve` (full-size ViT-B/32 on the CPU, text tower on "
-        f"{model.get('text_runtime', 'torch')}; image vectors by torch fp32), {requests} requests per row; the "
-        "load generator shares the 2 cores:",
+        f"{model.get('text_runtime', 'torch')}"
+        + (f", bf16 copy {model['text_batches']}" if model.get("text_batches") else "")
+        + f"; image vectors by torch fp32), {requests} requests per row; the load generator shares the 2 cores:",
         "",
         "| query | concurrency | p50 ms | p95 ms | p99 ms | searches/s | errors |",
         "|---|---|---|---|---|---|---|",

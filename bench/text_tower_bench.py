@@ -5,8 +5,9 @@ latency) and batches of 8 (what micro-batching forms under load), with each runt
 
 Full-size ViT-B/32 text tower (random weights, real tokenizer: bench/fullsize.py). Runtimes: torch fp32 (the
 reference), ONNX Runtime fp32 (the default, `LOUPE_MODEL__TEXT_RUNTIME=onnx`), ONNX Runtime int8 with per-channel
-weight scales (`onnx-int8`, opt-in), all exported by Loupe's own code (server/loupe/models/onnx_text.py), and torch
-bf16 (a copy of the model in bfloat16; not offered as a runtime, measured as a lead).
+weight scales (`onnx-int8`, opt-in), all exported by Loupe's own code (server/loupe/models/onnx_text.py), torch
+bf16 in eager mode (a plain bfloat16 copy of the model) and Loupe's bf16 copy of the text tower as a TorchScript trace
+(server/loupe/models/bf16_text.py, what `LOUPE_MODEL__TEXT_BATCHES_BF16` serves). All on Loupe's torch thread.
 """
 
 from __future__ import annotations
@@ -61,9 +62,17 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
+    from loupe.models import torch_thread
+
+    # Everything on Loupe's torch thread, as in the server: torch passes from a second thread would each get an
+    # OpenMP team, and with more teams' threads than cores libgomp's workers sleep between operators.
+    torch_thread.call(measure, args.write)
+
+
+def measure(write: bool) -> None:
     import torch
 
-    from loupe.models import onnx_text
+    from loupe.models import bf16_text, onnx_text
     from loupe.models.clip import load_clip, pooled
     from loupe.models.vectors import normalize
 
@@ -83,7 +92,15 @@ def main() -> None:
                 out = bf16.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
             return normalize(pooled(out).float().numpy())
 
-        runtimes["torch bf16"] = torch_bf16
+        runtimes["torch bf16 (eager)"] = torch_bf16
+        copy16 = bf16_text.Bf16TextTower(clip.model, clip.tokenize)
+        assert copy16.traced is not None
+
+        def traced_bf16(texts: list[str]) -> np.ndarray:
+            enc = clip.tokenize(texts)
+            return copy16(enc["input_ids"], enc["attention_mask"])
+
+        runtimes["Loupe's bf16 copy (traced)"] = traced_bf16
         rows = []
         for name, fn in runtimes.items():
             cos = float(np.min(np.sum(ref * fn(QUERIES), axis=1)))
@@ -105,7 +122,7 @@ def main() -> None:
     ]
     text = "\n".join(lines)
     print(text)
-    if args.write:
+    if write:
         write_section(
             "Text tower runtimes", text, "python bench/text_tower_bench.py " + " ".join(sys.argv[1:])
         )

@@ -316,7 +316,7 @@ class Runtime:
         # Loading and the start-up checks run torch on all threads: on the torch thread, so that no other thread
         # of the process keeps an OpenMP team (models/torch_thread.py).
         clip, version = torch_thread.call(resolve_model, settings, repo)
-        clip.text_runtime = torch_thread.call(onnx_text.attach_for_settings, clip, settings)
+        clip.text_runtime = onnx_text.attach_for_settings(clip, settings)
         collection = collection_name(version)
         vectors_up = True
         try:

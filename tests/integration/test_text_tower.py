@@ -103,6 +103,21 @@ def test_bf16_copy_takes_micro_batches_only_when_asked_or_faster(tiny_clip_dir: 
     np.testing.assert_allclose(clip.embed_texts_torch(QUERIES), ref, atol=1e-6)
 
 
+def test_when_the_bf16_copy_takes_every_query_the_onnx_session_is_freed(
+    make_settings, runtime_factory, monkeypatch
+):
+    from loupe.models import bf16_text
+
+    monkeypatch.setattr(bf16_text, "BATCH_GAIN", 0.0)  # auto: any speed-up wins, from one query
+    rt = runtime_factory(make_settings())
+    model = rt.health()["model"]
+    assert (model["text_runtime"], model["text_batches"]) == ("bf16", "bf16 from 1 query")
+    assert rt.clip.text_tower is None and rt.clip.text_batch_min == 1
+    got = rt.search.text_cache.get_many(QUERIES[:1])[0]
+    ref = rt.clip.embed_texts_torch(QUERIES[:1])[0]
+    assert float(got @ ref) >= bf16_text.COSINE_FLOOR and float(np.abs(got - ref).max()) > 1e-6
+
+
 def test_health_names_the_bf16_batches(make_settings, runtime_factory):
     rt = runtime_factory(make_settings(model={"text_batches_bf16": "on"}))
     assert rt.health()["model"]["text_batches"] == "bf16 from 2 queries"

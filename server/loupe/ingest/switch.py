@@ -165,7 +165,7 @@ class ModelSwitcher:
             ) from exc
         if clip.info.fingerprint == rt.clip.info.fingerprint:
             raise BadRequest(f"{name!r} is the library's current model", code="model_active")
-        clip.text_runtime = torch_thread.call(onnx_text.attach_for_settings, clip, settings)
+        clip.text_runtime = onnx_text.attach_for_settings(clip, settings)
         version = rt.repo.create_model_version("clip", clip.info.name, clip.info.fingerprint, clip.dim, False)
         st.version = int(version.id)  # type: ignore[arg-type]
         from loupe.runtime import collection_name

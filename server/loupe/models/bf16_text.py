@@ -149,11 +149,12 @@ def _best_of(fn: Callable[[], Any], repeat: int = 3) -> float:
     return min(took)
 
 
-def attach(clip: Any, mode: str, gain_needed: float = BATCH_GAIN) -> str:
+def attach(clip: Any, mode: str, gain_needed: float | None = None) -> str:
     """Route micro-batches to a bf16 copy of the text tower when `mode` is on, or auto and it measures at least
-    `gain_needed` times faster. Returns a description for health: "" (not used) or "bf16 from N queries" (N = 1:
+    `gain_needed` (default BATCH_GAIN) times faster. Returns a description for health: "" (not used) or "bf16 from N queries" (N = 1:
     every text query)."""
     clip.text_batch_tower, clip.text_batch_min = None, 0
+    gain_needed = BATCH_GAIN if gain_needed is None else gain_needed
     if mode == "off" or clip.info.device != "cpu":
         return ""
     try:

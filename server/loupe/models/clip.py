@@ -240,7 +240,13 @@ def _resolve_device(setting: str) -> str:
 def load_clip(
     source: str, *, device: str = "auto", is_demo: bool = False, local_only: bool = False
 ) -> ClipModel:
-    """Load a CLIP checkpoint (hub id or directory) with the Pillow image processor (no torchvision)."""
+    """Load a CLIP checkpoint (hub id or directory) with the Pillow image processor (no torchvision). On the torch
+    thread: loading runs torch on all threads, which would give the calling thread an OpenMP team of its own
+    (models/torch_thread.py)."""
+    return torch_thread.call(_load_clip, source, device=device, is_demo=is_demo, local_only=local_only)
+
+
+def _load_clip(source: str, *, device: str, is_demo: bool, local_only: bool) -> ClipModel:
     import torch
     from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel
     from transformers.utils import logging as hf_logging

@@ -125,13 +125,24 @@ def export(clip: Any, target: Path, kind: str) -> Path:
 
 def attach_for_settings(clip: Any, settings: Settings) -> str:
     """`attach` as configured: LOUPE_MODEL__TEXT_RUNTIME, the export cache in the data directory, torch's threads;
-    then the bf16 copy for micro-batches (LOUPE_MODEL__TEXT_BATCHES_BF16), timed against the runtime chosen."""
+    then the bf16 copy for micro-batches (LOUPE_MODEL__TEXT_BATCHES_BF16), timed against the runtime chosen. On the
+    torch thread, like every multi-threaded torch pass (models/torch_thread.py)."""
+    from loupe.models import torch_thread
+
+    return torch_thread.call(_attach_for_settings, clip, settings)
+
+
+def _attach_for_settings(clip: Any, settings: Settings) -> str:
     from loupe.models import bf16_text
 
     clip.text_runtime = attach(
         clip, settings.model.text_runtime, settings.data_dir / "models" / "onnx", settings.model.torch_threads
     )
     clip.text_batches = bf16_text.attach(clip, settings.model.text_batches_bf16)
+    if clip.text_batch_tower is not None and clip.text_batch_min <= 1 and clip.text_tower is not None:
+        # The bf16 copy takes every query, so the ONNX Runtime session would never run: its weights are freed.
+        clip.text_tower = None
+        clip.text_runtime = "bf16"
     return clip.text_runtime
 
 

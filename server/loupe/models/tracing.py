@@ -14,6 +14,8 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from loupe.models import torch_thread
+
 log = logging.getLogger(__name__)
 
 
@@ -25,8 +27,21 @@ def trace_checked(
     differs: Callable[[Any, Any], str | None],
 ) -> Any:
     """torch.jit.trace(module, example), or None (logged) if tracing fails or `differs(eager, traced)` names a
-    difference on any of the `checks` inputs."""
+    difference on any of the `checks` inputs. Traced and checked on the torch thread: its forward passes would
+    otherwise give the calling thread an OpenMP team of its own (models/torch_thread.py)."""
+    return torch_thread.call(_trace_checked, name, module, example, checks, differs)
+
+
+def _trace_checked(
+    name: str,
+    module: Any,
+    example: tuple[Any, ...],
+    checks: Sequence[tuple[Any, ...]],
+    differs: Callable[[Any, Any], str | None],
+) -> Any:
     import torch
+
+    torch_thread.use_threads(torch_thread.default_threads())
 
     try:
         with torch.inference_mode(), warnings.catch_warnings():
