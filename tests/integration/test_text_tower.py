@@ -179,6 +179,8 @@ def test_multi_threaded_torch_passes_run_on_the_one_torch_thread(tiny_clip_dir: 
     assert not any(name.startswith("loupe-torch") for name, _ in single) and {n for _, n in single} == {1}
     # Nested calls from the torch thread run in place (no deadlock), and errors reach the caller.
     assert torch_thread.call(lambda: clip.torch_pass(where, 2))[0].startswith("loupe-torch")
+    # A daemon: Ctrl-C during a long pass (the demo model's first training) still ends the process.
+    assert all(t.daemon for t in threading.enumerate() if t.name == "loupe-torch")
 
     def fail() -> None:
         raise ValueError("bad pass")

@@ -12,14 +12,18 @@ no team and run where they are called; ONNX Runtime has its own thread pool, out
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loupe-torch")
+_jobs: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], Future[Any]]] = (
+    queue.SimpleQueue()
+)
+_start = threading.Lock()
 _ident: list[int] = []
 _default: list[int] = []
 _setting = threading.local()
@@ -52,10 +56,24 @@ def use_threads(n: int) -> None:
         _setting.n = n
 
 
-def _enter(fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
-    if not _ident:
-        _ident.append(threading.get_ident())
-    return fn(*args, **kwargs)
+def _serve() -> None:
+    while True:
+        fn, args, kwargs, done = _jobs.get()
+        if done.set_running_or_notify_cancel():
+            try:
+                done.set_result(fn(*args, **kwargs))
+            except BaseException as exc:  # the caller gets it
+                done.set_exception(exc)
+
+
+def _ensure_started() -> None:
+    with _start:
+        if not _ident:
+            # A daemon thread: Ctrl-C while a long pass runs (the demo model's first training) still exits.
+            thread = threading.Thread(target=_serve, name="loupe-torch", daemon=True)
+            thread.start()
+            assert thread.ident is not None
+            _ident.append(thread.ident)
 
 
 def on_torch_thread() -> bool:
@@ -67,4 +85,7 @@ def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     threads run one after another, as they would on the cores anyway."""
     if on_torch_thread():
         return fn(*args, **kwargs)
-    return _pool.submit(_enter, fn, args, kwargs).result()
+    _ensure_started()
+    done: Future[T] = Future()
+    _jobs.put((fn, args, kwargs, done))
+    return done.result()
