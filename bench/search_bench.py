@@ -72,10 +72,13 @@ def pct(xs: list[float], p: float) -> float:
 # ------------------------------------------------------------ 1. index candidates
 
 
+AUTO = 0
+
+
 def candidates(n: int, d: int, only_default: bool = False) -> list[tuple[str, dict, list[int]]]:
-    """(label, IndexSettings overrides, nprobe values)."""
-    exact = ("Flat (exact, numpy)", {"exact_max": 10**9}, [0])
-    default = (f"IVF,PQ{d // 4}x8 + re-rank 10x (default)", {"exact_max": 0}, [16, 32, 64, 128])
+    """(label, IndexSettings overrides, nprobe values; AUTO: the nprobe the build chose by probe recall)."""
+    exact = ("Flat (exact, numpy)", {"exact_max": 10**9}, [AUTO])
+    default = (f"IVF,PQ{d // 4}x8 + re-rank 10x (default)", {"exact_max": 0}, [AUTO, 16, 32, 64, 128])
     # 4-bit PQ codes scanned with SIMD lookups (FAISS fast-scan); the exact re-ranking restores the order.
     fast = (
         f"IVF,PQ{d // 4}x4fs + re-rank 10x",
@@ -83,13 +86,13 @@ def candidates(n: int, d: int, only_default: bool = False) -> list[tuple[str, di
         [32, 128],
     )
     if only_default:
-        return [exact, (default[0], default[1], [32, 128])]
+        return [exact, (default[0], default[1], [AUTO, 32, 128])]
     out: list[tuple[str, dict, list[int]]] = [exact, default, fast]
     out.append(
         (
             "auto (first of PQx4fs, PQx4fsr, PQx8 to reach 0.95 on probes) + re-rank 10x",
             {"exact_max": 0, "factory": "auto"},
-            [128],
+            [AUTO],
         )
     )
     out.append(
@@ -126,8 +129,11 @@ def index_table(
         ann = mirror._ann  # the bench reads the trained index to size it and sweep nprobe
         codes = len(faiss.serialize_index(ann)) if ann is not None else 0
         for nprobe in probes:
+            shown = "-"
             if ann is not None:
-                faiss.extract_index_ivf(ann).nprobe = nprobe
+                chosen = mirror.stats()["params"]["nprobe"]
+                faiss.extract_index_ivf(ann).nprobe = nprobe or chosen
+                shown = f"auto: {chosen}" if nprobe == AUTO else str(nprobe)
             lat: list[float] = []
             found: list[np.ndarray] = []
             for q in queries:
@@ -139,7 +145,7 @@ def index_table(
                 {
                     "set": name,
                     "index": label if ann is None else f"{label} = {mirror.index_type}",
-                    "nprobe": nprobe or None,
+                    "nprobe": shown,
                     "recall10": recall(found, truth),
                     "p50_ms": pct(lat, 50),
                     "p99_ms": pct(lat, 99),
@@ -219,7 +225,9 @@ def filtered_and_baselines(settings: Settings, queries: np.ndarray, n: int) -> t
         order = np.argsort(ids)
         ids, vecs = ids[order], vecs[order]
         truth = exact_topk(vecs, queries, 10)
-        out: dict = {"n": rt.mirror.live_count, "index": rt.mirror.index_type}
+        params = rt.mirror.stats()["params"]
+        shown = rt.mirror.index_type + (f" at nprobe {params['nprobe']}" if "nprobe" in params else "")
+        out: dict = {"n": rt.mirror.live_count, "index": shown}
 
         def timed_search(fn) -> tuple[list[np.ndarray], list[float]]:  # type: ignore[no-untyped-def]
             found, lat = [], []

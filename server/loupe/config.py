@@ -133,11 +133,13 @@ class IndexSettings(BaseModel):
     nlist: int = Field(0, ge=0, description="0: about 4*sqrt(n), clamped to [16, 65536]")
     pq_m: int = Field(0, ge=0, description="0: dimension/4 sub-quantizers")
     nprobe: int = Field(
-        128,
-        ge=1,
-        description="IVF lists probed (bench/RESULTS.md: 128 of ~1k lists reaches recall@10 0.97 on real text "
-        "embeddings; 32 only 0.92)",
+        0,
+        ge=0,
+        description="IVF lists probed. 0 (auto): at every build, the smallest of 8, 16, 32, ... nprobe_max whose "
+        "recall@10 on the probe queries reaches min_recall with two standard errors to spare (bench/RESULTS.md: "
+        "real text embeddings need 128 of ~1k lists for 0.97; synthetic clusters reach 0.99 with 32 of 4k)",
     )
+    nprobe_max: int = Field(256, ge=1, description="the largest nprobe auto tries before the next index type")
     rerank_factor: int = Field(10, ge=1, description="candidates re-ranked exactly = limit * factor")
     train_per_list: int = Field(
         64,

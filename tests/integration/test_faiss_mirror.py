@@ -184,3 +184,34 @@ def test_subset_search_is_exact_at_every_share_with_deletions(tmp_path, share):
     order = np.lexsort((live, -scores))[:25]
     assert got_ids.tolist() == live[order].tolist()
     assert np.allclose(got_scores, scores[order], atol=1e-6)
+
+
+def test_auto_nprobe_is_the_smallest_that_reaches_the_target_and_survives_a_reload(tmp_path):
+    """nprobe 0 (the default) sweeps 8, 16, 32, ... at the build and keeps the first whose probe recall holds;
+    the index searches with it, a reload keeps it, and a fixed setting still wins over it."""
+    import faiss
+
+    d, n = 64, 20_000
+    vecs = clustered(n, d, seed=3, clusters=200)
+    settings = IndexSettings(exact_max=5_000)
+    assert settings.nprobe == 0
+    mirror = FaissMirror(tmp_path / "m", collection="c", model_version_id=1, dim=d, settings=settings)
+    mirror.upsert(np.arange(n), vecs)
+    assert mirror.maybe_go_approximate()
+    params = mirror.stats()["params"]
+    sweep, chosen = params["by_nprobe"], params["nprobe"]
+    print(f"auto nprobe on {params['nlist']} lists: {sweep} -> {chosen}")
+    assert list(sweep) == [str(p) for p in (8, 16, 32, 64, 128, 256)][: len(sweep)]
+    assert int(list(sweep)[-1]) == chosen < settings.nprobe_max and sweep[str(chosen)] >= 0.95
+    assert faiss.extract_index_ivf(mirror._ann).nprobe == chosen
+    queries = clustered(200, d, seed=4, clusters=200)  # held out, from elsewhere, as text queries are
+    ids = np.arange(n)
+    found = [len(set(mirror.search(q, 10)[0].tolist()) & set(exact_top(vecs, ids, q, 10))) for q in queries]
+    assert np.mean(found) / 10 >= 0.95
+    mirror.save()
+    again = FaissMirror(tmp_path / "m", collection="c", model_version_id=1, dim=d, settings=settings)
+    assert again.load() and again.stats()["params"]["nprobe"] == chosen
+    assert faiss.extract_index_ivf(again._ann).nprobe == chosen
+    fixed = IndexSettings(exact_max=5_000, nprobe=chosen * 2)
+    pinned = FaissMirror(tmp_path / "m", collection="c", model_version_id=1, dim=d, settings=fixed)
+    assert pinned.load() and faiss.extract_index_ivf(pinned._ann).nprobe == chosen * 2

@@ -92,7 +92,7 @@ def test_overrides_apply_to_a_copy_and_are_validated(tmp_path):
     base = Settings(data_dir=tmp_path)
     new = apply_overrides(base, ["index.nprobe=8", "index.factory=IVF{nlist},Flat", "search.prf_k=5"])
     assert (new.index.nprobe, new.index.factory, new.search.prf_k) == (8, "IVF{nlist},Flat", 5)
-    assert base.index.nprobe == 128 and base.search.prf_k == 0
+    assert base.index.nprobe == 0 and base.search.prf_k == 0
     assert apply_overrides(base, ['search.prompt_templates=["a photo of {}"]']).search.prompt_templates == [
         "a photo of {}"
     ]
@@ -100,7 +100,7 @@ def test_overrides_apply_to_a_copy_and_are_validated(tmp_path):
         ("index.nprobe", "area.name=value"),
         ("indx.nprobe=3", "no settings area"),
         ("index.nprob=3", "no setting"),
-        ("index.nprobe=0", "index.nprobe"),
+        ("index.nprobe=-1", "index.nprobe"),
     ):
         with pytest.raises(InvalidQuery, match=words):
             apply_overrides(base, [bad])

@@ -262,6 +262,11 @@ class FaissMirror:
         return self._ann_type
 
     @property
+    def _nprobe(self) -> int:
+        """The nprobe the approximate index searches with (chosen at its build, or the setting)."""
+        return int(self._ann_params.get("nprobe", self.settings.nprobe or 1))
+
+    @property
     def version(self) -> int:
         """Bumped by every change: what a cached Subset is checked against."""
         return self._version
@@ -459,7 +464,7 @@ class FaissMirror:
         sel = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))  # n: bytes, not bits
         params = faiss.SearchParametersIVF()
         params.sel = sel  # `sel` and `bitmap` stay referenced here for the whole search
-        params.nprobe = max(self.settings.nprobe, 1)
+        params.nprobe = self._nprobe
         q = np.ascontiguousarray(np.asarray(query, dtype=np.float32).reshape(1, -1))
         _, cand = view.ann.search(q, max(k * self.settings.rerank_factor, k + 32), params=params)
         cand = cand[0]
@@ -477,7 +482,16 @@ class FaissMirror:
         m = self.settings.pq_m or max(1, self.dim // 4)
         while self.dim % m:
             m -= 1
-        return {"nlist": nlist, "m": m, "nprobe": self.settings.nprobe}
+        return {"nlist": nlist, "m": m}
+
+    def _nprobe_ladder(self, nlist: int) -> list[int]:
+        """The nprobe values a build tries, smallest first: the setting alone, or (auto) 8, 16, 32, ... up to
+        nprobe_max, never past nlist (where IVF scans every list)."""
+        if self.settings.nprobe:
+            return [self.settings.nprobe]
+        top = max(1, min(self.settings.nprobe_max, nlist))
+        ladder = [p for p in (2**i for i in range(3, 17)) if p < top]
+        return [*ladder, top]
 
     def _candidates(self, params: dict[str, Any]) -> list[str]:
         """Factory strings to try, cheapest first: `auto` tries 4-bit fast-scan PQ (plain, then residual), then
@@ -489,9 +503,10 @@ class FaissMirror:
     def _build_ann(self) -> None:
         """(Re)train the approximate index on the live vectors and measure its recall: each candidate type (one,
         unless index.factory is auto) is trained, then searched the way queries are (candidates re-ranked
-        exactly) with probe queries (ProbeSet) against exact search; the first whose recall is at least
-        index.min_recall with two standard errors to spare is kept (the last one is kept anyway, with a warning
-        below the target). Searches use the old index until the swap."""
+        exactly) with probe queries (ProbeSet) against exact search at each nprobe of the ladder (one value
+        unless index.nprobe is auto); the first type and the smallest nprobe whose recall is at least
+        index.min_recall with two standard errors to spare are kept (the last type at its largest nprobe is kept
+        anyway, with a warning below the target). Searches use the old index until the swap."""
         with self._lock:
             view, epoch = self._view(), self._epoch
         rows = np.nonzero(view.alive[: view.n])[0].astype(np.int64)
@@ -501,8 +516,9 @@ class FaissMirror:
         sample = rows if len(rows) <= per_list else np.sort(rng.choice(rows, per_list, replace=False))
         train = view.take(sample)
         probe = ProbeSet.make(view, rows, rng, self.settings.recall_queries)
-        chosen: tuple[Any, str, float] | None = None
+        chosen: tuple[Any, str, int, float, dict[str, float]] | None = None
         tried: dict[str, float] = {}
+        ladder = self._nprobe_ladder(params["nlist"])
         candidates = self._candidates(params)
         for factory in candidates:
             started = time.monotonic()
@@ -511,34 +527,49 @@ class FaissMirror:
             index.train(train)
             for part, vecs in view.chunks(rows):  # in chunks: no full copy of the vectors
                 index.add_with_ids(vecs, part)
-            _set_nprobe(index, params["nprobe"])
-            recall, bound = probe.recall(index, view, self.settings.rerank_factor)
-            tried[factory] = round(recall, 4)
+            trained = time.monotonic() - started
+            sweep: dict[str, float] = {}
+            for nprobe in ladder:
+                _set_nprobe(index, nprobe)
+                recall, bound = probe.recall(index, view, self.settings.rerank_factor)
+                sweep[str(nprobe)] = round(recall, 4)
+                if bound >= self.settings.min_recall:
+                    break
+            tried[factory] = round(recall, 4)  # at the last nprobe tried
             log.info(
-                "mirror %s: trained %s on %d vectors in %.1f s, recall@10 %.3f (at least %.3f) on %d sample "
-                "queries",
+                "mirror %s: trained %s on %d vectors in %.1f s; at nprobe %d recall@10 %.3f (at least %.3f) on %d "
+                "sample queries",
                 self.collection,
                 factory,
                 len(rows),
-                time.monotonic() - started,
+                trained,
+                nprobe,
                 recall,
                 bound,
                 probe.size,
             )
-            chosen = (index, factory, recall)
+            chosen = (index, factory, nprobe, recall, sweep)
             if bound >= self.settings.min_recall:
                 break
         assert chosen is not None
-        index, factory, recall = chosen
+        index, factory, nprobe, recall, sweep = chosen
         if factory == candidates[-1] and recall < self.settings.min_recall:
             log.warning(
-                "mirror %s: no index type reached recall@10 %.2f (%s); using %s: raise index.nprobe",
+                "mirror %s: no index type reached recall@10 %.2f (%s); using %s at nprobe %d: raise "
+                "index.nprobe_max or choose another index.factory",
                 self.collection,
                 self.settings.min_recall,
                 tried,
                 factory,
+                nprobe,
             )
-        params = {**params, "recall@10": round(recall, 4), "tried": tried}
+        params = {
+            **params,
+            "nprobe": nprobe,
+            "recall@10": round(recall, 4),
+            "tried": tried,
+            "by_nprobe": sweep,
+        }
         with self._lock:
             if self._epoch != epoch:
                 return  # reset or compacted meanwhile: row numbers changed, the next sync tries again
@@ -801,10 +832,12 @@ class FaissMirror:
             self._base, self._n_base, self._file_rows = base, n, file_rows
             self._index_rows()
             if ann is not None:
-                _set_nprobe(ann, self.settings.nprobe)  # the setting wins: tuning needs no rebuild
-                self._ann = _to_gpu(ann) if self.use_gpu else ann
                 self._ann_type = manifest.index_type
                 self._ann_params = {k: v for k, v in manifest.index_params.items() if k != "trained_on"}
+                # A fixed setting wins (tuning needs no rebuild); auto keeps the nprobe chosen at the build.
+                self._ann_params["nprobe"] = self.settings.nprobe or int(self._ann_params.get("nprobe", 128))
+                _set_nprobe(ann, self._ann_params["nprobe"])
+                self._ann = _to_gpu(ann) if self.use_gpu else ann
                 self._ann_trained_on = int(manifest.index_params.get("trained_on", n))
             self.last_seq = manifest.last_seq
         return True
