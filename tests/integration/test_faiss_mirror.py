@@ -204,6 +204,11 @@ def test_auto_nprobe_is_the_smallest_that_reaches_the_target_and_survives_a_relo
     assert list(sweep) == [str(p) for p in (8, 16, 32, 64, 128, 256)][: len(sweep)]
     assert int(list(sweep)[-1]) == chosen < settings.nprobe_max and sweep[str(chosen)] >= 0.95
     assert faiss.extract_index_ivf(mirror._ann).nprobe == chosen
+    # A filtered search among a tenth of the library probes ten times the lists, never more than there are.
+    assert mirror.masked_nprobe(n) == chosen and mirror.masked_nprobe(n // 10) == min(
+        10 * chosen, params["nlist"]
+    )
+    assert mirror.masked_nprobe(1) == params["nlist"]
     queries = clustered(200, d, seed=4, clusters=200)  # held out, from elsewhere, as text queries are
     ids = np.arange(n)
     found = [len(set(mirror.search(q, 10)[0].tolist()) & set(exact_top(vecs, ids, q, 10))) for q in queries]

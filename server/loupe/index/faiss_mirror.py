@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import threading
@@ -456,7 +457,12 @@ class FaissMirror:
         self, query: np.ndarray, k: int, ids: np.ndarray | Subset
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k among the given ids through the approximate index (FAISS IDSelectorBitmap over rows), re-ranked
-        exactly; falls back to the exact subset scan when the mirror is flat."""
+        exactly; falls back to the exact subset scan when the mirror is flat.
+
+        The lists probed widen by the inverse of the subset's share of the library: the best k among a random
+        tenth of the pictures lie about as far out as the best 10k among all, so the nprobe the build chose for
+        unfiltered queries would miss them (on the test suite's clustered vectors, recall@10 0.86 at one in ten
+        with nprobe unwidened)."""
         sub, view = self._subset_view(ids)
         if view.ann is None:
             return self.search_subset(query, k, sub)
@@ -464,7 +470,7 @@ class FaissMirror:
         sel = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))  # n: bytes, not bits
         params = faiss.SearchParametersIVF()
         params.sel = sel  # `sel` and `bitmap` stay referenced here for the whole search
-        params.nprobe = self._nprobe
+        params.nprobe = self.masked_nprobe(len(sub.rows))
         q = np.ascontiguousarray(np.asarray(query, dtype=np.float32).reshape(1, -1))
         _, cand = view.ann.search(q, max(k * self.settings.rerank_factor, k + 32), params=params)
         cand = cand[0]
@@ -473,6 +479,12 @@ class FaissMirror:
         exact = view.take(cand) @ q[0]
         top = _top_rows(exact, k)
         return _ordered(view.ids[cand[top]], exact[top])
+
+    def masked_nprobe(self, matching: int) -> int:
+        """nprobe for a search among `matching` live rows: the chosen nprobe / their share, at most nlist."""
+        share = matching / max(self._live, 1)
+        nlist = int(self._ann_params.get("nlist", self._nprobe))
+        return max(1, min(max(nlist, self._nprobe), math.ceil(self._nprobe / max(share, 1e-9))))
 
     # ------------------------------------------------------------ approximate index
 
