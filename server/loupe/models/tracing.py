@@ -29,31 +29,24 @@ def trace_checked(
     """torch.jit.trace(module, example), or None (logged) if tracing fails or `differs(eager, traced)` names a
     difference on any of the `checks` inputs. Traced and checked on the torch thread: its forward passes would
     otherwise give the calling thread an OpenMP team of its own (models/torch_thread.py)."""
-    return torch_thread.call(_trace_checked, name, module, example, checks, differs)
 
+    def trace() -> Any:
+        import torch
 
-def _trace_checked(
-    name: str,
-    module: Any,
-    example: tuple[Any, ...],
-    checks: Sequence[tuple[Any, ...]],
-    differs: Callable[[Any, Any], str | None],
-) -> Any:
-    import torch
+        torch_thread.use_threads(torch_thread.default_threads())
+        try:
+            with torch.inference_mode(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # tracer warnings: shape checks that hold for every input
+                traced = torch.jit.trace(module, example, check_trace=False)
+                for args in checks:
+                    problem = differs(module(*args), traced(*args))
+                    if problem:
+                        raise ValueError(f"{problem} on inputs shaped {tuple(args[0].shape)}")
+        except Exception as exc:  # eager mode gives the same vectors
+            log.warning(
+                "the %s could not be traced (%s: %s): it runs in eager mode", name, type(exc).__name__, exc
+            )
+            return None
+        return traced
 
-    torch_thread.use_threads(torch_thread.default_threads())
-
-    try:
-        with torch.inference_mode(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer warnings: shape checks that hold for every input
-            traced = torch.jit.trace(module, example, check_trace=False)
-            for args in checks:
-                problem = differs(module(*args), traced(*args))
-                if problem:
-                    raise ValueError(f"{problem} on inputs shaped {tuple(args[0].shape)}")
-    except Exception as exc:  # eager mode gives the same vectors
-        log.warning(
-            "the %s could not be traced (%s: %s): it runs in eager mode", name, type(exc).__name__, exc
-        )
-        return None
-    return traced
+    return torch_thread.call(trace)
