@@ -482,9 +482,9 @@ class FaissMirror:
 
     def masked_nprobe(self, matching: int) -> int:
         """nprobe for a search among `matching` live rows: the chosen nprobe / their share, at most nlist."""
-        share = matching / max(self._live, 1)
-        nlist = int(self._ann_params.get("nlist", self._nprobe))
-        return max(1, min(max(nlist, self._nprobe), math.ceil(self._nprobe / max(share, 1e-9))))
+        nprobe = self._nprobe
+        widened = math.ceil(nprobe * max(self._live, 1) / max(matching, 1))
+        return min(widened, max(int(self._ann_params.get("nlist", nprobe)), nprobe))
 
     # ------------------------------------------------------------ approximate index
 
@@ -846,7 +846,8 @@ class FaissMirror:
             if ann is not None:
                 self._ann_type = manifest.index_type
                 self._ann_params = {k: v for k, v in manifest.index_params.items() if k != "trained_on"}
-                # A fixed setting wins (tuning needs no rebuild); auto keeps the nprobe chosen at the build.
+                # A fixed setting wins (tuning needs no rebuild); auto keeps the nprobe chosen at the build (every
+                # manifest records one: before auto, the setting's value, whose default was 128).
                 self._ann_params["nprobe"] = self.settings.nprobe or int(self._ann_params.get("nprobe", 128))
                 _set_nprobe(ann, self._ann_params["nprobe"])
                 self._ann = _to_gpu(ann) if self.use_gpu else ann
