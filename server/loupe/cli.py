@@ -199,10 +199,10 @@ def cmd_import(args: argparse.Namespace) -> int:
                 pending = runtime.repo.counts_by_state()["pending"]
                 task2 = progress.add_task("embedding", total=pending)
                 while True:
-                    report = runtime.ingest.process_batch()
-                    if report.claimed == 0:
+                    reports = runtime.ingest.process_batches(max_batches=8)
+                    progress.advance(task2, sum(r.ready + r.failed for r in reports))
+                    if reports[-1].claimed == 0:
                         break
-                    progress.advance(task2, report.ready + report.failed)
                 runtime.sync_mirror()
     finally:
         if runtime is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -62,6 +62,11 @@ class IngestSettings(BaseModel):
     )
     thumbnail_px: int = Field(384, ge=32, le=4096)
     thumbnail_quality: int = Field(80, ge=1, le=100)
+    thumbnail_format: Literal["jpeg", "webp"] = Field(
+        "jpeg",
+        description="format of new thumbnails (bench/RESULTS.md: at 384 px and quality 80, JPEG encodes in 0.3 ms "
+        "and WebP in 2.5 ms, for files 16% smaller); thumbnails already written keep their format",
+    )
 
 
 class ModelSettings(BaseModel):

@@ -311,7 +311,7 @@ class Runtime:
             released = repo.release_claims()
             if released:
                 log.info("resuming %d images interrupted while processing", released)
-        blobs = FileBlobStore(settings.data_dir / "blobs")
+        blobs = FileBlobStore(settings.data_dir / "blobs", settings.ingest.thumbnail_format)
         vectors = open_vector_store(settings)
         # Loading and the start-up checks run torch on all threads: on the torch thread, so that no other thread
         # of the process keeps an OpenMP team (models/torch_thread.py).

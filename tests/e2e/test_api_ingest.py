@@ -66,7 +66,8 @@ def test_a_few_hundred_uploads_with_duplicates_and_bad_files(api):
     assert original.status_code == 200 and original.content == shapes[0].data
     assert original.headers["content-type"] == "image/png"
     thumb = client.get(f"/api/images/{some}/thumbnail")
-    assert thumb.status_code == 200 and Image.open(io.BytesIO(thumb.content)).format == "WEBP"
+    assert thumb.status_code == 200 and Image.open(io.BytesIO(thumb.content)).format == "JPEG"
+    assert thumb.headers["content-type"] == "image/jpeg"
 
 
 def test_a_request_whose_files_are_all_rejected_answers_4xx(api):

@@ -205,4 +205,4 @@ def test_deleting_an_image_removes_its_text_everywhere(
 
 def test_thumbnail_of_a_text_image_is_readable(ocr_library: OcrLibrary):
     res = ocr_library.client.get(f"/api/images/{ocr_library.ids['lisbon']}/thumbnail")
-    assert Image.open(io.BytesIO(res.content)).format == "WEBP"
+    assert Image.open(io.BytesIO(res.content)).format == "JPEG"

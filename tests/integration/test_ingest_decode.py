@@ -88,3 +88,39 @@ def test_the_image_tower_runs_as_a_trace_with_eager_modes_vectors(tiny_clip_dir,
     untraced = load_clip(str(tiny_clip_dir))
     assert untraced._image_tower is None and "image tower could not be traced" in caplog.text
     np.testing.assert_allclose(untraced.embed_uint8(batch), eager, atol=1e-6)
+
+
+def test_a_pipelined_run_indexes_every_batch_and_gives_way_to_a_waiting_delete(
+    make_settings, runtime_factory
+):
+    """`process_batches` finishes each batch (upsert, commit, mirror) beside the next one's decoding: every
+    picture ends ready with its vector and thumbnail. A delete that waits for the model lock ends the run after
+    the batch in hand, and the deleted picture (still pending then) is not brought back by a later batch."""
+    import threading
+
+    rt = runtime_factory(make_settings(ingest={"batch_size": 2}))
+    shapes = mk.shape_set(per_class=1, seed=5)[:12]
+    ids = [o.id for o in rt.ingest.upload([(s.name, s.data) for s in shapes])]
+    victim = ids[-1]  # claimed last: still pending when the delete gets the lock
+    deleted = threading.Event()
+    deleter = threading.Thread(target=lambda: (rt.ingest.delete(victim), deleted.set()))
+
+    def stop() -> bool:  # called by the run, lock held, after each batch is handed to the finishing thread
+        if not deleter.is_alive() and not deleted.is_set():
+            deleter.start()
+            while not rt.ingest.model_lock.contended:
+                threading.Event().wait(0.001)
+        return False
+
+    reports = rt.ingest.process_batches(stop=stop)
+    deleter.join(30)
+    assert deleted.is_set()
+    assert len(reports) == 1 and reports[0].ready == 2  # the run gave way after its first batch
+    assert rt.repo.get_image(victim) is None
+
+    assert rt.ingest.drain() == 9
+    rows = [rt.repo.get_image(i) for i in ids[:-1]]
+    assert all(r.state == "ready" for r in rows)
+    assert all(rt.blobs.thumbnail_path(r.sha256).is_file() for r in rows)
+    assert rt.vectors.count(rt.collection) == 11 and rt.mirror.live_count == 11
+    assert rt.mirror.vector(victim) is None and rt.repo.counts_by_state().get("pending", 0) == 0

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
+from PIL import Image
 
 from loupe.errors import InvalidImage, LoupeError, TooLarge, UnsupportedFormat
 from loupe.ingest.validate import clean_name, decode_rgb, inspect_upload, make_thumbnail
@@ -92,7 +95,9 @@ def test_every_mode_decodes_to_rgb(maker):
     inspect_upload(data, **LIMITS)
     img = decode_rgb(data, max_pixels=LIMITS["max_pixels"])
     assert img.mode == "RGB"
-    assert len(make_thumbnail(img, 64, 80)) > 0
+    for fmt, name in (("jpeg", "JPEG"), ("webp", "WEBP")):
+        thumb = Image.open(io.BytesIO(make_thumbnail(img, 64, 80, fmt)))
+        assert (thumb.format, thumb.mode) == (name, "RGB") and max(thumb.size) <= 64
 
 
 def test_sixteen_bit_greyscale_keeps_its_gradient():

@@ -351,7 +351,11 @@ class ImageController(Controller):
             headers={"Cache-Control": "private, max-age=31536000, immutable"},
         )
 
-    @get("/{image_id:int}/thumbnail", summary="A WebP thumbnail", media_type="image/webp")
+    @get(
+        "/{image_id:int}/thumbnail",
+        summary="A thumbnail (JPEG, or WebP with ingest.thumbnail_format webp)",
+        media_type="image/jpeg",
+    )
     async def thumbnail(self, rt: RT, image_id: ImageId) -> File:
         image = await blocking(rt.repo.get_image, image_id)
         if image is None or image.format == "VECTOR":
@@ -361,7 +365,7 @@ class ImageController(Controller):
             raise Conflict(f"image {image_id} is {image.state}: no thumbnail yet", code="not_ready")
         return File(
             path=path,
-            media_type="image/webp",
+            media_type=rt.blobs.thumbnail_type(path),
             content_disposition_type="inline",
             headers={"Cache-Control": "private, max-age=31536000, immutable"},
         )

@@ -156,7 +156,10 @@ def _repair(rt: Any, report: ReindexReport, images: dict[int, tuple[str, str, st
         rgb = decode_rgb(
             rt.blobs.read_original(sha), max_pixels=settings.max_pixels, min_side=settings.thumbnail_px
         )
-        rt.blobs.put_thumbnail(sha, make_thumbnail(rgb, settings.thumbnail_px, settings.thumbnail_quality))
+        rt.blobs.put_thumbnail(
+            sha,
+            make_thumbnail(rgb, settings.thumbnail_px, settings.thumbnail_quality, settings.thumbnail_format),
+        )
     rt.mirror.rebuild(rt.repo, rt.vectors)
     if report.missing_vectors:
         rt.ingest.work_available.set()

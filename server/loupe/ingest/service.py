@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -56,6 +57,48 @@ class BatchReport:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
+class ModelLock:
+    """A reentrant lock that knows whether another thread waits for it: a run of pipelined ingest batches holds
+    it and ends after the batch in hand when a delete, an edit or a model switch is waiting."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._count = threading.Lock()
+        self._waiting = 0
+
+    def __enter__(self) -> ModelLock:
+        with self._count:
+            self._waiting += 1
+        try:
+            self._lock.acquire()
+        finally:
+            with self._count:
+                self._waiting -= 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+    @property
+    def contended(self) -> bool:
+        """Whether a thread is waiting to take the lock (or just took it and has not yet said so)."""
+        return self._waiting > 0
+
+
+@dataclass
+class _Started:
+    """A batch claimed, decoded and embedded, waiting to be indexed (with the model version it was embedded by)."""
+
+    report: BatchReport
+    collection: str
+    model_version_id: int
+    decoded: list[tuple[Image, np.ndarray]] = field(default_factory=list)
+    meta: dict[int, dict[str, Any]] = field(default_factory=dict)
+    ocr: dict[int, Future[OcrResult]] = field(default_factory=dict)
+    thumbnails: dict[int, Path] = field(default_factory=dict)
+    vectors: np.ndarray | BaseException | None = None
+
+
 class IngestService:
     def __init__(
         self,
@@ -82,7 +125,7 @@ class IngestService:
         self.work_available = threading.Event()
         self._decode_side = max(clip.info.image_size, settings.thumbnail_px * 3 // 4)
         # Held for each batch (and vector add): a model switch takes it to change models between batches.
-        self.model_lock = threading.RLock()
+        self.model_lock = ModelLock()
         self.shadow_collections: list[str] = []  # a model switch's new collection: edits and deletes reach it
 
     def retarget(self, clip: ClipModel, collection: str, model_version_id: int) -> None:
@@ -156,14 +199,59 @@ class IngestService:
     def process_batch(self, limit: int | None = None) -> BatchReport:
         """Claim a batch of pending images, decode, thumbnail, embed, upsert, mark ready (or failed)."""
         with self.model_lock:
-            return self._process_batch(limit)
+            return self._finish_batch(self._start_batch(limit))
 
-    def _process_batch(self, limit: int | None) -> BatchReport:
-        report = BatchReport()
+    def process_batches(
+        self, max_batches: int = 64, stop: Callable[[], bool] | None = None
+    ) -> list[BatchReport]:
+        """Consecutive batches until none is due (or `max_batches`), each one's finishing (OCR wait, upsert,
+        commit, mirror update, thumbnail fsyncs) on a thread of its own while the next one decodes and embeds.
+
+        The model lock is held throughout, as for one batch, but the run ends after the batch in hand as soon as
+        another thread waits for the lock (a delete, an edit, a model switch), so none waits longer than for one
+        batch; likewise when `stop()` says so. A batch that fails to finish ends the run with its exception, as
+        `process_batch` would, after the batch started beside it is finished too."""
+        reports: list[BatchReport] = []
+        with self.model_lock, ThreadPoolExecutor(1, thread_name_prefix="loupe-finish") as pool:
+            finishing: Future[BatchReport] | None = None
+            while len(reports) + (finishing is not None) < max_batches:
+                try:
+                    started = self._start_batch(None)
+                except BaseException:
+                    if finishing is not None:
+                        finishing.result()
+                    raise
+                overlapped = finishing is not None
+                if finishing is not None:
+                    try:
+                        reports.append(finishing.result())
+                    except BaseException:
+                        # Its pictures are claimed: finish them rather than leave them to the lease.
+                        self._finish_batch(started)
+                        raise
+                    finishing = None
+                if not started.decoded:
+                    if overlapped and started.report.claimed == 0 and not started.report.unavailable:
+                        continue  # the batch that just finished may have put pictures back (a retry): look again
+                    reports.append(self._finish_batch(started))  # nothing to overlap: bookkeeping only
+                    if started.report.claimed == 0 or started.report.unavailable:
+                        break
+                    continue
+                finishing = pool.submit(self._finish_batch, started)
+                if (stop is not None and stop()) or self.model_lock.contended:
+                    break
+            if finishing is not None:
+                reports.append(finishing.result())
+        return reports
+
+    def _start_batch(self, limit: int | None) -> _Started:
+        """Claim, decode, thumbnail and embed a batch; pictures that fail are marked here."""
+        started = _Started(BatchReport(), collection=self.collection, model_version_id=self.model_version_id)
+        report = started.report
         claimed = self.repo.claim_pending(limit or self.settings.batch_size, self.settings.lease_s)
         report.claimed = len(claimed)
         if not claimed:
-            return report
+            return started
         try:
             self.vectors.ensure_collection(self.collection, self.clip.dim, graph=False)
         except Unavailable:
@@ -172,12 +260,10 @@ class IngestService:
             report.retried = len(claimed)
             report.claimed = 0
             report.unavailable = True
-            return report
+            return started
         t0 = time.perf_counter()
-        decoded: list[tuple[Image, np.ndarray]] = []
-        meta: dict[int, dict[str, Any]] = {}
         # OCR (Tesseract subprocesses) starts as each picture is decoded and runs beside the CLIP forward pass.
-        ocr: dict[int, Future[OcrResult]] = {}
+        ocr, thumbs = started.ocr, started.thumbnails
         workers, threads = self._model_workers(len(claimed))
         embedded: list[np.ndarray | BaseException] | None = None
         if workers > 1:
@@ -186,7 +272,9 @@ class IngestService:
             n = len(claimed)
             shares = [claimed[k * n // workers : (k + 1) * n // workers] for k in range(workers)]
             with ThreadPoolExecutor(workers, thread_name_prefix="loupe-embed") as pool:
-                parts = list(pool.map(lambda share: self._prepare_and_embed(share, threads, ocr), shares))
+                parts = list(
+                    pool.map(lambda share: self._prepare_and_embed(share, threads, ocr, thumbs), shares)
+                )
             prepared = [outcome for outcomes, _ in parts for outcome in outcomes]
             embedded = [vecs for _, vecs in parts]
         else:
@@ -194,7 +282,7 @@ class IngestService:
             with ThreadPoolExecutor(
                 max(1, min(decode_threads, len(claimed))), thread_name_prefix="loupe-decode"
             ) as pool:
-                prepared = list(pool.map(lambda image: self._prepare(image, ocr), claimed))
+                prepared = list(pool.map(lambda image: self._prepare(image, ocr, thumbs), claimed))
         for image, outcome in zip(claimed, prepared, strict=True):
             if isinstance(outcome, FileNotFoundError):
                 self._fail(image, "blob_missing", "the stored original is missing", report, permanent=True)
@@ -208,54 +296,69 @@ class IngestService:
                     image, "decode_error", f"unexpected {type(outcome).__name__}", report, permanent=False
                 )
             else:
-                pixels, meta[int(image.id)] = outcome  # type: ignore[arg-type]
-                decoded.append((image, pixels))
+                pixels, started.meta[int(image.id)] = outcome  # type: ignore[arg-type]
+                started.decoded.append((image, pixels))
         t1 = time.perf_counter()
-        if decoded:
+        if started.decoded:
             try:
                 if embedded is None:
-                    vecs = self.clip.embed_uint8(np.stack([pixels for _, pixels in decoded]))
+                    started.vectors = self.clip.embed_uint8(
+                        np.stack([pixels for _, pixels in started.decoded])
+                    )
                 else:  # each worker's vectors, in the order of its decoded pictures; its failure fails the batch
                     for part in embedded:
                         if isinstance(part, BaseException):
                             raise part
-                    vecs = np.concatenate(embedded)  # type: ignore[arg-type]
-                t2 = time.perf_counter()
-                ids = [int(img.id) for img, _ in decoded]  # type: ignore[arg-type]
-                texts = self._index_text({i: ocr[i] for i in ids}) if self.text_indexer else []
-                t3 = time.perf_counter()
-                with_text = {t.image_id for t in texts if t.has_text}
-                tags, albums = self.repo.tags_for(ids), self.repo.albums_for(ids)
-                payloads = [
-                    payload_for(img.model_copy(update=meta.get(i, {})), tags[i], albums[i], i in with_text)
-                    for i, (img, _) in zip(ids, decoded, strict=True)
-                ]
-                self.vectors.upsert(self.collection, ids, vecs, payloads)
-                t4 = time.perf_counter()
-                self.repo.mark_ready(ids, self.model_version_id, meta, texts)
-                report.ready += len(ids)
-                report.seconds.update(
-                    embed=t2 - t1, ocr_wait=t3 - t2, upsert=t4 - t3, commit=time.perf_counter() - t4
-                )
-            except Unavailable:
-                log.warning("the vector store went away during a batch: %d images wait for it", len(decoded))
-                self.repo.release(
-                    [img.id or 0 for img, _ in decoded], retry_in_s=max(self.settings.retry_base_s, 1.0)
-                )
-                report.retried += len(decoded)
-                report.unavailable = True
+                    started.vectors = np.concatenate(embedded)  # type: ignore[arg-type]
             except Exception as exc:
-                log.exception("embedding/indexing a batch of %d failed", len(decoded))
-                for img, _ in decoded:
-                    self._fail(
-                        img,
-                        "index_error",
-                        f"embedding or indexing failed: {type(exc).__name__}",
-                        report,
-                        permanent=False,
-                    )
+                started.vectors = exc
         # With model workers, "decode" holds their forward passes too ("embed" only joins their vectors).
-        report.seconds["decode"] = t1 - t0
+        report.seconds.update(decode=t1 - t0, embed=time.perf_counter() - t1)
+        return started
+
+    def _finish_batch(self, started: _Started) -> BatchReport:
+        """Index what `_start_batch` embedded: OCR text, vectors, thumbnails on disk, rows ready, the mirror."""
+        report, decoded, meta = started.report, started.decoded, started.meta
+        if not decoded:
+            return report
+        try:
+            t2 = time.perf_counter()
+            if not isinstance(started.vectors, np.ndarray):
+                raise started.vectors or RuntimeError("a batch with pictures but no vectors")
+            ids = [int(img.id) for img, _ in decoded]  # type: ignore[arg-type]
+            texts = self._index_text({i: started.ocr[i] for i in ids}) if self.text_indexer else []
+            t3 = time.perf_counter()
+            with_text = {t.image_id for t in texts if t.has_text}
+            tags, albums = self.repo.tags_for(ids), self.repo.albums_for(ids)
+            payloads = [
+                payload_for(img.model_copy(update=meta.get(i, {})), tags[i], albums[i], i in with_text)
+                for i, (img, _) in zip(ids, decoded, strict=True)
+            ]
+            self.vectors.upsert(started.collection, ids, started.vectors, payloads)
+            t4 = time.perf_counter()
+            # The thumbnails were written without waiting for the disk; they are durable before their rows say
+            # ready (one fsync each, here, beside the next batch's decoding, instead of in the decode threads).
+            self.blobs.sync([started.thumbnails[i] for i in ids])
+            self.repo.mark_ready(ids, started.model_version_id, meta, texts)
+            report.ready += len(ids)
+            report.seconds.update(ocr_wait=t3 - t2, upsert=t4 - t3, commit=time.perf_counter() - t4)
+        except Unavailable:
+            log.warning("the vector store went away during a batch: %d images wait for it", len(decoded))
+            self.repo.release(
+                [img.id or 0 for img, _ in decoded], retry_in_s=max(self.settings.retry_base_s, 1.0)
+            )
+            report.retried += len(decoded)
+            report.unavailable = True
+        except Exception as exc:
+            log.error("embedding/indexing a batch of %d failed", len(decoded), exc_info=exc)
+            for img, _ in decoded:
+                self._fail(
+                    img,
+                    "index_error",
+                    f"embedding or indexing failed: {type(exc).__name__}",
+                    report,
+                    permanent=False,
+                )
         if report.ready and self.on_indexed:
             self.on_indexed()
         return report
@@ -270,11 +373,11 @@ class IngestService:
         return workers, max(1, cores // workers)
 
     def _prepare_and_embed(
-        self, share: list[Image], threads: int, ocr: dict[int, Future[OcrResult]]
+        self, share: list[Image], threads: int, ocr: dict[int, Future[OcrResult]], thumbs: dict[int, Path]
     ) -> tuple[list[tuple[np.ndarray, dict[str, Any]] | Exception], np.ndarray | BaseException]:
         """A model worker: prepare its share of the batch, then embed the pictures that decoded, on `threads`
         torch threads. A failed forward pass is returned, not raised, so the batch's bookkeeping sees it."""
-        outcomes = [self._prepare(image, ocr) for image in share]
+        outcomes = [self._prepare(image, ocr, thumbs) for image in share]
         pixels = [o[0] for o in outcomes if not isinstance(o, Exception)]
         if not pixels:
             return outcomes, np.zeros((0, self.clip.dim), dtype=np.float32)
@@ -297,7 +400,7 @@ class IngestService:
         return self.text_indexer.index(items)
 
     def _prepare(
-        self, image: Image, ocr: dict[int, Future[OcrResult]]
+        self, image: Image, ocr: dict[int, Future[OcrResult]], thumbs: dict[int, Path]
     ) -> tuple[np.ndarray, dict[str, Any]] | Exception:
         """Read, decode, fingerprint, thumbnail and resize one claimed picture (in a decode thread or a model
         worker), starting its OCR: the model's input (uint8 HWC) and the metadata, or the exception that stopped
@@ -308,7 +411,11 @@ class IngestService:
             # (bench/RESULTS.md: 1.8x the end-to-end rate of a decode at twice the model's size).
             rgb = decode_rgb(data, max_pixels=self.settings.max_pixels, min_side=self._decode_side)
             thumb = thumbnail_image(rgb, self.settings.thumbnail_px)
-            self.blobs.put_thumbnail(image.sha256, encode_thumbnail(thumb, self.settings.thumbnail_quality))
+            thumbs[int(image.id)] = self.blobs.put_thumbnail(  # type: ignore[arg-type]
+                image.sha256,
+                encode_thumbnail(thumb, self.settings.thumbnail_quality, self.settings.thumbnail_format),
+                sync=False,
+            )
             # The thumbnail is the cheaper source of the hash, and of the model's input where it covers the model's
             # resize: 0.88 instead of 1.59 ms a picture, 0.46/255 mean difference per input pixel (1 MP JPEGs).
             # Width and height were recorded (EXIF-oriented) at upload; a draft decode is smaller anyway.
@@ -334,9 +441,9 @@ class IngestService:
         deadline = time.monotonic() + timeout_s
         ready = 0
         while time.monotonic() < deadline:
-            report = self.process_batch()
-            ready += report.ready
-            if report.claimed == 0:
+            reports = self.process_batches()
+            ready += sum(r.ready for r in reports)
+            if reports[-1].claimed == 0:
                 return ready
         return ready
 
@@ -472,22 +579,25 @@ class IngestWorker:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                report = self.service.process_batch()
+                # A run ends when nothing is due or another thread wants the model lock; a stop request waits
+                # for the run in hand, as it waited for the batch in hand.
+                reports = self.service.process_batches(stop=self._stop.is_set)
             except Exception:
                 log.exception("ingest worker step failed; retrying shortly")
                 self._stop.wait(self.poll_s)
                 continue
-            if report.claimed == 0:
-                self.service.work_available.wait(self.poll_s * (5 if report.unavailable else 1))
+            for report in reports:
+                if report.ready or report.failed:
+                    log.info(
+                        "ingest: %d ready, %d failed, %d to retry (%s)",
+                        report.ready,
+                        report.failed,
+                        report.retried,
+                        ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in report.seconds.items()),
+                    )
+            if reports[-1].claimed == 0:
+                self.service.work_available.wait(self.poll_s * (5 if reports[-1].unavailable else 1))
                 self.service.work_available.clear()
-            elif report.ready or report.failed:
-                log.info(
-                    "ingest: %d ready, %d failed, %d to retry (%s)",
-                    report.ready,
-                    report.failed,
-                    report.retried,
-                    ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in report.seconds.items()),
-                )
 
     def stop(self, timeout: float = 30.0) -> None:
         """Graceful: finish the batch in hand (its rows are committed or stay claimed and are resumed)."""
