@@ -15,15 +15,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, write_section
+from common import ROOT, base_worktree, revisions, write_section
 from fullsize import build as build_fullsize
 from search_bench import build_library, load, parse_scale, pct, rss_mb, serving
 from vectors import synthetic
@@ -44,17 +42,7 @@ def main() -> None:
     )
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
-    rev = subprocess.run(
-        ["git", "rev-parse", "--short", args.base], cwd=ROOT, check=True, capture_output=True, text=True
-    ).stdout.strip()
-    head = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, check=True, capture_output=True, text=True
-    ).stdout.strip()
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "server"], cwd=ROOT, capture_output=True, text=True
-    )
-    this = head + (" + uncommitted changes" if dirty.stdout.strip() else "")
-    this += "".join(f", with {e}" for e in args.this_env)
+    rev, this = revisions(args.base, "".join(f", with {e}" for e in args.this_env))
 
     n = parse_scale(args.scale)
     corpus, queries = synthetic(n)
@@ -81,23 +69,18 @@ def main() -> None:
     rows += [("text, uncached", new_text, 1), ("text, uncached", new_text, 8)]
     got: dict[tuple[str, str, int], list[tuple[float, float]]] = {}
     anon: dict[str, list[float]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        tree = Path(tmp) / "base"
-        subprocess.run(["git", "worktree", "add", "-q", "--detach", str(tree), rev], cwd=ROOT, check=True)
-        try:
-            for r in range(args.rounds):
-                for side, path in (("base", tree / "server"), ("this", ROOT / "server")):
-                    env = dict(e.split("=", 1) for e in args.this_env) if side == "this" else {}
-                    with serving(settings, PYTHONPATH=str(path), **env) as (url, pid):
-                        load(url, [vector(i) for i in range(30)] + [text(i) for i in range(20)], 1)  # warm
-                        anon.setdefault(side, []).append(rss_mb(pid)["anon"])
-                        for label, make, conc in rows:
-                            lat, wall, errors = load(url, [make(i) for i in range(args.requests)], conc)
-                            assert errors == 0, f"{side}: {errors} failed requests"
-                            got.setdefault((side, label, conc), []).append((pct(lat, 50), len(lat) / wall))
-                    print(f"round {r + 1}/{args.rounds}: {side} done", flush=True)
-        finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
+    with base_worktree(rev) as tree:
+        for r in range(args.rounds):
+            for side, path in (("base", tree / "server"), ("this", ROOT / "server")):
+                env = dict(e.split("=", 1) for e in args.this_env) if side == "this" else {}
+                with serving(settings, PYTHONPATH=str(path), **env) as (url, pid):
+                    load(url, [vector(i) for i in range(30)] + [text(i) for i in range(20)], 1)  # warm
+                    anon.setdefault(side, []).append(rss_mb(pid)["anon"])
+                    for label, make, conc in rows:
+                        lat, wall, errors = load(url, [make(i) for i in range(args.requests)], conc)
+                        assert errors == 0, f"{side}: {errors} failed requests"
+                        got.setdefault((side, label, conc), []).append((pct(lat, 50), len(lat) / wall))
+                print(f"round {r + 1}/{args.rounds}: {side} done", flush=True)
 
     def med(side: str, label: str, conc: int, k: int) -> float:
         return statistics.median(x[k] for x in got[(side, label, conc)])

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import platform
 import re
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,3 +70,29 @@ def write_section(name: str, body: str, command: str) -> None:
     pattern = re.compile(rf"<!-- section:{re.escape(name)} -->.*?<!-- /section:{re.escape(name)} -->\n", re.S)
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section
     RESULTS.write_text(text)
+
+
+def revisions(base: str, extra: str = "") -> tuple[str, str]:
+    """Short names of `base` and of this checkout (its HEAD, and whether `server/` has uncommitted changes)."""
+
+    def short(rev: str) -> str:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", rev], cwd=ROOT, check=True, capture_output=True, text=True
+        ).stdout.strip()
+
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "server"], cwd=ROOT, capture_output=True, text=True
+    )
+    return short(base), short("HEAD") + (" + uncommitted changes" if dirty.stdout.strip() else "") + extra
+
+
+@contextlib.contextmanager
+def base_worktree(rev: str) -> Iterator[Path]:
+    """`rev` checked out in a temporary git worktree: run its code with PYTHONPATH=<tree>/server."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = Path(tmp) / "base"
+        subprocess.run(["git", "worktree", "add", "-q", "--detach", str(tree), rev], cwd=ROOT, check=True)
+        try:
+            yield tree
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)

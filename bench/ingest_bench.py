@@ -1,6 +1,7 @@
 """Ingest on the CPU: the whole pipeline against the raw image tower of the same runtime and thread count.
 
     python bench/ingest_bench.py [--sizes 1,4,12] [--images 96] [--write]
+    python bench/ingest_bench.py --base <git rev> [--sizes 1] [--rounds 3] [--write]
 
 Full-size ViT-B/32 (random weights, bench/fullsize.py), embedded defaults (SQLite, Qdrant Edge), OCR off (OCR is
 measured by bench/ocr_bench.py). For each JPEG size the same library is ingested by `IngestService.drain()`
@@ -8,12 +9,18 @@ measured by bench/ocr_bench.py). For each JPEG size the same library is ingested
 with one model on all threads after the decode threads and once with the default model workers, and the raw image
 tower is timed on pre-decoded 224x224 tensors in batches of the ingest batch size, both ways. Overhead is the
 pipeline's time over the faster tower's.
+
+With --base, the default variant (model workers) of another git revision (checked out in a temporary worktree,
+run with PYTHONPATH at its `server/`) and of this checkout run in interleaved rounds, each in a fresh process, and
+the section "A/B: ingest pipeline" gets the medians.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -24,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_section
+from common import ROOT, base_worktree, revisions, write_section
 from fullsize import build as build_fullsize
 
 from loupe.config import Settings
@@ -121,10 +128,64 @@ def run_variant(mp: int, variant: int, images: int) -> tuple:  # type: ignore[ty
     return (mp, w, h, f"{label}: {workers} x {each} threads", n, e2e, raw, plain)
 
 
+def variant_row(mp: int, variant: int, images: int, server: Path | None = None) -> tuple:  # type: ignore[type-arg]
+    """run_variant in a process of its own, with `server` (a base revision's `server/`) first on the path."""
+    env = None if server is None else {**os.environ, "PYTHONPATH": str(server)}
+    out = subprocess.run(
+        [sys.executable, __file__, "--variant", f"{mp}:{variant}", "--images", str(images)],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+    ).stdout
+    return tuple(json.loads(out.split("ROW ", 1)[1]))
+
+
+def ab(base: str, sizes: list[int], rounds: int, images: int) -> str:
+    """The default variant of `base` and of this checkout, rounds interleaved; medians."""
+    rev, this = revisions(base)
+    default = len(VARIANTS) - 1
+    got: dict[tuple[str, int], list[tuple]] = {}  # type: ignore[type-arg]
+    with base_worktree(rev) as tree:
+        for r in range(rounds):
+            for mp in sizes:
+                for side, server in (("base", tree / "server"), ("this", None)):
+                    got.setdefault((side, mp), []).append(variant_row(mp, default, images, server))
+                    print(
+                        f"round {r + 1}/{rounds}, {mp} MP: {side} {got[(side, mp)][-1][5]:.1f} images/s",
+                        flush=True,
+                    )
+    lines = [
+        f"The default ingest (model workers) of {rev} (base) against {this} (this): full-size ViT-B/32 (random "
+        f"init), OCR off, {rounds} interleaved rounds, each run in a fresh process with its own raw-tower baseline "
+        "(timed before and after it); medians over the rounds.",
+        "",
+        "| JPEG | images | base images/s | this images/s | ratio | base overhead vs its tower | this overhead vs its tower |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for mp in sizes:
+        w, h = SIZES[mp]
+        n = got[("this", mp)][0][4]
+        rate = {side: statistics.median(row[5] for row in got[(side, mp)]) for side in ("base", "this")}
+        over = {
+            side: statistics.median(max(row[6], row[7]) / row[5] - 1 for row in got[(side, mp)])
+            for side in ("base", "this")
+        }
+        lines.append(
+            f"| {mp} MP ({w}x{h}) | {n} | {rate['base']:.1f} | {rate['this']:.1f} | "
+            f"{rate['this'] / rate['base']:.2f}x | {over['base']:+.0%} | {over['this']:+.0%} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sizes", default="1,4,12")
+    ap.add_argument(
+        "--sizes", default=None, help="megapixels, comma-separated (default 1,4,12; 1 with --base)"
+    )
     ap.add_argument("--images", type=int, default=96)
+    ap.add_argument("--base", help="git revision to compare this checkout's default ingest against")
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--write", action="store_true")
     ap.add_argument("--variant", help=argparse.SUPPRESS)  # "MP:INDEX": one run, its row as JSON (internal)
     args = ap.parse_args()
@@ -133,19 +194,21 @@ def main() -> None:
         print("ROW " + json.dumps(run_variant(mp, variant, args.images)), flush=True)
         return
     build_fullsize()
+    sizes = [int(s) for s in (args.sizes or ("1" if args.base else "1,4,12")).split(",")]
+    command = "python bench/ingest_bench.py " + " ".join(sys.argv[1:])
+    if args.base:
+        text = ab(args.base, sizes, args.rounds, args.images)
+        print(text)
+        if args.write:
+            write_section("A/B: ingest pipeline", text, command)
+        return
     import torch
 
     threads = torch.get_num_threads()
     rows = []
-    for mp in (int(s) for s in args.sizes.split(",")):
+    for mp in sizes:
         for variant in range(len(VARIANTS)):
-            out = subprocess.run(
-                [sys.executable, __file__, "--variant", f"{mp}:{variant}", "--images", str(args.images)],
-                check=True,
-                capture_output=True,
-                text=True,
-            ).stdout
-            rows.append(tuple(json.loads(out.split("ROW ", 1)[1])))
+            rows.append(variant_row(mp, variant, args.images))
             print(rows[-1], flush=True)
     lines = [
         f"Full-size ViT-B/32 (random init), torch fp32 on {threads} threads, batches of {Settings().ingest.batch_size}, "
@@ -163,8 +226,9 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.write:
-        write_section("Ingest on the CPU", text, "python bench/ingest_bench.py " + " ".join(sys.argv[1:]))
+        write_section("Ingest on the CPU", text, command)
 
 
 if __name__ == "__main__":
+    os.chdir(ROOT)
     main()
