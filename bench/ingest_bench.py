@@ -5,7 +5,7 @@
 
 Full-size ViT-B/32 (random weights, bench/fullsize.py), embedded defaults (SQLite, Qdrant Edge), OCR off (OCR is
 measured by bench/ocr_bench.py). For each JPEG size the same library is ingested by `IngestService.drain()`
-(decode in JPEG draft mode, EXIF, perceptual hash, WebP thumbnail, resize, CLIP, upsert, database, mirror), once
+(decode in JPEG draft mode, EXIF, perceptual hash, JPEG thumbnail, resize, CLIP, upsert, database, mirror), once
 with one model on all threads after the decode threads and once with the default model workers, and the raw image
 tower is timed on pre-decoded 224x224 tensors in batches of the ingest batch size, both ways. Overhead is the
 pipeline's time over the faster tower's.
