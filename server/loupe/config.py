@@ -86,6 +86,13 @@ class ModelSettings(BaseModel):
         "smallest micro-batch (1, 2, 4 or 8 queries) where it measures at least 1.25x faster at start (CPUs with "
         "bf16 units); on: from 2 queries whenever its cosine to fp32 holds",
     )
+    text_threads_under_load: int = Field(
+        0,
+        ge=0,
+        description="torch threads for a text pass while other searches are in flight; 0: one fewer than "
+        "torch_threads, leaving a core to the server's HTTP and search work (bench/RESULTS.md: which wins "
+        "differs from one 2-core box to the next)",
+    )
     demo_fallback: bool = Field(True, description="offline with the default model: start on the demo model")
 
 

@@ -61,6 +61,7 @@ class ClipModel:
         self._lock: Any = threading.Lock() if info.device.startswith("cuda") else contextlib.nullcontext()
         # torch's intra-op threads for a caller that asks for none.
         self.threads = torch_thread.default_threads()
+        self.text_threads_under_load = 0  # 0: one fewer than `threads` (threads_under_load)
         self.text_tower: Any = None  # an ONNX Runtime text tower (models/onnx_text.py) when attached
         self.text_runtime = "torch"
         # Batches of at least text_batch_min queries go to a bf16 copy of the text tower (models/bf16_text.py).
@@ -166,7 +167,10 @@ class ClipModel:
     def threads_under_load(self) -> int:
         """torch threads for a text pass while other searches are in flight: one core is left to the server's
         Python (HTTP, JSON, the search: one core at a time under the GIL). On 2 cores, a 2-thread pass lost its
-        second thread to that work at every operator's barrier (bench/RESULTS.md, "Text tower under load")."""
+        second thread to that work at every operator's barrier (bench/RESULTS.md, "Text tower under load").
+        `text_threads_under_load` (LOUPE_MODEL__TEXT_THREADS_UNDER_LOAD) overrides it, at most `threads`."""
+        if self.text_threads_under_load:
+            return min(self.threads, self.text_threads_under_load)
         return max(1, self.threads - 1)
 
     def embed_texts(self, texts: list[str], threads: int | None = None) -> np.ndarray:

@@ -139,6 +139,7 @@ def _attach_for_settings(clip: Any, settings: Settings) -> str:
         clip, settings.model.text_runtime, settings.data_dir / "models" / "onnx", settings.model.torch_threads
     )
     clip.text_batches = bf16_text.attach(clip, settings.model.text_batches_bf16)
+    clip.text_threads_under_load = settings.model.text_threads_under_load
     if clip.text_batch_tower is not None and clip.text_batch_min <= 1 and clip.text_tower is not None:
         # The bf16 copy takes every query, so the ONNX Runtime session would never run: its weights are freed.
         clip.text_tower = None
