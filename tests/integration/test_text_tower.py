@@ -234,3 +234,16 @@ def test_text_passes_leave_a_core_while_other_searches_are_in_flight(make_settin
     other.join(10)
     assert seen == [None, None, clip.threads_under_load]
     assert search._in_flight == 0
+
+
+def test_the_threads_of_a_text_pass_under_load_follow_the_setting(make_settings, runtime_factory):
+    """LOUPE_MODEL__TEXT_THREADS_UNDER_LOAD replaces the in-flight rule's one-fewer, capped at the model's threads."""
+    rt = runtime_factory(make_settings())
+    clip = rt.clip
+    assert clip.text_threads_under_load == 0 and clip.threads_under_load == max(1, clip.threads - 1)
+    rt2 = runtime_factory(
+        make_settings(data_dir=rt.settings.data_dir.parent / "d2", model={"text_threads_under_load": 64})
+    )
+    assert rt2.clip.text_threads_under_load == 64 and rt2.clip.threads_under_load == rt2.clip.threads
+    clip.text_threads_under_load = 1
+    assert clip.threads_under_load == 1
