@@ -46,7 +46,7 @@ def test_max_batch_bounds_a_pass():
     calls: list[int] = []
     batcher = MicroBatcher(fake_encoder(calls), max_batch=4)
     with ThreadPoolExecutor(16) as pool:
-        list(pool.map(batcher, [["a", "b"]] * 16))
+        list(pool.map(batcher, [[f"a{i}", f"b{i}"] for i in range(16)]))
     assert max(calls) <= 4 and sum(calls) == 32
 
 
@@ -76,3 +76,19 @@ def test_single_thread_results_match_direct_encoding(n):
     enc = fake_encoder(calls, delay=0)
     items = ["x" * i for i in range(n)]
     assert np.array_equal(MicroBatcher(enc)(items), enc(items))
+
+
+def test_the_same_text_from_concurrent_callers_is_encoded_once_per_pass():
+    calls: list[int] = []
+    batcher = MicroBatcher(fake_encoder(calls, delay=0.2), max_batch=64)
+    first = threading.Thread(target=batcher, args=(["warm"],))  # holds the first pass while the others queue
+    first.start()
+    time.sleep(0.01)
+    queries = [["a red circle"], ["a red circle", "xx"], ["xx", "a red circle"], ["a red circle"]]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(batcher, queries))
+    first.join()
+    assert calls == [1, 2]  # the queued callers' 6 texts are 2 distinct ones, in one pass
+    for q, got in zip(queries, results, strict=True):
+        assert got.tolist() == [[float(len(s)), float(s.count("x"))] for s in q]
+    assert batcher.items == 3  # what was encoded

@@ -61,7 +61,10 @@ class MicroBatcher:
         return batch
 
     def _run(self, batch: list[_Request]) -> None:
-        flat = [t for r in batch for t in r.items]
+        # The same text from several callers (a popular query before the cache holds it) is encoded once: a
+        # smaller pass, and every caller gets the same vector.
+        flat = list(dict.fromkeys(t for r in batch for t in r.items))
+        row = {t: k for k, t in enumerate(flat)}
         try:
             out = self.encode(flat)
         except BaseException as exc:  # every waiter gets the error, not only the one running the batch
@@ -70,7 +73,5 @@ class MicroBatcher:
             return
         self.batches += 1
         self.items += len(flat)
-        pos = 0
         for r in batch:
-            r.result, r.done = out[pos : pos + len(r.items)], True
-            pos += len(r.items)
+            r.result, r.done = out[[row[t] for t in r.items]], True
