@@ -158,13 +158,12 @@ def variant_row(mp: int, variant: int, images: int, server: Path | None = None) 
 def ab(base: str, sizes: list[int], rounds: int, images: int) -> str:
     """The default variant of `base` and of this checkout, rounds interleaved; medians."""
     rev, this = revisions(base)
-    default = DEFAULT
     got: dict[tuple[str, int], list[tuple]] = {}  # type: ignore[type-arg]
     with base_worktree(rev) as tree:
         for r in range(rounds):
             for mp in sizes:
                 for side, server in (("base", tree / "server"), ("this", None)):
-                    got.setdefault((side, mp), []).append(variant_row(mp, default, images, server))
+                    got.setdefault((side, mp), []).append(variant_row(mp, DEFAULT, images, server))
                     print(
                         f"round {r + 1}/{rounds}, {mp} MP: {side} {got[(side, mp)][-1][5]:.1f} images/s",
                         flush=True,

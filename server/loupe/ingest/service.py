@@ -263,7 +263,6 @@ class IngestService:
             return started
         t0 = time.perf_counter()
         # OCR (Tesseract subprocesses) starts as each picture is decoded and runs beside the CLIP forward pass.
-        ocr, thumbs = started.ocr, started.thumbnails
         workers, threads = self._model_workers(len(claimed))
         embedded: list[np.ndarray | BaseException] | None = None
         if workers > 1:
@@ -272,9 +271,7 @@ class IngestService:
             n = len(claimed)
             shares = [claimed[k * n // workers : (k + 1) * n // workers] for k in range(workers)]
             with ThreadPoolExecutor(workers, thread_name_prefix="loupe-embed") as pool:
-                parts = list(
-                    pool.map(lambda share: self._prepare_and_embed(share, threads, ocr, thumbs), shares)
-                )
+                parts = list(pool.map(lambda share: self._prepare_and_embed(share, threads, started), shares))
             prepared = [outcome for outcomes, _ in parts for outcome in outcomes]
             embedded = [vecs for _, vecs in parts]
         else:
@@ -282,7 +279,7 @@ class IngestService:
             with ThreadPoolExecutor(
                 max(1, min(decode_threads, len(claimed))), thread_name_prefix="loupe-decode"
             ) as pool:
-                prepared = list(pool.map(lambda image: self._prepare(image, ocr, thumbs), claimed))
+                prepared = list(pool.map(lambda image: self._prepare(image, started), claimed))
         for image, outcome in zip(claimed, prepared, strict=True):
             if isinstance(outcome, FileNotFoundError):
                 self._fail(image, "blob_missing", "the stored original is missing", report, permanent=True)
@@ -373,11 +370,11 @@ class IngestService:
         return workers, max(1, cores // workers)
 
     def _prepare_and_embed(
-        self, share: list[Image], threads: int, ocr: dict[int, Future[OcrResult]], thumbs: dict[int, Path]
+        self, share: list[Image], threads: int, started: _Started
     ) -> tuple[list[tuple[np.ndarray, dict[str, Any]] | Exception], np.ndarray | BaseException]:
         """A model worker: prepare its share of the batch, then embed the pictures that decoded, on `threads`
         torch threads. A failed forward pass is returned, not raised, so the batch's bookkeeping sees it."""
-        outcomes = [self._prepare(image, ocr, thumbs) for image in share]
+        outcomes = [self._prepare(image, started) for image in share]
         pixels = [o[0] for o in outcomes if not isinstance(o, Exception)]
         if not pixels:
             return outcomes, np.zeros((0, self.clip.dim), dtype=np.float32)
@@ -399,9 +396,7 @@ class IngestService:
                 items.append((image_id, OcrResult(checked=False)))
         return self.text_indexer.index(items)
 
-    def _prepare(
-        self, image: Image, ocr: dict[int, Future[OcrResult]], thumbs: dict[int, Path]
-    ) -> tuple[np.ndarray, dict[str, Any]] | Exception:
+    def _prepare(self, image: Image, started: _Started) -> tuple[np.ndarray, dict[str, Any]] | Exception:
         """Read, decode, fingerprint, thumbnail and resize one claimed picture (in a decode thread or a model
         worker), starting its OCR: the model's input (uint8 HWC) and the metadata, or the exception that stopped
         it."""
@@ -411,7 +406,7 @@ class IngestService:
             # (bench/RESULTS.md: 1.8x the end-to-end rate of a decode at twice the model's size).
             rgb = decode_rgb(data, max_pixels=self.settings.max_pixels, min_side=self._decode_side)
             thumb = thumbnail_image(rgb, self.settings.thumbnail_px)
-            thumbs[int(image.id)] = self.blobs.put_thumbnail(  # type: ignore[arg-type]
+            started.thumbnails[int(image.id)] = self.blobs.put_thumbnail(  # type: ignore[arg-type]
                 image.sha256,
                 encode_thumbnail(thumb, self.settings.thumbnail_quality, self.settings.thumbnail_format),
                 sync=False,
@@ -421,7 +416,7 @@ class IngestService:
             # Width and height were recorded (EXIF-oriented) at upload; a draft decode is smaller anyway.
             meta = {**read_exif(data), "phash": dhash(thumb)}
             if self.text_indexer:
-                ocr[int(image.id)] = self.text_indexer.read_async(rgb)  # type: ignore[arg-type]
+                started.ocr[int(image.id)] = self.text_indexer.read_async(rgb)  # type: ignore[arg-type]
             return self.clip.resize_crop(thumb if min(thumb.size) >= self.clip.input_side else rgb), meta
         except Exception as exc:
             return exc
