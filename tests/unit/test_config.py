@@ -69,6 +69,20 @@ def test_a_bad_value_is_refused_naming_the_variable(tmp_path: Path):
     assert "LOUPE_INGEST__BATCH_SIZE" in out.stderr
 
 
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("LOUPE_INGEST__THUMBNAIL_FORMAT", "gif"), ("LOUPE_MODEL__TEXT_THREADS_UNDER_LOAD", "-1")],
+)
+def test_the_thumbnail_format_and_the_text_threads_under_load_refuse_bad_values(
+    tmp_path: Path, variable: str, value: str
+):
+    env = {**clean_env(), "LOUPE_DATA_DIR": str(tmp_path), variable: value}
+    out = subprocess.run(
+        [sys.executable, "-m", "loupe.cli", "config"], env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 2 and variable in out.stderr
+
+
 def test_docker_compose_wires_loupe_to_postgres_and_qdrant_with_valid_settings(
     monkeypatch: pytest.MonkeyPatch,
 ):
