@@ -473,10 +473,11 @@ class Runtime:
                 "text_runtime": self.clip.text_runtime,
                 "text_batches": self.clip.text_batches or None,
                 # Text encodes since start: how many forward passes served how many new query texts (their ratio is
-                # the micro-batches' mean size under load).
+                # the micro-batches' mean size under load), and how many passes started beside a running one.
                 "text_encodes": {
                     "passes": self.search.text_cache.encode.batches,
                     "queries": self.search.text_cache.encode.items,
+                    "side_by_side": self.search.text_cache.encode.side_by_side,
                 },
                 "versions": [
                     {"id": v.id, "name": v.name, "active": v.active, "created_at": v.created_at.isoformat()}

@@ -4,6 +4,7 @@ the full-size ViT-B/32 with the real 49,408-token tokenizer."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -121,10 +122,10 @@ def test_when_the_bf16_copy_takes_every_query_the_onnx_session_is_freed(
 def test_health_names_the_bf16_batches(make_settings, runtime_factory):
     rt = runtime_factory(make_settings(model={"text_batches_bf16": "on"}))
     assert rt.health()["model"]["text_batches"] == "bf16 from 2 queries"
-    assert rt.health()["model"]["text_encodes"] == {"passes": 0, "queries": 0}
+    assert rt.health()["model"]["text_encodes"] == {"passes": 0, "queries": 0, "side_by_side": 0}
     rt.search.text_cache.get_many(QUERIES[:3])  # new texts: one forward pass for the three
     rt.search.text_cache.get_many(QUERIES[:2])  # cached: no pass
-    assert rt.health()["model"]["text_encodes"] == {"passes": 1, "queries": 3}
+    assert rt.health()["model"]["text_encodes"] == {"passes": 1, "queries": 3, "side_by_side": 0}
     rt2 = runtime_factory(
         make_settings(data_dir=rt.settings.data_dir.parent / "d2", model={"text_batches_bf16": "off"})
     )
@@ -247,3 +248,40 @@ def test_the_threads_of_a_text_pass_under_load_follow_the_setting(make_settings,
     assert rt2.clip.text_threads_under_load == 64 and rt2.clip.threads_under_load == rt2.clip.threads
     clip.text_threads_under_load = 1
     assert clip.threads_under_load == 1
+
+
+def test_text_passes_run_side_by_side_only_where_a_pass_under_load_is_single_threaded(
+    make_settings, runtime_factory
+):
+    rt = runtime_factory(make_settings(model={"text_batches_bf16": "on"}))
+    clip = rt.clip
+    clip.threads, clip.text_threads_under_load = 2, 0  # 2 cores: one thread per pass under load
+    assert clip.text_passes() == (2, max(4, clip.text_batch_min))
+    clip.text_batch_min = 8
+    assert clip.text_passes() == (2, 8)  # a second pass only for a batch the bf16 copy takes
+    clip.threads, clip.text_threads_under_load = 4, 3  # passes on 3 threads: on the torch thread, in turn
+    assert clip.text_passes() == (1, 1)
+    clip.text_threads_under_load = 1
+    assert clip.text_passes() == (4, 8)
+
+
+def test_the_traced_bf16_copy_gives_the_same_vectors_from_threads_side_by_side(tiny_clip_dir: Path):
+    """Text passes under load run the trace from several threads at once (no lock): each caller gets exactly
+    the vectors of a pass run alone."""
+    from loupe.models.bf16_text import Bf16TextTower
+
+    clip = load_clip(str(tiny_clip_dir))
+    tower = Bf16TextTower(clip.model, clip.tokenize)
+    assert tower.traced is not None
+    batches = [QUERIES[i : i + 3] for i in range(len(QUERIES) - 2)] * 6
+    encs = [clip.tokenize(b) for b in batches]
+
+    def run(enc):  # one torch thread per pass, as a pass under load
+        clip.use_threads(1)
+        return tower(enc["input_ids"], enc["attention_mask"])
+
+    alone = [run(e) for e in encs]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(run, encs))
+    for a, b in zip(alone, together, strict=True):
+        np.testing.assert_array_equal(a, b)

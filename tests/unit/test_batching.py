@@ -92,3 +92,83 @@ def test_the_same_text_from_concurrent_callers_is_encoded_once_per_pass():
     for q, got in zip(queries, results, strict=True):
         assert got.tolist() == [[float(len(s)), float(s.count("x"))] for s in q]
     assert batcher.items == 3  # what was encoded
+
+
+class _Passes:
+    """An encoder whose passes can be held open, counting how many run at once."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.running = self.most = 0
+        self.sizes: list[int] = []
+        self.hold = threading.Event()
+        self.held = threading.Event()  # set once the first pass is running and held
+        self.first = True
+        self.delay = 0.0
+
+    def __call__(self, items: list[str]) -> np.ndarray:
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+            self.sizes.append(len(items))
+            first, self.first = self.first, False
+        if first:
+            self.held.set()
+            assert self.hold.wait(5)
+        time.sleep(self.delay)
+        with self.lock:
+            self.running -= 1
+        return np.array([[float(len(s))] for s in items], dtype=np.float32)
+
+
+def _wait_until(cond, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_a_second_pass_starts_beside_a_running_one_only_for_a_full_batch():
+    enc = _Passes()
+    batcher = MicroBatcher(enc, parallel=lambda: (2, 4))
+    with ThreadPoolExecutor(8) as pool:
+        first = pool.submit(batcher, ["a"])
+        assert enc.held.wait(5)
+        waiting = [pool.submit(batcher, [f"b{i}"]) for i in range(3)]
+        time.sleep(0.2)
+        assert enc.sizes == [1] and not any(f.done() for f in waiting)  # 3 waiting: less than a full batch
+        waiting.append(
+            pool.submit(batcher, ["c123"])
+        )  # the fourth: a full batch starts beside the first pass
+        for f in waiting:
+            assert f.result(5).shape == (1, 1)
+        assert not first.done() and enc.most == 2 and enc.sizes == [1, 4] and batcher.side_by_side == 1
+        assert waiting[-1].result().tolist() == [[4.0]]
+        enc.hold.set()
+        assert first.result(5).tolist() == [[1.0]]
+
+
+def test_passes_side_by_side_never_exceed_the_limit():
+    enc = _Passes()
+    enc.first, enc.delay = False, 0.03
+    batcher = MicroBatcher(enc, max_batch=2, parallel=lambda: (2, 1))
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(batcher, [[f"q{i}"] for i in range(32)]))
+    assert [r.tolist() for r in results] == [[[float(len(f"q{i}"))]] for i in range(32)]
+    assert enc.most == 2 and sum(enc.sizes) == 32
+
+
+def test_one_pass_at_a_time_by_default():
+    enc = _Passes()
+    batcher = MicroBatcher(enc)
+    with ThreadPoolExecutor(8) as pool:
+        first = pool.submit(batcher, ["a"])
+        assert enc.held.wait(5)
+        rest = [pool.submit(batcher, [f"b{i}"]) for i in range(6)]
+        _wait_until(lambda: batcher._waiting == 6)
+        time.sleep(0.1)
+        assert enc.sizes == [1] and batcher.side_by_side == 0
+        enc.hold.set()
+        assert [f.result(5).tolist() for f in rest] == [[[2.0]]] * 6
+        assert first.result(5).tolist() == [[1.0]]
+    assert enc.most == 1 and enc.sizes == [1, 6]

@@ -1,6 +1,12 @@
 """Micro-batching of concurrent encodes: callers that arrive while a forward pass runs are encoded together in the
 next one. No timer: a lone query is encoded at once; under load, batches form by themselves (the caller whose
-turn it is runs the batch for everyone waiting, so no extra thread is needed)."""
+turn it is runs the batch for everyone waiting, so no extra thread is needed).
+
+Passes side by side: where single-threaded passes can run at once (one per core), `parallel()` says how many and
+how many items must be waiting before another pass starts beside a running one. Waiting for a full batch keeps
+batches large, and when that many searches wait on the model, none of them has HTTP or search work left for the
+core the new pass takes. On 2 cores this serves 1.25-1.3x the uncached text searches of one pass at a time
+(bench/RESULTS.md, "A/B: text passes side by side")."""
 
 from __future__ import annotations
 
@@ -19,13 +25,28 @@ class _Request:
     done: bool = False
 
 
+def _one_at_a_time() -> tuple[int, int]:
+    return 1, 1
+
+
 class MicroBatcher:
-    def __init__(self, encode: Callable[[list[str]], np.ndarray], max_batch: int = 64) -> None:
+    """`parallel()`: (passes that may run at once, items waiting that start another beside a running one); read
+    at each decision, so it follows the model's settings."""
+
+    def __init__(
+        self,
+        encode: Callable[[list[str]], np.ndarray],
+        max_batch: int = 64,
+        parallel: Callable[[], tuple[int, int]] = _one_at_a_time,
+    ) -> None:
         self.encode = encode
         self.max_batch = max_batch
+        self.parallel = parallel
         self._cv = threading.Condition()
         self._queue: list[_Request] = []
-        self._busy = False
+        self._running = 0
+        self._waiting = 0  # items in the queue
+        self.side_by_side = 0  # passes started while another ran
         self.batches = 0
         self.items = 0
 
@@ -33,23 +54,31 @@ class MicroBatcher:
         req = _Request(list(items))
         with self._cv:
             self._queue.append(req)
+            self._waiting += len(req.items)
             while not req.done:
-                if self._busy:
+                if not self._may_start():
                     self._cv.wait()
                     continue
-                self._busy = True
+                self.side_by_side += self._running > 0
+                self._running += 1
                 batch = self._take()
                 self._cv.release()
                 try:
                     self._run(batch)
                 finally:
                     self._cv.acquire()
-                    self._busy = False
+                    self._running -= 1
                     self._cv.notify_all()
         if req.error is not None:
             raise req.error
         assert req.result is not None
         return req.result
+
+    def _may_start(self) -> bool:
+        if not self._running:
+            return True
+        passes, full = self.parallel()
+        return self._running < passes and self._waiting >= max(1, full)
 
     def _take(self) -> list[_Request]:
         batch: list[_Request] = []
@@ -58,6 +87,7 @@ class MicroBatcher:
             r = self._queue.pop(0)
             batch.append(r)
             size += len(r.items)
+        self._waiting -= size
         return batch
 
     def _run(self, batch: list[_Request]) -> None:

@@ -15,6 +15,7 @@ come from it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import threading
@@ -134,8 +135,10 @@ class Bf16TextTower:
     def __call__(self, input_ids: Any, attention_mask: Any) -> np.ndarray:
         import torch
 
+        # A trace runs side by side from several threads (text passes under load, models/batching.py); eager mode,
+        # the fallback, one pass at a time as it always has.
         run = self.traced if self.traced is not None else self.tower
-        with self._lock, torch.inference_mode():
+        with self._lock if self.traced is None else contextlib.nullcontext(), torch.inference_mode():
             return normalize(run(input_ids, attention_mask).float().numpy())
 
 

@@ -173,6 +173,16 @@ class ClipModel:
             return min(self.threads, self.text_threads_under_load)
         return max(1, self.threads - 1)
 
+    def text_passes(self) -> tuple[int, int]:
+        """Text passes that may run side by side, and the queries that must be waiting to start one beside a
+        running pass (models/batching.py). On the CPU, where a pass under load runs on one thread: one per torch
+        thread, each from a full batch (as many queries as the bf16 copy takes, at least 4; smaller passes run on
+        the runtime's own threads, which the other pass would share). Otherwise one at a time: passes on more
+        threads run on the torch thread one after another anyway, and a GPU serializes them."""
+        if self.info.device != "cpu" or self.threads_under_load != 1:
+            return 1, 1
+        return self.threads, max(4, self.text_batch_min)
+
     def embed_texts(self, texts: list[str], threads: int | None = None) -> np.ndarray:
         """Text queries: only their real tokens (padding to the batch's longest; the tower is causally masked
         and pools the end-of-text token, so this equals full-context padding), on the bf16 copy from its batch

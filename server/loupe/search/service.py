@@ -39,7 +39,8 @@ class TextEmbeddingCache:
     def __init__(self, size: int, clip: ClipModel, busy: Callable[[], bool] = lambda: False) -> None:
         self.size = size
         self.encode = MicroBatcher(
-            lambda texts: clip.embed_texts(texts, clip.threads_under_load if busy() else None)
+            lambda texts: clip.embed_texts(texts, clip.threads_under_load if busy() else None),
+            parallel=clip.text_passes,
         )
         self._data: OrderedDict[str, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
