@@ -285,3 +285,27 @@ def test_the_traced_bf16_copy_gives_the_same_vectors_from_threads_side_by_side(t
         together = list(pool.map(run, encs))
     for a, b in zip(alone, together, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("legacy_eos", [False, True])
+def test_the_pooled_tower_gives_transformers_vectors(tiny_clip_dir: Path, legacy_eos: bool, monkeypatch):
+    """models/text_pooled.py skips the start token (its states are cached) and all but the end-of-text row of the
+    last layer: transformers' own forward pass must give the same vectors, at any length, padded or not, with the
+    end-of-text token found by id or (legacy configs, eos_token_id 2) as the largest id."""
+    from loupe.models import text_pooled
+
+    clip = load_clip(str(tiny_clip_dir))
+    text = clip.model.text_model
+    if legacy_eos:
+        monkeypatch.setattr(text, "eos_token_id", 2)
+    bos = text_pooled.bos_token_id(clip.tokenize)
+    assert bos == clip.tokenizer.bos_token_id
+    texts = [*QUERIES, "", "a very small red square next to a large blue circle on a grey noisy background"]
+    for bos_id in (bos, None):
+        tower = text_pooled.make(text, clip.model.text_projection, bos_id)
+        for batch in (texts, texts[1:2], texts[-1:]):
+            enc = clip.tokenize(batch)
+            with torch.inference_mode():
+                ref = clip.model.get_text_features(**enc).pooler_output
+                got = tower(enc["input_ids"], enc["attention_mask"])
+            np.testing.assert_allclose(got.numpy(), ref.numpy(), atol=1e-5)

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from loupe.models.clip import pooled
+from loupe.models import text_pooled
 from loupe.models.tracing import trace_checked
 from loupe.models.vectors import normalize
 
@@ -70,21 +70,13 @@ class _Modules:  # torch modules built lazily (torch is imported by the caller)
         return Bf16Embedding()
 
     @staticmethod
-    def tower(text: Any, projection: Any, table: Any) -> Any:
-        import torch
-
-        class Tower(torch.nn.Module):
-            """(input_ids, attention_mask) -> the projected bf16 embedding. The shared fp32 table is registered
-            here (after the cast), so a trace sees it as a parameter, not a constant to copy."""
-
-            def __init__(self) -> None:
-                super().__init__()
-                self.text, self.projection, self.table = text, projection, table
-
-            def forward(self, input_ids: Any, attention_mask: Any) -> Any:
-                return self.projection(pooled(self.text(input_ids=input_ids, attention_mask=attention_mask)))
-
-        return Tower().eval()
+    def tower(text: Any, projection: Any, table: Any, bos_id: int | None) -> Any:
+        """(input_ids, attention_mask) -> the projected bf16 embedding, computing only what it depends on
+        (models/text_pooled.py). The shared fp32 table is registered on it (after the cast), so a trace sees it
+        as a parameter, not a constant to copy."""
+        tower = text_pooled.make(text, projection, bos_id)
+        tower.table = table
+        return tower
 
 
 class Bf16TextTower:
@@ -108,7 +100,13 @@ class Bf16TextTower:
             text.embeddings.token_embedding = table
         self.text.embeddings.token_embedding = _Modules.embedding(table)
         self.projection = copy.deepcopy(model.text_projection).to(torch.bfloat16).eval()
-        self.tower = _Modules.tower(self.text, self.projection, table)
+        bos = None
+        if tokenize is not None:
+            try:
+                bos = text_pooled.bos_token_id(tokenize)
+            except Exception as exc:  # the start token then runs through the layers like the others
+                log.warning("the bf16 text tower cannot tokenize its probes (%s)", exc)
+        self.tower = _Modules.tower(self.text, self.projection, table, bos)
         self.traced: Any = None
         self._lock = threading.Lock()
         if tokenize is not None:

@@ -1,7 +1,8 @@
 """The text tower through ONNX Runtime on the CPU: the query-time hot path.
 
-The text tower (transformer + projection) is exported once per model fingerprint into the data directory, with
-the batch and sequence length dynamic so a query runs only its real tokens. `onnx-int8` also quantizes the weights
+The text tower (transformer + projection, computing only what the pooled embedding depends on:
+models/text_pooled.py) is exported once per model fingerprint into the data directory, with the batch and sequence
+length dynamic so a query runs only its real tokens. `onnx-int8` also quantizes the weights
 dynamically (int8 matmuls), with one scale per output channel: on a real-weights text encoder (MiniLM,
 bench/int8_text_bench.py) that kept query vectors at cosine 0.9935 to fp32 and 93% of the top 10, against 0.967 and
 87% with one scale per tensor, at the same speed. Every export is checked against torch on probe queries before
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from loupe.config import Settings
-from loupe.models.clip import pooled
+from loupe.models import text_pooled
 from loupe.models.vectors import normalize
 
 log = logging.getLogger(__name__)
@@ -34,25 +35,11 @@ PROBES = [
     "screenshot of an error message",
 ]
 COSINE_FLOOR = {"onnx": 0.9999, "onnx-int8": 0.99}
-# Export file suffixes; "-int8c" (per-channel scales) replaced "-int8" (per-tensor), so an old export is not reused.
+# Export files: PREFIX-<fingerprint><SUFFIX>.onnx. The prefix names the exported graph ("text2": the pooled tower
+# of models/text_pooled.py; "text": transformers' whole forward pass), the suffix the quantization ("-int8c":
+# per-channel scales, which replaced per-tensor "-int8"), so an export of another kind is never reused.
+PREFIX = "text2"
 SUFFIX = {"onnx": "", "onnx-int8": "-int8c"}
-
-
-class _TextTower:  # torch.nn.Module built lazily (torch is imported by the caller)
-    @staticmethod
-    def make(model: Any) -> Any:
-        import torch
-
-        class TextTower(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.model = model
-
-            def forward(self, input_ids: Any, attention_mask: Any) -> Any:
-                out = self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
-                return pooled(out)
-
-        return TextTower().eval()
 
 
 class OnnxTextTower:
@@ -67,11 +54,12 @@ class OnnxTextTower:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.path = path
+        # The pooled tower's graph has no attention_mask input: right padding needs none (models/text_pooled.py).
+        self.inputs = {i.name for i in self.session.get_inputs()}
 
     def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        (out,) = self.session.run(
-            None, {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64)}
-        )
+        feed = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64)}
+        (out,) = self.session.run(None, {k: v for k, v in feed.items() if k in self.inputs})
         return normalize(out)
 
 
@@ -108,7 +96,9 @@ def export(clip: Any, target: Path, kind: str) -> Path:
         if not fp32.exists():
             enc = clip.tokenize(PROBES[:2])
             tmp = fp32.with_suffix(".tmp")
-            export_encoder(_TextTower.make(clip.model), enc["input_ids"], enc["attention_mask"], tmp)
+            bos = text_pooled.bos_token_id(clip.tokenize)
+            tower = text_pooled.make(clip.model.text_model, clip.model.text_projection, bos)
+            export_encoder(tower, enc["input_ids"], enc["attention_mask"], tmp)
             tmp.replace(fp32)
         if kind == "onnx-int8" and not target.exists():
             from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -159,7 +149,9 @@ def attach(clip: Any, kind: str, cache_dir: Path, threads: int = 0) -> str:
             "LOUPE_MODEL__TEXT_RUNTIME=%s but onnxruntime is not installed: text queries use torch", kind
         )
         return "torch"
-    path = cache_dir / f"text-{clip.info.fingerprint}{SUFFIX[kind]}.onnx"
+    path = cache_dir / f"{PREFIX}-{clip.info.fingerprint}{SUFFIX[kind]}.onnx"
+    for old in cache_dir.glob(f"text-{clip.info.fingerprint}*.onnx"):  # an earlier graph of this model: unused
+        old.unlink(missing_ok=True)
     try:
         if not path.exists():
             log.info("exporting the text tower to ONNX (%s), once per model: %s", kind, path)
@@ -169,7 +161,7 @@ def attach(clip: Any, kind: str, cache_dir: Path, threads: int = 0) -> str:
         got = tower(enc["input_ids"], enc["attention_mask"])
         worst = float(np.min(np.sum(ref * got, axis=1)))
     except Exception as exc:  # an export problem must not stop the server: torch serves
-        for stale in {path, cache_dir / f"text-{clip.info.fingerprint}.onnx"}:
+        for stale in {path, cache_dir / f"{PREFIX}-{clip.info.fingerprint}.onnx"}:
             stale.unlink(missing_ok=True)  # rebuilt at the next start
         log.warning(
             "the ONNX text tower could not be built (%s: %s): text queries use torch", type(exc).__name__, exc
