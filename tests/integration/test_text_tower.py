@@ -253,16 +253,28 @@ def test_the_threads_of_a_text_pass_under_load_follow_the_setting(make_settings,
 def test_text_passes_run_side_by_side_only_where_a_pass_under_load_is_single_threaded(
     make_settings, runtime_factory
 ):
+    from loupe.models.clip import SIDE_BY_SIDE_BATCH
+
     rt = runtime_factory(make_settings(model={"text_batches_bf16": "on"}))
     clip = rt.clip
+    assert clip.text_tower is not None and clip.text_batch_tower is not None  # ONNX Runtime and the bf16 copy
     clip.threads, clip.text_threads_under_load = 2, 0  # 2 cores: one thread per pass under load
-    assert clip.text_passes() == (2, max(4, clip.text_batch_min))
-    clip.text_batch_min = 8
-    assert clip.text_passes() == (2, 8)  # a second pass only for a batch the bf16 copy takes
+    assert clip.text_passes() == (2, SIDE_BY_SIDE_BATCH) == (2, 4)
     clip.threads, clip.text_threads_under_load = 4, 3  # passes on 3 threads: on the torch thread, in turn
     assert clip.text_passes() == (1, 1)
     clip.text_threads_under_load = 1
-    assert clip.text_passes() == (4, 8)
+    assert clip.text_passes() == (4, 4)
+    # Under load a full batch runs on the bf16 copy on one thread even where the copy takes only larger batches
+    # alone: ONNX Runtime would run it on all its threads, beside the other pass.
+    clip.threads, clip.text_threads_under_load, clip.text_batch_min = 2, 0, 8
+    texts = [*QUERIES[:3], "a blue square"]
+    enc = clip.tokenize(texts)
+    copy = clip.text_batch_tower(enc["input_ids"], enc["attention_mask"])
+    onnx = clip.text_tower(*(clip.tokenize(texts, "np")[k] for k in ("input_ids", "attention_mask")))
+    assert not np.array_equal(copy, onnx)
+    np.testing.assert_array_equal(clip.embed_texts(texts, threads=1), copy)  # under load: the copy
+    np.testing.assert_array_equal(clip.embed_texts(texts), onnx)  # alone: ONNX Runtime, below the copy's 8
+    np.testing.assert_array_equal(clip.embed_texts(texts[:3], threads=1), onnx[:3])  # not a full batch
 
 
 def test_the_traced_bf16_copy_gives_the_same_vectors_from_threads_side_by_side(tiny_clip_dir: Path):

@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 
 DEMO_MODEL_NAME = "loupe/demo-tiny-clip"
 T = TypeVar("T")
+# Queries waiting that start a text pass beside a running one, on one thread (ClipModel.text_passes): a batch that
+# runs about as efficiently per query as a larger one on one thread, so passes side by side stay full.
+SIDE_BY_SIDE_BATCH = 4
 
 
 @dataclass(frozen=True)
@@ -176,12 +179,24 @@ class ClipModel:
     def text_passes(self) -> tuple[int, int]:
         """Text passes that may run side by side, and the queries that must be waiting to start one beside a
         running pass (models/batching.py). On the CPU, where a pass under load runs on one thread: one per torch
-        thread, each from a full batch (as many queries as the bf16 copy takes, at least 4; smaller passes run on
-        the runtime's own threads, which the other pass would share). Otherwise one at a time: passes on more
+        thread, each from a full batch (SIDE_BY_SIDE_BATCH queries). Otherwise one at a time: passes on more
         threads run on the torch thread one after another anyway, and a GPU serializes them."""
         if self.info.device != "cpu" or self.threads_under_load != 1:
             return 1, 1
-        return self.threads, max(4, self.text_batch_min)
+        return self.threads, SIDE_BY_SIDE_BATCH
+
+    def _bf16_takes(self, n: int, threads: int | None) -> bool:
+        """Whether a text pass of `n` queries runs on the bf16 copy: from its smallest batch (timed at start on
+        all threads against the runtime in use), and under load, single-threaded, from SIDE_BY_SIDE_BATCH. ONNX
+        Runtime runs on its own pool of all threads whatever the pass asks for, so beside another pass it would
+        share the cores; the copy on one thread runs a batch of 4 as fast as ONNX Runtime on one thread (135
+        against 132 queries/s, bench/RESULTS.md "Text tower runtimes") and side by side. Measured on an AMD box
+        where the copy took batches from 8: 80 uncached searches/s at concurrency 8 with passes of 4-7 on ONNX
+        Runtime, 120 with them on the copy (/tmp probe, 10k)."""
+        if self.text_batch_tower is None:
+            return False
+        under_load = threads == 1 and self.threads > 1
+        return n >= self.text_batch_min or (under_load and n >= SIDE_BY_SIDE_BATCH)
 
     def embed_texts(self, texts: list[str], threads: int | None = None) -> np.ndarray:
         """Text queries: only their real tokens (padding to the batch's longest; the tower is causally masked
@@ -190,7 +205,7 @@ class ClipModel:
         ONNX Runtime keeps its own)."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        if self.text_batch_tower is not None and len(texts) >= self.text_batch_min:
+        if self._bf16_takes(len(texts), threads):
             enc = self.tokenize(texts)
             tower = self.text_batch_tower
             return self.torch_pass(lambda: tower(enc["input_ids"], enc["attention_mask"]), threads)

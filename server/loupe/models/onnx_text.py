@@ -150,7 +150,9 @@ def attach(clip: Any, kind: str, cache_dir: Path, threads: int = 0) -> str:
         )
         return "torch"
     path = cache_dir / f"{PREFIX}-{clip.info.fingerprint}{SUFFIX[kind]}.onnx"
-    for old in cache_dir.glob(f"text-{clip.info.fingerprint}*.onnx"):  # an earlier graph of this model: unused
+    for old in cache_dir.glob(
+        f"text-{clip.info.fingerprint}*.onnx"
+    ):  # an earlier graph of this model: unused
         old.unlink(missing_ok=True)
     try:
         if not path.exists():

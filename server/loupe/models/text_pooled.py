@@ -74,7 +74,9 @@ def make(text_model: Any, projection: Any, bos_id: int | None) -> Any:
         def forward(self, input_ids: Any, attention_mask: Any) -> Any:
             emb, layers = self.text.embeddings, self.text.encoder.layers
             ids32 = input_ids.to(torch.int32)
-            if self.eos_token_id == 2:  # transformers' legacy configs: the end-of-text token has the largest id
+            if (
+                self.eos_token_id == 2
+            ):  # transformers' legacy configs: the end-of-text token has the largest id
                 eot = ids32.argmax(dim=-1)
             else:
                 eot = (ids32 == self.eos_token_id).to(torch.int32).argmax(dim=-1)
