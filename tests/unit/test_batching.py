@@ -137,9 +137,8 @@ def test_a_second_pass_starts_beside_a_running_one_only_for_a_full_batch():
         waiting = [pool.submit(batcher, [f"b{i}"]) for i in range(3)]
         time.sleep(0.2)
         assert enc.sizes == [1] and not any(f.done() for f in waiting)  # 3 waiting: less than a full batch
-        waiting.append(
-            pool.submit(batcher, ["c123"])
-        )  # the fourth: a full batch starts beside the first pass
+        # The fourth: a full batch starts beside the first pass.
+        waiting.append(pool.submit(batcher, ["c123"]))
         for f in waiting:
             assert f.result(5).shape == (1, 1)
         assert not first.done() and enc.most == 2 and enc.sizes == [1, 4] and batcher.side_by_side == 1

@@ -55,11 +55,13 @@ class OnnxTextTower:
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.path = path
         # The pooled tower's graph has no attention_mask input: right padding needs none (models/text_pooled.py).
-        self.inputs = {i.name for i in self.session.get_inputs()}
+        self.takes_mask = "attention_mask" in {i.name for i in self.session.get_inputs()}
 
     def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        feed = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64)}
-        (out,) = self.session.run(None, {k: v for k, v in feed.items() if k in self.inputs})
+        feed = {"input_ids": input_ids.astype(np.int64)}
+        if self.takes_mask:
+            feed["attention_mask"] = attention_mask.astype(np.int64)
+        (out,) = self.session.run(None, feed)
         return normalize(out)
 
 
@@ -150,9 +152,8 @@ def attach(clip: Any, kind: str, cache_dir: Path, threads: int = 0) -> str:
         )
         return "torch"
     path = cache_dir / f"{PREFIX}-{clip.info.fingerprint}{SUFFIX[kind]}.onnx"
-    for old in cache_dir.glob(
-        f"text-{clip.info.fingerprint}*.onnx"
-    ):  # an earlier graph of this model: unused
+    # An export of this model's earlier graph (prefix "text") is never used again.
+    for old in cache_dir.glob(f"text-{clip.info.fingerprint}*.onnx"):
         old.unlink(missing_ok=True)
     try:
         if not path.exists():

@@ -42,7 +42,8 @@ def make(text_model: Any, projection: Any, bos_id: int | None) -> Any:
             self.heads, self.head_dim, self.scale = attn.num_heads, attn.head_dim, attn.scale
             self.eos_token_id = int(text_model.eos_token_id)
             self.skip_bos = bos_id is not None
-            keys, values = self._bos_states(bos_id if bos_id is not None else 0)
+            empty = torch.empty(0, dtype=text_model.final_layer_norm.weight.dtype)
+            keys, values = self._bos_states(bos_id) if bos_id is not None else (empty, empty)
             self.register_buffer("bos_keys", keys, persistent=False)  # (layers, heads, 1, head_dim)
             self.register_buffer("bos_values", values, persistent=False)
 
@@ -74,9 +75,8 @@ def make(text_model: Any, projection: Any, bos_id: int | None) -> Any:
         def forward(self, input_ids: Any, attention_mask: Any) -> Any:
             emb, layers = self.text.embeddings, self.text.encoder.layers
             ids32 = input_ids.to(torch.int32)
-            if (
-                self.eos_token_id == 2
-            ):  # transformers' legacy configs: the end-of-text token has the largest id
+            # transformers' legacy configs (eos_token_id 2): the end-of-text token is the one with the largest id.
+            if self.eos_token_id == 2:
                 eot = ids32.argmax(dim=-1)
             else:
                 eot = (ids32 == self.eos_token_id).to(torch.int32).argmax(dim=-1)
