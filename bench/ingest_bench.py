@@ -5,9 +5,10 @@
 
 Full-size ViT-B/32 (random weights, bench/fullsize.py), embedded defaults (SQLite, Qdrant Edge). For each JPEG
 size the same library is ingested by `IngestService.drain()` (decode in JPEG draft mode, EXIF, perceptual hash,
-JPEG thumbnail, resize, CLIP, upsert, database, mirror) three ways: one model on all threads after the decode
-threads and the default model workers, both with OCR off (OCR alone is measured by bench/ocr_bench.py), then the
-model workers with OCR on, as the defaults have it. The raw image tower is timed on pre-decoded 224x224 tensors in
+JPEG thumbnail, resize, CLIP, upsert, database, mirror) four ways: one model on all threads after the decode
+threads and the default model workers, both with OCR off (OCR alone is measured by bench/ocr_bench.py), the model
+workers with OCR on, as the defaults have it, and the model workers with the image tower kept in fp32 (where the
+default takes a bf16 copy, models/bf16_image.py), the fp32 baseline in the same run. The raw image tower is timed on pre-decoded 224x224 tensors in
 batches of the ingest batch size, both ways. Overhead is the pipeline's time over the faster tower's.
 
 With --base, the default variant (model workers) of another git revision (checked out in a temporary worktree,
@@ -88,12 +89,14 @@ def towers(clip, batch: int, workers: int, each: int) -> tuple[float, float]:  #
     return raw_tower(clip, batch, 64, workers, each), raw_tower(clip, batch, 64)
 
 
-# (label, ingest settings, OCR on). The last reads the words in each picture too, as the defaults do: these
-# photographs hold none, so the text-presence check decides how many reach Tesseract.
+# (label, ingest settings, OCR on, model settings). The third reads the words in each picture too, as the defaults
+# do: these photographs hold none, so the text-presence check decides how many reach Tesseract. The last keeps the
+# image tower in fp32 where the default (LOUPE_MODEL__IMAGE_BF16=auto) takes a bf16 copy.
 VARIANTS = [
-    ("one model on all threads, 2 decode threads", {"model_workers": 1, "decode_threads": 2}, False),
-    ("model workers (default)", {}, False),
-    ("model workers, OCR on (the defaults)", {}, True),
+    ("one model on all threads, 2 decode threads", {"model_workers": 1, "decode_threads": 2}, False, {}),
+    ("model workers (default)", {}, False, {}),
+    ("model workers, OCR on (the defaults)", {}, True, {}),
+    ("model workers, image tower fp32 (LOUPE_MODEL__IMAGE_BF16=off)", {}, False, {"image_bf16": "off"}),
 ]
 DEFAULT = 1  # the variant an A/B compares: the default ingest with OCR off
 
@@ -104,7 +107,7 @@ def run_variant(mp: int, variant: int, images: int) -> tuple:  # type: ignore[ty
     from loupe.runtime import Runtime
 
     model_dir = build_fullsize()
-    label, ingest, ocr = VARIANTS[variant]
+    label, ingest, ocr, model = VARIANTS[variant]
     w, h = SIZES[mp]
     n = max(8, images // (1 if mp == 1 else 2 if mp == 4 else 3))
     blobs = make_jpegs(n, w, h, seed=mp)
@@ -114,6 +117,7 @@ def run_variant(mp: int, variant: int, images: int) -> tuple:  # type: ignore[ty
             clip_model=str(model_dir),
             ocr={"enabled": ocr},  # type: ignore[arg-type]
             ingest=ingest,  # type: ignore[arg-type]
+            model=model,  # type: ignore[arg-type]
         )
         rt = Runtime.open(settings, start_workers=False)
         try:
@@ -139,7 +143,8 @@ def run_variant(mp: int, variant: int, images: int) -> tuple:  # type: ignore[ty
     raw, plain = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
     if ocr:
         label += f", Tesseract ran on {sum(f.result().checked for f in reads)}/{n}"
-    return (mp, w, h, f"{label}: {workers} x {each} threads", n, e2e, raw, plain)
+    runtime = getattr(rt.clip, "image_runtime", "fp32")  # a base revision's model may have no such attribute
+    return (mp, w, h, f"{label}: {workers} x {each} threads, image tower {runtime}", n, e2e, raw, plain)
 
 
 def variant_row(mp: int, variant: int, images: int, server: Path | None = None) -> tuple:  # type: ignore[type-arg]
@@ -224,9 +229,10 @@ def main() -> None:
             rows.append(variant_row(mp, variant, args.images))
             print(rows[-1], flush=True)
     lines = [
-        f"Full-size ViT-B/32 (random init), torch fp32 on {threads} threads, batches of {Settings().ingest.batch_size}, "
-        "OCR off except in the last variant (the defaults: a text-presence check, then Tesseract on 2 threads beside "
-        "the model). Baselines, timed just before and just after each pipeline run and averaged: the raw image tower "
+        f"Full-size ViT-B/32 (random init), torch on {threads} threads, batches of {Settings().ingest.batch_size}, "
+        "OCR off except in the OCR variant (the defaults: a text-presence check, then Tesseract on 2 threads beside "
+        "the model). The image tower is the one each row names: the bf16 copy where the default "
+        "(LOUPE_MODEL__IMAGE_BF16=auto) measured it faster at start, fp32 in the last variant. Baselines, timed just before and just after each pipeline run and averaged: the raw image tower "
         "on pre-decoded 224x224 tensors run the way the variant runs it (one model, or the model workers each "
         "embedding its share of a batch), and one model on all threads. Overhead is against the faster.",
         "",

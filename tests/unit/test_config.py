@@ -71,9 +71,13 @@ def test_a_bad_value_is_refused_naming_the_variable(tmp_path: Path):
 
 @pytest.mark.parametrize(
     ("variable", "value"),
-    [("LOUPE_INGEST__THUMBNAIL_FORMAT", "gif"), ("LOUPE_MODEL__TEXT_THREADS_UNDER_LOAD", "-1")],
+    [
+        ("LOUPE_INGEST__THUMBNAIL_FORMAT", "gif"),
+        ("LOUPE_MODEL__TEXT_THREADS_UNDER_LOAD", "-1"),
+        ("LOUPE_MODEL__IMAGE_BF16", "fast"),
+    ],
 )
-def test_the_thumbnail_format_and_the_text_threads_under_load_refuse_bad_values(
+def test_the_thumbnail_format_the_text_threads_and_the_image_tower_refuse_bad_values(
     tmp_path: Path, variable: str, value: str
 ):
     env = {**clean_env(), "LOUPE_DATA_DIR": str(tmp_path), variable: value}

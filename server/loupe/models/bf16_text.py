@@ -140,7 +140,7 @@ class Bf16TextTower:
             return normalize(run(input_ids, attention_mask).float().numpy())
 
 
-def _best_of(fn: Callable[[], Any], repeat: int = 3) -> float:
+def best_of(fn: Callable[[], Any], repeat: int = 3) -> float:
     fn()  # warm
     took = []
     for _ in range(repeat):
@@ -177,7 +177,7 @@ def attach(clip: Any, mode: str, gain_needed: float | None = None) -> str:
     else:
         for size in PROBE_SIZES:
             part = clip.tokenize(PROBES[:size])
-            gain = _best_of(partial(clip.embed_texts, PROBES[:size])) / _best_of(
+            gain = best_of(partial(clip.embed_texts, PROBES[:size])) / best_of(
                 partial(clip.torch_pass, partial(tower, part["input_ids"], part["attention_mask"]))
             )
             log.info("bf16 text tower on %d queries: %.2fx the %s runtime", size, gain, clip.text_runtime)
