@@ -124,3 +124,42 @@ def test_a_pipelined_run_indexes_every_batch_and_gives_way_to_a_waiting_delete(
     assert all(rt.blobs.thumbnail_path(r.sha256).is_file() for r in rows)
     assert rt.vectors.count(rt.collection) == 11 and rt.mirror.live_count == 11
     assert rt.mirror.vector(victim) is None and rt.repo.counts_by_state().get("pending", 0) == 0
+
+
+def test_model_workers_are_lanes_that_do_not_wait_for_each_other(make_settings, runtime_factory, monkeypatch):
+    """With model workers, `process_batches` runs each as a lane of its own (claim a share of a batch, prepare and
+    embed it, hand it to the finishing thread): while one lane waits on a slow read of one picture, the other
+    lane goes on claiming and indexing the rest. (Split into shares of one batch, nothing would be indexed until
+    the slow picture arrived.) Then the held lane finishes and the run reports that nothing is left."""
+    import threading
+    import time
+
+    rt = runtime_factory(make_settings(ingest={"batch_size": 4, "model_workers": 2}))
+    assert rt.ingest._model_workers(4) == (2, max(1, rt.clip.threads // 2))
+    shapes = mk.shape_set(per_class=1, seed=5)[:12]
+    ids = [o.id for o in rt.ingest.upload([(s.name, s.data) for s in shapes])]
+    held = rt.repo.get_image(ids[0]).sha256  # in the first share claimed (ids are claimed in order)
+    release = threading.Event()
+    read = rt.blobs.read_original
+
+    def slow_read(sha256: str) -> bytes:  # a slow disk under one picture
+        if sha256 == held:
+            assert release.wait(60)
+        return read(sha256)
+
+    monkeypatch.setattr(rt.blobs, "read_original", slow_read)
+    got: dict[str, list] = {}
+    runner = threading.Thread(target=lambda: got.setdefault("reports", rt.ingest.process_batches()))
+    runner.start()
+    deadline = time.monotonic() + 60
+    while rt.repo.counts_by_state().get("ready", 0) < 10 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    ready_while_held = rt.repo.counts_by_state().get("ready", 0)
+    assert rt.repo.get_image(ids[0]).state == "processing"
+    release.set()
+    runner.join(60)
+    assert ready_while_held == 10  # all but the held share of 2
+    reports = got["reports"]
+    assert sum(r.ready for r in reports) == 12 and all(r.claimed <= 2 for r in reports)
+    assert reports[-1].claimed == 0  # every lane ended on an empty claim: nothing is due
+    assert all(rt.repo.get_image(i).state == "ready" for i in ids) and rt.mirror.live_count == 12

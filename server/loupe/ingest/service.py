@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -97,6 +98,36 @@ class _Started:
     ocr: dict[int, Future[OcrResult]] = field(default_factory=dict)
     thumbnails: dict[int, Path] = field(default_factory=dict)
     vectors: np.ndarray | BaseException | None = None
+
+
+class _Run:
+    """What the lanes of one `process_batches` run share: the batch budget and when to stop starting batches."""
+
+    def __init__(self, max_batches: int, stop: Callable[[], bool] | None, lock: ModelLock) -> None:
+        self._left = max_batches
+        self._count = threading.Lock()
+        self._stop = stop
+        self._lock = lock
+        self.halt = threading.Event()  # set once any lane sees a reason to end (or fails)
+
+    def take(self) -> bool:
+        """Whether a lane may start another batch (and counts it)."""
+        with self._count:
+            if self.halt.is_set() or self._left <= 0:
+                return False
+            self._left -= 1
+            return True
+
+    def give_back(self) -> None:
+        """A batch taken but not started after all (an empty claim looked at again)."""
+        with self._count:
+            self._left += 1
+
+    def ending(self) -> bool:
+        """After a batch is handed to the finishing thread: whether the run ends after the batches in hand."""
+        if (self._stop is not None and self._stop()) or self._lock.contended:
+            self.halt.set()
+        return self.halt.is_set()
 
 
 class IngestService:
@@ -207,45 +238,84 @@ class IngestService:
         """Consecutive batches until none is due (or `max_batches`), each one's finishing (OCR wait, upsert,
         commit, mirror update, thumbnail fsyncs) on a thread of its own while the next one decodes and embeds.
 
+        On the CPU with model workers, each worker is a lane of its own: it claims a share of a batch, prepares
+        and embeds it on its torch threads and hands it to the finishing thread, with no barrier between lanes
+        (a batch split into shares waits for its slowest share; bench/RESULTS.md measured one share's forward
+        pass taking up to 25% longer than the other's on the same pictures).
+
         The model lock is held throughout, as for one batch, but the run ends after the batch in hand as soon as
         another thread waits for the lock (a delete, an edit, a model switch), so none waits longer than for one
         batch; likewise when `stop()` says so. A batch that fails to finish ends the run with its exception, as
-        `process_batch` would, after the batch started beside it is finished too."""
-        reports: list[BatchReport] = []
-        with self.model_lock, ThreadPoolExecutor(1, thread_name_prefix="loupe-finish") as pool:
-            finishing: Future[BatchReport] | None = None
-            while len(reports) + (finishing is not None) < max_batches:
-                try:
-                    started = self._start_batch(None)
-                except BaseException:
-                    if finishing is not None:
-                        finishing.result()
-                    raise
-                overlapped = finishing is not None
-                if finishing is not None:
+        `process_batch` would, after the batch started beside it is finished too. The last report has
+        `claimed == 0` when the run ended because nothing was due."""
+        lanes, threads = self._model_workers(self.settings.batch_size)
+        with self.model_lock, ThreadPoolExecutor(1, thread_name_prefix="loupe-finish") as finisher:
+            run = _Run(max_batches, stop, self.model_lock)
+            if lanes == 1:
+                return self._run_lane(run, finisher, None, None)
+            share = -(-self.settings.batch_size // lanes)
+            with ThreadPoolExecutor(lanes, thread_name_prefix="loupe-embed") as pool:
+                futures = [pool.submit(self._run_lane, run, finisher, share, threads) for _ in range(lanes)]
+                done = []
+                for fut in futures:
                     try:
-                        reports.append(finishing.result())
+                        done.append(fut.result())
                     except BaseException:
-                        # Its pictures are claimed: finish them rather than leave them to the lease.
-                        self._finish_batch(started)
+                        run.halt.set()
+                        for other in futures:  # every lane finishes what it claimed before the error goes up
+                            with contextlib.suppress(BaseException):
+                                other.result()
                         raise
-                    finishing = None
-                if not started.decoded:
-                    if overlapped and started.report.claimed == 0 and not started.report.unavailable:
-                        continue  # the batch that just finished may have put pictures back (a retry): look again
-                    reports.append(self._finish_batch(started))  # nothing to overlap: bookkeeping only
-                    if started.report.claimed == 0 or started.report.unavailable:
-                        break
-                    continue
-                finishing = pool.submit(self._finish_batch, started)
-                if (stop is not None and stop()) or self.model_lock.contended:
-                    break
-            if finishing is not None:
-                reports.append(finishing.result())
+        reports = [r for lane in done for r in lane if r.claimed]
+        if all(lane[-1].claimed == 0 for lane in done):  # nothing was due for any lane (or the store is down)
+            reports.append(max((lane[-1] for lane in done), key=lambda r: r.unavailable))
         return reports
 
-    def _start_batch(self, limit: int | None) -> _Started:
-        """Claim, decode, thumbnail and embed a batch; pictures that fail are marked here."""
+    def _run_lane(
+        self, run: _Run, finisher: ThreadPoolExecutor, limit: int | None, threads: int | None
+    ) -> list[BatchReport]:
+        """One lane of `process_batches`: batches of `limit` (default: the batch size) prepared and embedded on
+        `threads` torch threads in this thread (default: as `_start_batch` chooses), each finished on `finisher`
+        while this lane starts its next."""
+        reports: list[BatchReport] = []
+        finishing: Future[BatchReport] | None = None
+        while run.take():
+            try:
+                started = self._start_batch(limit, threads)
+            except BaseException:
+                if finishing is not None:
+                    finishing.result()
+                raise
+            overlapped = finishing is not None
+            if finishing is not None:
+                try:
+                    reports.append(finishing.result())
+                except BaseException:
+                    # Its pictures are claimed: finish them rather than leave them to the lease.
+                    self._finish_batch(started)
+                    raise
+                finishing = None
+            if not started.decoded:
+                if overlapped and started.report.claimed == 0 and not started.report.unavailable:
+                    run.give_back()
+                    continue  # the batch that just finished may have put pictures back (a retry): look again
+                reports.append(self._finish_batch(started))  # nothing to overlap: bookkeeping only
+                if started.report.claimed == 0 or started.report.unavailable:
+                    break
+                continue
+            finishing = finisher.submit(self._finish_batch, started)
+            if run.ending():
+                break
+        if finishing is not None:
+            reports.append(finishing.result())
+        if not reports:  # the run ended before this lane claimed anything: it says nothing was due
+            reports.append(BatchReport())
+        return reports
+
+    def _start_batch(self, limit: int | None, lane_threads: int | None = None) -> _Started:
+        """Claim, decode, thumbnail and embed a batch; pictures that fail are marked here. With `lane_threads`,
+        this thread prepares the whole batch and embeds it on that many torch threads (a lane of
+        `process_batches`)."""
         started = _Started(BatchReport(), collection=self.collection, model_version_id=self.model_version_id)
         report = started.report
         claimed = self.repo.claim_pending(limit or self.settings.batch_size, self.settings.lease_s)
@@ -263,11 +333,14 @@ class IngestService:
             return started
         t0 = time.perf_counter()
         # OCR (Tesseract subprocesses) starts as each picture is decoded and runs beside the CLIP forward pass.
-        workers, threads = self._model_workers(len(claimed))
         embedded: list[np.ndarray | BaseException] | None = None
-        if workers > 1:
+        if lane_threads:
+            prepared, vecs = self._prepare_and_embed(claimed, lane_threads, started)
+            embedded = [vecs]
+        elif (split := self._model_workers(len(claimed)))[0] > 1:
             # One model worker per share of the batch, each on its own torch threads: a worker's decoding overlaps
             # the others' forward passes, and single-threaded forward passes waste no time in thread barriers.
+            workers, threads = split
             n = len(claimed)
             shares = [claimed[k * n // workers : (k + 1) * n // workers] for k in range(workers)]
             with ThreadPoolExecutor(workers, thread_name_prefix="loupe-embed") as pool:
