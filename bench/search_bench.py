@@ -496,7 +496,8 @@ def http_bench(settings: Settings, queries: np.ndarray, requests: int) -> tuple[
         f"HTTP on loopback against `loupe serve` (full-size ViT-B/32 on the CPU, text tower on "
         f"{model.get('text_runtime', 'torch')}"
         + (f", bf16 copy {model['text_batches']}" if model.get("text_batches") else "")
-        + f"; image vectors by torch fp32), {requests} requests per row; the load generator shares the 2 cores. "
+        + f"; image vectors, which these queries do not use, by the {model.get('image_runtime', 'fp32')} image "
+        f"tower), {requests} requests per row; the load generator shares the 2 cores. "
         "Server CPU: the server process's user + system CPU time over the row, per search (a spinning OpenMP "
         "worker counts too); the load generator's is left out:",
         "",

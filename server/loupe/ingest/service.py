@@ -241,7 +241,7 @@ class IngestService:
         On the CPU with model workers, each worker is a lane of its own: it claims a share of a batch, prepares
         and embeds it on its torch threads and hands it to the finishing thread, with no barrier between lanes
         (a batch split into shares waits for its slowest share; bench/RESULTS.md measured one share's forward
-        pass taking up to 25% longer than the other's on the same pictures).
+        pass taking up to 26% longer than the other's on the same pictures).
 
         The model lock is held throughout, as for one batch, but the run ends after the batch in hand as soon as
         another thread waits for the lock (a delete, an edit, a model switch), so none waits longer than for one
@@ -276,7 +276,16 @@ class IngestService:
     ) -> list[BatchReport]:
         """One lane of `process_batches`: batches of `limit` (default: the batch size) prepared and embedded on
         `threads` torch threads in this thread (default: as `_start_batch` chooses), each finished on `finisher`
-        while this lane starts its next."""
+        while this lane starts its next. A lane that fails ends the others' runs after their batches in hand."""
+        try:
+            return self._lane_batches(run, finisher, limit, threads)
+        except BaseException:
+            run.halt.set()
+            raise
+
+    def _lane_batches(
+        self, run: _Run, finisher: ThreadPoolExecutor, limit: int | None, threads: int | None
+    ) -> list[BatchReport]:
         reports: list[BatchReport] = []
         finishing: Future[BatchReport] | None = None
         while run.take():
