@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import faiss
 from common import ROOT, write_section
 from fullsize import build as build_fullsize
+from ingest_bench import make_jpegs
 from vectors import CACHE, minilm, synthetic
 
 from loupe.config import IndexSettings, Settings
@@ -367,7 +368,8 @@ def timed_load(url: str, bodies: list[dict], concurrency: int, pid: int) -> tupl
     return pct(lat, 50), pct(lat, 95), pct(lat, 99), len(lat) / wall, errors, server_ms
 
 
-def load(url: str, bodies: list[dict], concurrency: int) -> tuple[list[float], float, int]:
+def load(url: str, bodies: list[dict] | list[bytes], concurrency: int) -> tuple[list[float], float, int]:
+    """POST each body to /api/search (a dict: JSON) or /api/search/image (bytes: an uploaded JPEG)."""
     import httpx
 
     lat: list[float] = []
@@ -384,7 +386,14 @@ def load(url: str, bodies: list[dict], concurrency: int) -> tuple[list[float], f
                 if body is None:
                     return
                 t = time.perf_counter()
-                res = client.post("/api/search", json=body)
+                if isinstance(body, bytes):
+                    res = client.post(
+                        "/api/search/image",
+                        files={"image": ("query.jpg", body, "image/jpeg")},
+                        data={"query": '{"limit": 10}'},
+                    )
+                else:
+                    res = client.post("/api/search", json=body)
                 took = (time.perf_counter() - t) * 1000
                 with lock:
                     lat.append(took)
@@ -483,6 +492,20 @@ def http_bench(settings: Settings, queries: np.ndarray, requests: int) -> tuple[
             rows.append((label, conc, *timed_load(url, bodies, conc, pid)))
             print(rows[-1], flush=True)
         rss_busy = rss_mb(pid)
+        # Image queries: a new 1 MP JPEG each (decoded, embedded by the image tower, searched).
+        pictures = make_jpegs(max(8, requests // 2), 1152, 864, seed=11)
+        load(url, pictures[:3], 1)
+        for conc in (1, 4):
+            rows.append(("image upload (1 MP JPEG)", conc, *timed_load(url, pictures, conc, pid)))
+            print(rows[-1], flush=True)
+    if model.get("image_runtime") == "bf16":
+        # The same rows with the image tower in fp32: the same run's baseline.
+        with serving(settings, LOUPE_MODEL__IMAGE_BF16="off") as (url, pid):
+            load(url, pictures[:3], 1)
+            for conc in (1, 4):
+                label = "image upload (1 MP JPEG), image tower fp32 (LOUPE_MODEL__IMAGE_BF16=off)"
+                rows.append((label, conc, *timed_load(url, pictures, conc, pid)))
+                print(rows[-1], flush=True)
     # The same text rows with the int8 text tower (opt-in: LOUPE_MODEL__TEXT_RUNTIME=onnx-int8).
     with serving(settings, LOUPE_MODEL__TEXT_RUNTIME="onnx-int8") as (url, pid):
         load(url, [new_text() for _ in range(10)], 1)
@@ -496,8 +519,8 @@ def http_bench(settings: Settings, queries: np.ndarray, requests: int) -> tuple[
         f"HTTP on loopback against `loupe serve` (full-size ViT-B/32 on the CPU, text tower on "
         f"{model.get('text_runtime', 'torch')}"
         + (f", bf16 copy {model['text_batches']}" if model.get("text_batches") else "")
-        + f"; image vectors, which these queries do not use, by the {model.get('image_runtime', 'fp32')} image "
-        f"tower), {requests} requests per row; the load generator shares the 2 cores. "
+        + f"; image vectors by the {model.get('image_runtime', 'fp32')} image tower), {requests} requests per "
+        "row (half that for the image uploads and at concurrency 1); the load generator shares the 2 cores. "
         "Server CPU: the server process's user + system CPU time over the row, per search (a spinning OpenMP "
         "worker counts too); the load generator's is left out:",
         "",
@@ -511,7 +534,7 @@ def http_bench(settings: Settings, queries: np.ndarray, requests: int) -> tuple[
     lines += [
         "",
         f"Server resident memory after start: {rss_idle['total']:.0f} MB ({rss_idle['anon']:.0f} MB anonymous, "
-        f"{rss_idle['file']:.0f} MB file-backed); after the load: {rss_busy['total']:.0f} MB "
+        f"{rss_idle['file']:.0f} MB file-backed); after the vector and text load: {rss_busy['total']:.0f} MB "
         f"({rss_busy['anon']:.0f} MB anonymous, {rss_busy['file']:.0f} MB file-backed).",
     ]
     return "\n".join(lines), {"rows": rows, "rss_idle": rss_idle, "rss_busy": rss_busy}
