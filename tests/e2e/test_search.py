@@ -73,6 +73,20 @@ def test_a_negative_weight_moves_results_away(library: Library):
     assert pushed[0][1] == "circle"  # still a search for circles, just away from red squares
 
 
+def test_an_uploaded_copy_of_a_library_picture_queries_with_its_stored_vector(library: Library):
+    """POST /api/search/image prepares the picture as ingest did (the same decode scale, thumbnail and resize), so
+    the same bytes give the vector stored for the picture: it comes first, at cosine 1."""
+    image_id, shape = next(iter(library.shapes.items()))
+    res = library.client.post(
+        "/api/search/image", files=[("image", ("copy.png", shape.data, "image/png"))], data={"query": "{}"}
+    )
+    assert res.status_code == 200, res.text
+    body = res.json()
+    assert body["hits"][0]["id"] == image_id and body["hits"][0]["score"] >= 0.9999
+    stored = library.runtime.mirror.vector(image_id)
+    np.testing.assert_allclose(np.asarray(body["query_term"]["vector"]), stored, atol=1e-4)
+
+
 def test_mixed_image_and_text_query(library: Library):
     blue_star = next(s for s in shape_set(per_class=1, seed=555) if (s.colour, s.shape) == ("blue", "star"))
     query = {"query": [{"text": "a green star", "weight": 0.7}], "image_weights": [0.3], "limit": 8}

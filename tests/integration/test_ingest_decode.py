@@ -163,3 +163,23 @@ def test_model_workers_are_lanes_that_do_not_wait_for_each_other(make_settings, 
     assert sum(r.ready for r in reports) == 12 and all(r.claimed <= 2 for r in reports)
     assert reports[-1].claimed == 0  # every lane ended on an empty claim: nothing is due
     assert all(rt.repo.get_image(i).state == "ready" for i in ids) and rt.mirror.live_count == 12
+
+
+def test_a_query_picture_is_prepared_as_ingest_prepares_it(make_settings, runtime_factory):
+    """A 1 MP JPEG (decoded at a reduced DCT scale, thumbnailed, resized from the thumbnail) uploaded to the
+    library and the same bytes prepared as a query picture (POST /api/search/image) give the same vector."""
+    import io
+
+    from PIL import Image
+
+    from loupe.ingest.service import query_pixels
+
+    rt = runtime_factory(make_settings())
+    shape = mk.shape_set(per_class=1, seed=9)[4]
+    big = Image.open(io.BytesIO(shape.data)).convert("RGB").resize((1152, 864), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    big.save(buf, "JPEG", quality=90)
+    [outcome] = rt.ingest.upload([("big.jpg", buf.getvalue())])
+    assert rt.ingest.drain() == 1
+    query = rt.clip.embed_uint8(query_pixels(buf.getvalue(), rt.clip, rt.settings.ingest)[None])[0]
+    np.testing.assert_allclose(query, rt.mirror.vector(outcome.id), atol=1e-5)

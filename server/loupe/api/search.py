@@ -6,6 +6,7 @@ import hashlib
 import json
 from typing import Any
 
+import numpy as np
 from litestar import Controller, Request, post
 from litestar.params import JSONBody
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -14,7 +15,8 @@ from loupe.api.deps import RT, blocking_within
 from loupe.api.images import read_files
 from loupe.api.schemas import SearchRequest, SearchResponse, Term
 from loupe.errors import BadRequest, InvalidQuery
-from loupe.ingest.validate import decode_rgb, inspect_upload
+from loupe.ingest.service import query_pixels
+from loupe.ingest.validate import inspect_upload
 
 
 class ImageSearchOptions(BaseModel):
@@ -88,16 +90,14 @@ class SearchController(Controller):
     ) -> SearchResponse:
         ing = rt.settings.ingest
         search = rt.search  # one model version for the whole request, even across a model switch
-        pictures = []
+        pixels = []
         for i, (_, data) in enumerate(images):
             try:
                 inspect_upload(data, max_bytes=ing.max_file_mb * 1024 * 1024, max_pixels=ing.max_pixels)
-                pictures.append(
-                    decode_rgb(data, max_pixels=ing.max_pixels, min_side=2 * search.clip.info.image_size)
-                )
+                pixels.append(query_pixels(data, search.clip, ing))
             except BadRequest as exc:
                 raise type(exc)(exc.message, code=exc.code, detail={"field": f"image[{i}]"}) from exc
-        vecs = search.clip.embed_images(pictures)
+        vecs = search.clip.embed_uint8(np.stack(pixels))
         scope = {
             "images": [hashlib.sha256(d).hexdigest() for _, d in images],
             "opts": opts.model_dump(mode="json", exclude={"cursor"}),

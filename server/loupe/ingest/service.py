@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL.Image import Image as PILImage
 
 from loupe.config import IngestSettings
 from loupe.errors import LoupeError, NotFound, TooLarge, Unavailable
@@ -56,6 +57,27 @@ class BatchReport:
     retried: int = 0
     unavailable: bool = False
     seconds: dict[str, float] = field(default_factory=dict)
+
+
+def decode_side(clip: ClipModel, settings: IngestSettings) -> int:
+    """The shorter side a JPEG is decoded at (a reduced DCT scale): enough for the model's input and the
+    thumbnail (bench/RESULTS.md: 1.8x the end-to-end rate of a decode at twice the model's size)."""
+    return max(clip.info.image_size, settings.thumbnail_px * 3 // 4)
+
+
+def model_input(rgb: PILImage, thumb: PILImage, clip: ClipModel) -> np.ndarray:
+    """The model's input (uint8 HWC) of a decoded picture: from its thumbnail where that covers the model's resize
+    (0.88 instead of 1.59 ms a picture, 0.46/255 mean difference per input pixel on 1 MP JPEGs), else from the
+    decode itself."""
+    return clip.resize_crop(thumb if min(thumb.size) >= clip.input_side else rgb)
+
+
+def query_pixels(data: bytes, clip: ClipModel, settings: IngestSettings) -> np.ndarray:
+    """An uploaded query picture prepared as ingest prepares a library picture (the same decode scale,
+    thumbnail and resize), so that a copy of a library picture queries with the vector stored for it: the model's
+    input, uint8 HWC."""
+    rgb = decode_rgb(data, max_pixels=settings.max_pixels, min_side=decode_side(clip, settings))
+    return model_input(rgb, thumbnail_image(rgb, settings.thumbnail_px), clip)
 
 
 class ModelLock:
@@ -154,7 +176,7 @@ class IngestService:
         self.on_indexed = on_indexed
         self.text_indexer = text_indexer
         self.work_available = threading.Event()
-        self._decode_side = max(clip.info.image_size, settings.thumbnail_px * 3 // 4)
+        self._decode_side = decode_side(clip, settings)
         # Held for each batch (and vector add): a model switch takes it to change models between batches.
         self.model_lock = ModelLock()
         self.shadow_collections: list[str] = []  # a model switch's new collection: edits and deletes reach it
@@ -162,7 +184,7 @@ class IngestService:
     def retarget(self, clip: ClipModel, collection: str, model_version_id: int) -> None:
         """Embed with another model version from the next batch on (call with model_lock held)."""
         self.clip, self.collection, self.model_version_id = clip, collection, model_version_id
-        self._decode_side = max(clip.info.image_size, self.settings.thumbnail_px * 3 // 4)
+        self._decode_side = decode_side(clip, self.settings)
 
     def payloads(self, ids: Sequence[int]) -> tuple[list[int], list[dict[str, Any]]]:
         """The Qdrant payloads (filterable fields) of the ready images among ids."""
@@ -484,8 +506,7 @@ class IngestService:
         it."""
         try:
             data = self.blobs.read_original(image.sha256)
-            # JPEGs decode at a reduced DCT scale that still covers the model's input and the thumbnail
-            # (bench/RESULTS.md: 1.8x the end-to-end rate of a decode at twice the model's size).
+            # JPEGs decode at a reduced DCT scale that still covers the model's input and the thumbnail.
             rgb = decode_rgb(data, max_pixels=self.settings.max_pixels, min_side=self._decode_side)
             thumb = thumbnail_image(rgb, self.settings.thumbnail_px)
             started.thumbnails[int(image.id)] = self.blobs.put_thumbnail(  # type: ignore[arg-type]
@@ -493,13 +514,12 @@ class IngestService:
                 encode_thumbnail(thumb, self.settings.thumbnail_quality, self.settings.thumbnail_format),
                 sync=False,
             )
-            # The thumbnail is the cheaper source of the hash, and of the model's input where it covers the model's
-            # resize: 0.88 instead of 1.59 ms a picture, 0.46/255 mean difference per input pixel (1 MP JPEGs).
-            # Width and height were recorded (EXIF-oriented) at upload; a draft decode is smaller anyway.
+            # The thumbnail is the cheaper source of the hash, and of the model's input (model_input). Width and
+            # height were recorded (EXIF-oriented) at upload; a draft decode is smaller anyway.
             meta = {**read_exif(data), "phash": dhash(thumb)}
             if self.text_indexer:
                 started.ocr[int(image.id)] = self.text_indexer.read_async(rgb)  # type: ignore[arg-type]
-            return self.clip.resize_crop(thumb if min(thumb.size) >= self.clip.input_side else rgb), meta
+            return model_input(rgb, thumb, self.clip), meta
         except Exception as exc:
             return exc
 
