@@ -8,8 +8,8 @@ size the same library is ingested by `IngestService.drain()` (decode in JPEG dra
 JPEG thumbnail, resize, CLIP, upsert, database, mirror) four ways: one model on all threads after the decode
 threads and the default model workers, both with OCR off (OCR alone is measured by bench/ocr_bench.py), the model
 workers with OCR on, as the defaults have it, and the model workers with the image tower kept in fp32 (where the
-default takes a bf16 copy, models/bf16_image.py), the fp32 baseline in the same run. The raw image tower is timed on pre-decoded 224x224 tensors in
-batches of the ingest batch size, both ways. Overhead is the pipeline's time over the faster tower's.
+default takes a bf16 copy, models/bf16_image.py), the fp32 baseline in the same run. The raw image tower is timed
+on pre-decoded 224x224 tensors in batches of the ingest batch size, both ways. Overhead is the pipeline's time over the faster tower's.
 
 With --base, the default variant (model workers) of another git revision (checked out in a temporary worktree,
 run with PYTHONPATH at its `server/`) and of this checkout run in interleaved rounds, each in a fresh process, and
@@ -232,8 +232,9 @@ def main() -> None:
         f"Full-size ViT-B/32 (random init), torch on {threads} threads, batches of {Settings().ingest.batch_size}, "
         "OCR off except in the OCR variant (the defaults: a text-presence check, then Tesseract on 2 threads beside "
         "the model). The image tower is the one each row names: the bf16 copy where the default "
-        "(LOUPE_MODEL__IMAGE_BF16=auto) measured it faster at start, fp32 in the last variant. Baselines, timed just before and just after each pipeline run and averaged: the raw image tower "
-        "on pre-decoded 224x224 tensors run the way the variant runs it (one model, or the model workers each "
+        "(LOUPE_MODEL__IMAGE_BF16=auto) measured it faster at start, fp32 in the last variant. Baselines, timed just "
+        "before and just after each pipeline run and averaged: the raw image tower on pre-decoded 224x224 tensors "
+        "run the way the variant runs it (one model, or the model workers each "
         "embedding its share of a batch), and one model on all threads. Overhead is against the faster.",
         "",
         "| JPEG | model | images | pipeline images/s | raw tower, same shape | raw tower, one model | pipeline overhead vs the faster tower |",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -276,18 +275,10 @@ class IngestService:
             if lanes == 1:
                 return self._run_lane(run, finisher, None, None)
             share = -(-self.settings.batch_size // lanes)
+            # Leaving the pool waits for every lane, so each finishes what it claimed before an error goes up.
             with ThreadPoolExecutor(lanes, thread_name_prefix="loupe-embed") as pool:
                 futures = [pool.submit(self._run_lane, run, finisher, share, threads) for _ in range(lanes)]
-                done = []
-                for fut in futures:
-                    try:
-                        done.append(fut.result())
-                    except BaseException:
-                        run.halt.set()
-                        for other in futures:  # every lane finishes what it claimed before the error goes up
-                            with contextlib.suppress(BaseException):
-                                other.result()
-                        raise
+        done = [fut.result() for fut in futures]
         reports = [r for lane in done for r in lane if r.claimed]
         if all(lane[-1].claimed == 0 for lane in done):  # nothing was due for any lane (or the store is down)
             reports.append(max((lane[-1] for lane in done), key=lambda r: r.unavailable))
