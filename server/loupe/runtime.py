@@ -481,6 +481,11 @@ class Runtime:
                     "queries": self.search.text_cache.encode.items,
                     "side_by_side": self.search.text_cache.encode.side_by_side,
                 },
+                # Uploaded query pictures since start, and the image-tower passes that served them.
+                "image_query_encodes": {
+                    "passes": self.search.picture_encode.batches,
+                    "pictures": self.search.picture_encode.items,
+                },
                 "versions": [
                     {"id": v.id, "name": v.name, "active": v.active, "created_at": v.created_at.isoformat()}
                     for v in self.repo.model_versions("clip")

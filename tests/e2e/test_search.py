@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import io
 import json
+import threading
+import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -235,3 +238,63 @@ def test_every_colour_and_shape_word_is_known_to_the_tokenizer(library: Library)
     for word in [*COLOURS, *SHAPES]:
         assert len(tok.tokenize(word)) == 1, word
     assert len(tok("日本語 émoji 🙂")["input_ids"]) > 2  # any text tokenizes (byte-level)
+
+
+def test_concurrent_image_searches_share_image_tower_passes(library: Library):
+    """Image searches that arrive while a pass runs are encoded together in the next one, and each gets the
+    vector of its own picture (the vector it gets when searched alone)."""
+    search_service = library.runtime.search
+    batcher = search_service.picture_encode
+    pictures = shape_set(per_class=1, seed=4242)[:5]
+
+    def query_term(item) -> list[float]:
+        res = library.client.post(
+            "/api/search/image", files=[("image", (item.name, item.data, "image/png"))], data={"query": "{}"}
+        )
+        assert res.status_code == 200, res.text
+        return res.json()["query_term"]["vector"]
+
+    alone = [query_term(p) for p in pictures]
+    real, held, release = batcher.encode, threading.Event(), threading.Event()
+
+    def held_first(pixels):
+        if not held.is_set():
+            held.set()
+            assert release.wait(10)
+        return real(pixels)
+
+    before = library.runtime.health()["model"]["image_query_encodes"]
+    batcher.encode = held_first
+    try:
+        with ThreadPoolExecutor(len(pictures)) as pool:
+            first = pool.submit(query_term, pictures[0])
+            assert held.wait(10)
+            rest = [pool.submit(query_term, p) for p in pictures[1:]]
+            deadline = time.monotonic() + 10
+            while batcher._waiting < len(rest):
+                assert time.monotonic() < deadline, "the searches did not queue"
+                time.sleep(0.01)
+            release.set()
+            together = [first.result(30)] + [f.result(30) for f in rest]
+    finally:
+        batcher.encode = real
+    after = library.runtime.health()["model"]["image_query_encodes"]
+    assert after["passes"] - before["passes"] == 2  # the held pass, then the four queued searches in one
+    assert after["pictures"] - before["pictures"] == 5
+    for got, want in zip(together, alone, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_a_request_with_more_pictures_than_a_pass_holds_runs_in_several(library: Library):
+    from loupe.ingest.service import query_pixels
+    from loupe.search.service import IMAGE_QUERY_BATCH
+
+    search_service = library.runtime.search
+    pixels = [
+        query_pixels(s.data, search_service.clip, library.settings.ingest)
+        for s in shape_set(per_class=1, seed=77)[: IMAGE_QUERY_BATCH + 3]
+    ]
+    passes = search_service.picture_encode.batches
+    vecs = search_service.embed_query_pictures(pixels)
+    assert search_service.picture_encode.batches - passes == 2
+    np.testing.assert_allclose(vecs, search_service.clip.embed_uint8(np.stack(pixels)), atol=1e-5)

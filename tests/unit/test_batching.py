@@ -171,3 +171,27 @@ def test_one_pass_at_a_time_by_default():
         assert [f.result(5).tolist() for f in rest] == [[[2.0]]] * 6
         assert first.result(5).tolist() == [[1.0]]
     assert enc.most == 1 and enc.sizes == [1, 6]
+
+
+def test_unhashable_items_without_dedupe_keep_every_callers_rows():
+    """Query pictures (arrays) are batched without deduplication: each caller gets its own rows, in order, even
+    where two callers send equal pictures."""
+    enc = _Passes()
+    sizes: list[int] = []
+
+    def encode(items: list[np.ndarray]) -> np.ndarray:
+        sizes.append(len(items))
+        enc([""])  # the first pass is held open while the others queue
+        return np.stack([a.ravel()[:1].astype(np.float32) for a in items])
+
+    batcher: MicroBatcher[np.ndarray] = MicroBatcher(encode, dedupe=False)
+    pictures = [[np.full((2, 2), v)] for v in (1, 2, 2, 3)] + [[np.full((2, 2), 4), np.full((2, 2), 2)]]
+    with ThreadPoolExecutor(8) as pool:
+        first = pool.submit(batcher, [np.zeros((2, 2))])
+        assert enc.held.wait(5)
+        rest = [pool.submit(batcher, p) for p in pictures]
+        _wait_until(lambda: batcher._waiting == 6)
+        enc.hold.set()
+        assert first.result(5).tolist() == [[0.0]]
+        assert [f.result(5).ravel().tolist() for f in rest] == [[1], [2], [2], [3], [4, 2]]
+    assert sizes == [1, 6] and batcher.items == 7

@@ -6,7 +6,6 @@ import hashlib
 import json
 from typing import Any
 
-import numpy as np
 from litestar import Controller, Request, post
 from litestar.params import JSONBody
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -97,7 +96,7 @@ class SearchController(Controller):
                 pixels.append(query_pixels(data, search.clip, ing))
             except BadRequest as exc:
                 raise type(exc)(exc.message, code=exc.code, detail={"field": f"image[{i}]"}) from exc
-        vecs = search.clip.embed_uint8(np.stack(pixels))
+        vecs = search.embed_query_pictures(pixels)
         scope = {
             "images": [hashlib.sha256(d).hexdigest() for _, d in images],
             "opts": opts.model_dump(mode="json", exclude={"cursor"}),

@@ -31,6 +31,10 @@ from loupe.storage.metadata.repo import MetadataRepo
 from loupe.storage.metadata.tables import ImageState
 from loupe.storage.vectors.base import VectorStore
 
+# Query pictures per image-tower pass: concurrent image searches share passes up to this many (MicroBatcher), and
+# a request with more pictures runs in passes of this many.
+IMAGE_QUERY_BATCH = 16
+
 
 class TextEmbeddingCache:
     """LRU of query-text embeddings (text -> unit vector). Misses are encoded in micro-batches; while `busy()`
@@ -38,7 +42,7 @@ class TextEmbeddingCache:
 
     def __init__(self, size: int, clip: ClipModel, busy: Callable[[], bool] = lambda: False) -> None:
         self.size = size
-        self.encode = MicroBatcher(
+        self.encode: MicroBatcher[str] = MicroBatcher(
             lambda texts: clip.embed_texts(texts, clip.threads_under_load if busy() else None),
             parallel=clip.text_passes,
         )
@@ -151,6 +155,10 @@ class SearchService:
         self._in_flight = 0  # searches running now in this process (the text tower's thread count follows it)
         self._in_flight_lock = threading.Lock()
         self.text_cache = TextEmbeddingCache(text_cache_size, clip, busy=lambda: self._in_flight > 1)
+        # Uploaded query pictures (resize_crop outputs): concurrent image searches share image-tower passes.
+        self.picture_encode: MicroBatcher[np.ndarray] = MicroBatcher(
+            lambda pixels: clip.embed_uint8(np.stack(pixels)), max_batch=IMAGE_QUERY_BATCH, dedupe=False
+        )
         self._filter_cache: OrderedDict[str, _FilterEntry] = OrderedDict()
         self._filter_lock = threading.Lock()
         self._results: OrderedDict[str, tuple[int, int, float, SearchResponse]] = OrderedDict()
@@ -238,6 +246,14 @@ class SearchService:
         vecs = np.stack(self.text_cache.get_many(expanded))
         n = len(templates)
         return [normalize(vecs[i * n : (i + 1) * n].mean(axis=0)) for i in range(len(texts))]
+
+    def embed_query_pictures(self, pixels: Sequence[np.ndarray]) -> np.ndarray:
+        """Query pictures prepared as ingest prepares a library picture (ingest.service.query_pixels), as unit
+        vectors, in passes shared with concurrent image searches."""
+        step = IMAGE_QUERY_BATCH
+        return np.concatenate(
+            [self.picture_encode(pixels[i : i + step]) for i in range(0, len(pixels), step)]
+        )
 
     def feedback(self, query: np.ndarray, scope: FilterScope | None) -> np.ndarray:
         """Pseudo-relevance feedback: move the query towards the mean of its own top prf_k images."""
