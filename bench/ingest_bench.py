@@ -7,8 +7,8 @@ Full-size ViT-B/32 (random weights, bench/fullsize.py), embedded defaults (SQLit
 size the same library is ingested by `IngestService.drain()` (decode in JPEG draft mode, EXIF, perceptual hash,
 JPEG thumbnail, resize, CLIP, upsert, database, mirror) four ways: one model on all threads after the decode
 threads and the default model workers, both with OCR off (OCR alone is measured by bench/ocr_bench.py), the model
-workers with OCR on, as the defaults have it, and the model workers with the image tower kept in fp32 (where the
-default takes a bf16 copy, models/bf16_image.py), the fp32 baseline in the same run. The raw image tower is timed
+workers with OCR on, as the defaults have it, and the model workers with the image tower on torch (where the
+default takes ONNX Runtime or a bf16 copy, models/image_runtime.py), the torch baseline in the same run. The raw image tower is timed
 on pre-decoded 224x224 tensors in batches of the ingest batch size, both ways. Overhead is the pipeline's time over the faster tower's.
 
 With --base, the default variant (model workers) of another git revision (checked out in a temporary worktree,
@@ -91,12 +91,17 @@ def towers(clip, batch: int, workers: int, each: int) -> tuple[float, float]:  #
 
 # (label, ingest settings, OCR on, model settings). The third reads the words in each picture too, as the defaults
 # do: these photographs hold none, so the text-presence check decides how many reach Tesseract. The last keeps the
-# image tower in fp32 where the default (LOUPE_MODEL__IMAGE_BF16=auto) takes a bf16 copy.
+# image tower on torch where the default (LOUPE_MODEL__IMAGE_RUNTIME=auto) takes ONNX Runtime or a bf16 copy.
 VARIANTS = [
     ("one model on all threads, 2 decode threads", {"model_workers": 1, "decode_threads": 2}, False, {}),
     ("model workers (default)", {}, False, {}),
     ("model workers, OCR on (the defaults)", {}, True, {}),
-    ("model workers, image tower fp32 (LOUPE_MODEL__IMAGE_BF16=off)", {}, False, {"image_bf16": "off"}),
+    (
+        "model workers, image tower on torch (LOUPE_MODEL__IMAGE_RUNTIME=torch)",
+        {},
+        False,
+        {"image_runtime": "torch"},
+    ),
 ]
 DEFAULT = 1  # the variant an A/B compares: the default ingest with OCR off
 
@@ -143,7 +148,7 @@ def run_variant(mp: int, variant: int, images: int) -> tuple:  # type: ignore[ty
     raw, plain = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
     if ocr:
         label += f", Tesseract ran on {sum(f.result().checked for f in reads)}/{n}"
-    runtime = getattr(rt.clip, "image_runtime", "fp32")  # a base revision's model may have no such attribute
+    runtime = getattr(rt.clip, "image_runtime", "torch")  # a base revision's model may have no such attribute
     return (mp, w, h, f"{label}: {workers} x {each} threads, image tower {runtime}", n, e2e, raw, plain)
 
 
@@ -231,8 +236,9 @@ def main() -> None:
     lines = [
         f"Full-size ViT-B/32 (random init), torch on {threads} threads, batches of {Settings().ingest.batch_size}, "
         "OCR off except in the OCR variant (the defaults: a text-presence check, then Tesseract on 2 threads beside "
-        "the model). The image tower is the one each row names: the bf16 copy where the default "
-        "(LOUPE_MODEL__IMAGE_BF16=auto) measured it faster at start, fp32 in the last variant. Baselines, timed just "
+        "the model). The image tower runs where each row names: ONNX Runtime or the bf16 copy where the default "
+        "(LOUPE_MODEL__IMAGE_RUNTIME=auto) measured it faster at start, torch in the last variant (fp32 is torch's "
+        "name for it in rows of revisions before ONNX Runtime served images). Baselines, timed just "
         "before and just after each pipeline run and averaged: the raw image tower on pre-decoded 224x224 tensors "
         "run the way the variant runs it (one model, or the model workers each "
         "embedding its share of a batch), and one model on all threads. Overhead is against the faster.",

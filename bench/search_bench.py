@@ -498,12 +498,12 @@ def http_bench(settings: Settings, queries: np.ndarray, requests: int) -> tuple[
         for conc in (1, 4):
             rows.append(("image upload (1 MP JPEG)", conc, *timed_load(url, pictures, conc, pid)))
             print(rows[-1], flush=True)
-    if model.get("image_runtime") == "bf16":
-        # The same rows with the image tower in fp32: the same run's baseline.
-        with serving(settings, LOUPE_MODEL__IMAGE_BF16="off") as (url, pid):
+    if model.get("image_runtime") not in (None, "torch", "fp32"):
+        # The same rows with the image tower on torch: the same run's baseline.
+        with serving(settings, LOUPE_MODEL__IMAGE_RUNTIME="torch") as (url, pid):
             load(url, pictures[:3], 1)
             for conc in (1, 4):
-                label = "image upload (1 MP JPEG), image tower fp32 (LOUPE_MODEL__IMAGE_BF16=off)"
+                label = "image upload (1 MP JPEG), image tower on torch (LOUPE_MODEL__IMAGE_RUNTIME=torch)"
                 rows.append((label, conc, *timed_load(url, pictures, conc, pid)))
                 print(rows[-1], flush=True)
     # The same text rows with the int8 text tower (opt-in: LOUPE_MODEL__TEXT_RUNTIME=onnx-int8).
@@ -519,7 +519,7 @@ def http_bench(settings: Settings, queries: np.ndarray, requests: int) -> tuple[
         f"HTTP on loopback against `loupe serve` (full-size ViT-B/32 on the CPU, text tower on "
         f"{model.get('text_runtime', 'torch')}"
         + (f", bf16 copy {model['text_batches']}" if model.get("text_batches") else "")
-        + f"; image vectors by the {model.get('image_runtime', 'fp32')} image tower), {requests} requests per "
+        + f"; image vectors by the {model.get('image_runtime', 'torch')} image tower), {requests} requests per "
         "row (half that for the image uploads and at concurrency 1); the load generator shares the 2 cores. "
         "Server CPU: the server process's user + system CPU time over the row, per search (a spinning OpenMP "
         "worker counts too); the load generator's is left out:",

@@ -96,10 +96,9 @@ def make_settings(tmp_path: Path, tiny_clip_dir: Path) -> Callable[..., Settings
             "clip_model": str(tiny_clip_dir),
             "ocr": {"enabled": False},  # the OCR tests turn it on; elsewhere it only costs time
         }
-        # The tiny model's bf16 image tower measures 0.9-1.05x fp32, so `auto` keeps fp32 for it; pinned here so
-        # that no box's timing changes the image vectors that tests compare exactly (tests/integration/
-        # test_image_tower.py runs the copy).
-        model = {"image_bf16": "off", **overrides.pop("model", {})}  # type: ignore[dict-item]
+        # torch pinned, so that no box's start-up timing (`auto`: ONNX Runtime or a bf16 copy where faster) changes
+        # the image vectors that tests compare exactly; tests/integration/test_image_tower.py runs the others.
+        model = {"image_runtime": "torch", **overrides.pop("model", {})}  # type: ignore[dict-item]
         values.update(overrides, model=model)
         return Settings(**values)  # type: ignore[arg-type]
 

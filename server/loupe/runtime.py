@@ -21,7 +21,7 @@ from loupe.ingest.bulk import BulkService, BulkWorker
 from loupe.ingest.service import IngestService, IngestWorker
 from loupe.ingest.switch import ModelSwitcher
 from loupe.ingest.text import TextIndexer
-from loupe.models import bf16_image, onnx_text, torch_thread
+from loupe.models import image_runtime, onnx_text, torch_thread
 from loupe.models.clip import DEMO_MODEL_NAME, ClipModel, demo_model_dir, load_clip, open_clip_for_settings
 from loupe.models.finetune import FinetuneRunner
 from loupe.models.text_encoder import SentenceEncoder
@@ -317,7 +317,7 @@ class Runtime:
         # of the process keeps an OpenMP team (models/torch_thread.py).
         clip, version = torch_thread.call(resolve_model, settings, repo)
         clip.text_runtime = onnx_text.attach_for_settings(clip, settings)
-        clip.image_runtime = bf16_image.attach_for_settings(clip, settings)
+        clip.image_runtime = image_runtime.attach_for_settings(clip, settings)
         collection = collection_name(version)
         vectors_up = True
         try:

@@ -61,6 +61,7 @@ def library(tmp_path_factory: pytest.TempPathFactory, tiny_clip_dir: Path) -> It
         data_dir=tmp_path_factory.mktemp("lib"),
         clip_model=str(tiny_clip_dir),
         ocr={"enabled": False},  # type: ignore[arg-type]
+        model={"image_runtime": "torch"},  # type: ignore[arg-type]  (vectors compared exactly with the model's)
     )
     yield from open_library(settings, shape_set(PER_CLASS))
 

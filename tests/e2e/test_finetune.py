@@ -49,8 +49,11 @@ NEW_CLASSES = [("magenta", "circle"), ("magenta", "square")]
 @pytest.fixture(scope="module")
 def rt(tmp_path_factory: pytest.TempPathFactory, tiny_clip_dir: Path) -> Iterator[Runtime]:
     settings = Settings(
-        data_dir=tmp_path_factory.mktemp("ft"), clip_model=str(tiny_clip_dir), ocr={"enabled": False}
-    )  # type: ignore[arg-type]
+        data_dir=tmp_path_factory.mktemp("ft"),
+        clip_model=str(tiny_clip_dir),
+        ocr={"enabled": False},  # type: ignore[arg-type]
+        model={"image_runtime": "torch"},  # type: ignore[arg-type]
+    )
     runtime = Runtime.open(settings)
     rng = random.Random(0)
     for c, s in OLD_CLASSES + NEW_CLASSES:

@@ -58,7 +58,7 @@ def test_switch_under_concurrent_searches(tmp_path: Path, tiny_clip_dir: Path):
         data_dir=tmp_path / "data",
         clip_model=str(tiny_clip_dir),
         ocr={"enabled": False},  # type: ignore[arg-type]
-        model={"text_batches_bf16": "off"},  # type: ignore[arg-type]
+        model={"text_batches_bf16": "off", "image_runtime": "torch"},  # type: ignore[arg-type]
     )
     new_model = perturbed_copy(tiny_clip_dir, tmp_path / "other-model")
     rt = Runtime.open(settings)
@@ -152,7 +152,12 @@ def test_switch_under_concurrent_searches(tmp_path: Path, tiny_clip_dir: Path):
 
 
 def test_a_failed_or_pointless_switch_changes_nothing(tmp_path: Path, tiny_clip_dir: Path):
-    settings = Settings(data_dir=tmp_path / "data", clip_model=str(tiny_clip_dir), ocr={"enabled": False})  # type: ignore[arg-type]
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        clip_model=str(tiny_clip_dir),
+        ocr={"enabled": False},  # type: ignore[arg-type]
+        model={"image_runtime": "torch"},  # type: ignore[arg-type]
+    )
     rt = Runtime.open(settings)
     with TestClient(create_app(settings, runtime=rt), timeout=120) as client:
         shapes = shape_set(1, seed=5)

@@ -110,6 +110,7 @@ def test_when_the_bf16_copy_takes_every_query_the_onnx_session_is_freed(
     from loupe.models import bf16_text
 
     monkeypatch.setattr(bf16_text, "BATCH_GAIN", 0.0)  # auto: any speed-up wins, from one query
+    monkeypatch.setattr(bf16_text, "cpu_has_bf16", lambda: True)  # tried on any CPU
     rt = runtime_factory(make_settings())
     model = rt.health()["model"]
     assert (model["text_runtime"], model["text_batches"]) == ("bf16", "bf16 from 1 query")
@@ -117,6 +118,29 @@ def test_when_the_bf16_copy_takes_every_query_the_onnx_session_is_freed(
     got = rt.search.text_cache.get_many(QUERIES[:1])[0]
     ref = rt.clip.embed_texts_torch(QUERIES[:1])[0]
     assert float(got @ ref) >= bf16_text.COSINE_FLOOR and float(np.abs(got - ref).max()) > 1e-6
+
+
+def test_auto_does_not_try_bf16_copies_where_torch_has_no_bf16_kernels(
+    make_settings, runtime_factory, monkeypatch
+):
+    from loupe.models import bf16_text, image_runtime
+
+    monkeypatch.setattr(bf16_text, "BATCH_GAIN", 0.0)  # any speed-up would win
+    monkeypatch.setattr(image_runtime, "BF16_GAIN", 0.0)
+    monkeypatch.setattr(bf16_text, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(image_runtime, "cpu_has_bf16", lambda: False)
+    rt = runtime_factory(make_settings(model={"image_runtime": "auto"}))
+    model = rt.health()["model"]
+    assert model["text_batches"] is None and rt.clip.text_batch_tower is None
+    assert model["image_runtime"] in ("torch", "onnx") and rt.clip.image_tower_bf16 is None
+    # Asked for by name, the copies are built whatever the CPU.
+    rt2 = runtime_factory(
+        make_settings(
+            data_dir=rt.settings.data_dir.parent / "named",
+            model={"image_runtime": "bf16", "text_batches_bf16": "on"},
+        )
+    )
+    assert rt2.health()["model"]["image_runtime"] == "bf16" and rt2.clip.text_batch_tower is not None
 
 
 def test_health_names_the_bf16_batches(make_settings, runtime_factory):

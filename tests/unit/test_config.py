@@ -74,7 +74,7 @@ def test_a_bad_value_is_refused_naming_the_variable(tmp_path: Path):
     [
         ("LOUPE_INGEST__THUMBNAIL_FORMAT", "gif"),
         ("LOUPE_MODEL__TEXT_THREADS_UNDER_LOAD", "-1"),
-        ("LOUPE_MODEL__IMAGE_BF16", "fast"),
+        ("LOUPE_MODEL__IMAGE_RUNTIME", "fast"),
     ],
 )
 def test_the_thumbnail_format_the_text_threads_and_the_image_tower_refuse_bad_values(

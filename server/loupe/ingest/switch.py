@@ -22,7 +22,7 @@ import numpy as np
 from loupe.errors import BadRequest, ConfigError, Conflict, LoupeError
 from loupe.index.faiss_mirror import FaissMirror
 from loupe.ingest.validate import decode_rgb
-from loupe.models import bf16_image, onnx_text, torch_thread
+from loupe.models import image_runtime, onnx_text, torch_thread
 from loupe.models.clip import ClipModel, open_clip_for_settings
 from loupe.search.filters import PAYLOAD_INDEXES
 
@@ -166,7 +166,7 @@ class ModelSwitcher:
         if clip.info.fingerprint == rt.clip.info.fingerprint:
             raise BadRequest(f"{name!r} is the library's current model", code="model_active")
         clip.text_runtime = onnx_text.attach_for_settings(clip, settings)
-        clip.image_runtime = bf16_image.attach_for_settings(clip, settings)
+        clip.image_runtime = image_runtime.attach_for_settings(clip, settings)
         version = rt.repo.create_model_version("clip", clip.info.name, clip.info.fingerprint, clip.dim, False)
         st.version = int(version.id)  # type: ignore[arg-type]
         from loupe.runtime import collection_name

@@ -10,7 +10,7 @@ COSINE_FLOOR to torch fp32 on the probes. The copy shares the fp32 token embeddi
 so it costs the transformer's weights at 2 bytes each: about 76 MB for ViT-B/32 (80-170 MB more anonymous memory in
 the server, measured). ONNX Runtime's threads do not busy-wait (models/onnx_text.py): spinning, they took the cores
 from this copy, and the server lost throughput (bench/RESULTS.md, "A/B: bf16 micro-batches"). Image vectors never
-come from it.
+come from it. `auto` does not try the copy where oneDNN has no bf16 kernels (`cpu_has_bf16`).
 """
 
 from __future__ import annotations
@@ -138,6 +138,20 @@ class Bf16TextTower:
         run = self.traced if self.traced is not None else self.tower
         with self._lock if self.traced is None else contextlib.nullcontext(), torch.inference_mode():
             return normalize(run(input_ids, attention_mask).float().numpy())
+
+
+def cpu_has_bf16() -> bool:
+    """Whether torch's CPU kernels (oneDNN) run bf16 here (AVX-512 or newer). Where they do not (AVX2-only CPUs)
+    the bf16 copies are far slower than fp32: the image tower's 1.7 pictures/s against 14 on an AMD EPYC with AVX2
+    (/tmp probe), so `auto` does not spend start-up time timing them. Unknown (an older torch): True, the timing
+    decides."""
+    import torch
+
+    check = getattr(getattr(torch.ops, "mkldnn", None), "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(check()) if check is not None else True
+    except Exception:  # not built into this torch: the timing decides
+        return True
 
 
 def best_of(fn: Callable[[], Any], repeat: int = 3) -> float:

@@ -76,11 +76,14 @@ class ClipModel:
         self._sizes = (int(shortest or info.image_size), int(ip.crop_size["height"]))
         self._mean = torch.tensor(ip.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
         self._std = torch.tensor(ip.image_std, dtype=torch.float32).view(1, 3, 1, 1)
+        self._mean_np, self._std_np = self._mean.numpy(), self._std.numpy()
         # On the CPU the image tower runs as a trace (models/tracing.py): the same vectors, bit for bit.
         self._image_tower: Any = self._trace_image_tower() if info.device == "cpu" else None
-        # Where a bf16 copy of the image tower is faster, it gives every image vector (models/bf16_image.py).
+        # Where ONNX Runtime or a bf16 copy of the image tower is faster, it gives every image vector (chosen at
+        # start: models/image_runtime.py).
+        self.image_tower_onnx: Any = None
         self.image_tower_bf16: Any = None
-        self.image_runtime = "fp32"
+        self.image_runtime = "torch"
 
     def _trace_image_tower(self) -> Any:
         import torch
@@ -141,8 +144,13 @@ class ClipModel:
 
     def embed_uint8(self, batch: np.ndarray, threads: int | None = None) -> np.ndarray:
         """Embed resize_crop outputs (n, H, W, 3) uint8: rescale and normalize on the model's device, on `threads`
-        torch threads of the CPU (default: `self.threads`)."""
+        torch threads of the CPU (default: `self.threads`). On ONNX Runtime, one pass at a time on its own pool
+        whatever `threads` says (models/onnx_image.py)."""
         import torch
+
+        if self.image_tower_onnx is not None:
+            x = np.ascontiguousarray(batch.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(255.0)
+            return self.image_tower_onnx((x - self._mean_np) / self._std_np)  # type: ignore[no-any-return]
 
         def run() -> np.ndarray:
             with self._lock, torch.inference_mode():

@@ -6,8 +6,8 @@ length dynamic so a query runs only its real tokens. `onnx-int8` also quantizes 
 dynamically (int8 matmuls), with one scale per output channel: on a real-weights text encoder (MiniLM,
 bench/int8_text_bench.py) that kept query vectors at cosine 0.9935 to fp32 and 93% of the top 10, against 0.967 and
 87% with one scale per tensor, at the same speed. Every export is checked against torch on probe queries before
-it is used: below the cosine floor it is refused and torch keeps serving (the log says why). Image vectors always
-come from torch, so the library never depends on this choice.
+it is used: below the cosine floor it is refused and torch keeps serving (the log says why). Image vectors come
+from the image runtime (models/image_runtime.py), never from this choice.
 """
 
 from __future__ import annotations
@@ -130,7 +130,11 @@ def _attach_for_settings(clip: Any, settings: Settings) -> str:
     clip.text_runtime = attach(
         clip, settings.model.text_runtime, settings.data_dir / "models" / "onnx", settings.model.torch_threads
     )
-    clip.text_batches = bf16_text.attach(clip, settings.model.text_batches_bf16)
+    mode = settings.model.text_batches_bf16
+    if mode == "auto" and not bf16_text.cpu_has_bf16():
+        log.info("this CPU has no bf16 kernels: the bf16 text tower is not tried")
+        mode = "off"
+    clip.text_batches = bf16_text.attach(clip, mode)
     clip.text_threads_under_load = settings.model.text_threads_under_load
     if clip.text_batch_tower is not None and clip.text_batch_min <= 1 and clip.text_tower is not None:
         # The bf16 copy takes every query, so the ONNX Runtime session would never run: its weights are freed.
