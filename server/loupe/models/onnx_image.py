@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from loupe.models.onnx_text import cpu_session
 from loupe.models.vectors import normalize
 
 # Export files: PREFIX-<fingerprint>.onnx in the ONNX cache directory (beside the text tower's exports).
@@ -30,16 +31,7 @@ class OnnxImageTower:
     """Normalized float32 pixel values (n, 3, H, W) in, unit vectors out; thread-safe, one pass at a time."""
 
     def __init__(self, path: Path, threads: int = 0) -> None:
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # No busy-waiting between passes: its threads would spin on the cores that the next picture's decoding or
-        # a text pass needs.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.session = cpu_session(path, threads)
         self.path = path
         self._lock = threading.Lock()
 

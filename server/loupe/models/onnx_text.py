@@ -42,17 +42,23 @@ PREFIX = "text2"
 SUFFIX = {"onnx": "", "onnx-int8": "-int8c"}
 
 
+def cpu_session(path: Path, threads: int = 0) -> Any:
+    """An ONNX Runtime session on the CPU on `threads` intra-op threads (0: its default, one per core), all graph
+    optimizations on, its threads not busy-waiting between runs: spinning, they took the cores that the bf16 copy,
+    torch or the next picture's decoding needed."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
 class OnnxTextTower:
     def __init__(self, path: Path, threads: int = 0) -> None:
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # No busy-waiting between runs: its threads would spin on the cores the bf16 copy or torch need next.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.session = cpu_session(path, threads)
         self.path = path
         # The pooled tower's graph has no attention_mask input: right padding needs none (models/text_pooled.py).
         self.takes_mask = "attention_mask" in {i.name for i in self.session.get_inputs()}
