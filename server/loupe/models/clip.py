@@ -149,8 +149,13 @@ class ClipModel:
         import torch
 
         if self.image_tower_onnx is not None:
-            x = np.ascontiguousarray(batch.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(255.0)
-            return self.image_tower_onnx((x - self._mean_np) / self._std_np)  # type: ignore[no-any-return]
+            # Normalized in numpy, in place: torch ops here would give the calling thread an OpenMP team of its own
+            # (models/torch_thread.py).
+            x = np.ascontiguousarray(batch.transpose(0, 3, 1, 2), dtype=np.float32)
+            x /= np.float32(255.0)
+            x -= self._mean_np
+            x /= self._std_np
+            return self.image_tower_onnx(x)  # type: ignore[no-any-return]
 
         def run() -> np.ndarray:
             with self._lock, torch.inference_mode():

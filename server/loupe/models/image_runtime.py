@@ -6,8 +6,9 @@ about 4x faster on CPUs with bf16 matrix units, within COSINE_FLOOR of fp32).
 `auto` times each candidate on probe batches of the shape an ingest model worker embeds (PROBE_BATCH pictures)
 and compares what each gives the whole machine: torch and the bf16 copy run one single-threaded pass per torch
 thread side by side (ingest's lanes), ONNX Runtime one pass at a time on its own pool of all threads. Where torch
-has no bf16 kernels (bf16_text.cpu_has_bf16: AVX2-only CPUs) the bf16 copy is not tried. ONNX Runtime serves where it gives ONNX_GAIN times torch's rate; the bf16 copy
-where it gives BF16_GAIN times the faster fp32 runtime's (it costs rounding). A candidate serves only while its
+has no bf16 kernels (bf16_text.cpu_has_bf16: AVX2-only CPUs) the bf16 copy is not tried. ONNX Runtime serves
+where it gives ONNX_GAIN times torch's rate; the bf16 copy where it gives BF16_GAIN times the faster fp32
+runtime's (it costs rounding). A candidate serves only while its
 vectors keep its cosine floor to torch's on the probe pictures; the others are freed. On a GPU torch serves.
 """
 
@@ -32,7 +33,6 @@ PROBE_BATCH = 8
 ONNX_GAIN = 1.1
 BF16_GAIN = 1.25
 FLOORS = {"onnx": 0.9999, "bf16": COSINE_FLOOR}
-RUNTIMES = ("torch", "onnx", "bf16")
 
 
 def probe_pixels(side: int, n: int = PROBE_BATCH) -> np.ndarray:

@@ -3,7 +3,7 @@ the probes), faster where torch's CPU kernels are slow.
 
 On a 2-core AMD EPYC with AVX2 only (no AVX-512), ViT-B/32's image tower ran 1.4-1.7x faster on ONNX Runtime than
 as a torch trace: one picture on 2 threads 73 against 126 ms, batches of 8 17.5 against 12.8 pictures/s (/tmp
-probe, bench/RESULTS.md "Ingest on the CPU"). The session runs every pass on its own pool of all threads, one pass
+probe; bench/RESULTS.md, the summary's eighth box and "A/B: ingest pipeline"). The session runs every pass on its own pool of all threads, one pass
 at a time: two passes at once on that pool ran 14.4 pictures/s against 17.5 one after another. The tower (vision
 transformer and projection) is exported once per model fingerprint into the data directory with the batch
 dynamic. models/image_runtime.py decides at start whether it serves.
@@ -12,13 +12,12 @@ dynamic. models/image_runtime.py decides at start whether it serves.
 from __future__ import annotations
 
 import threading
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from loupe.models.onnx_text import cpu_session
+from loupe.models.onnx_text import cpu_session, export_module
 from loupe.models.vectors import normalize
 
 # Export files: PREFIX-<fingerprint>.onnx in the ONNX cache directory (beside the text tower's exports).
@@ -43,7 +42,7 @@ class OnnxImageTower:
 
 def export(model: Any, side: int, target: Path) -> Path:
     """Export `model`'s image tower (get_image_features: vision transformer, pooled output, projection) to
-    `target`, the batch dynamic (the legacy TorchScript exporter: the dynamo one needs onnxscript); atomic."""
+    `target`, the batch dynamic; atomic."""
     import torch
 
     class Tower(torch.nn.Module):
@@ -56,21 +55,10 @@ def export(model: Any, side: int, target: Path) -> Path:
 
     target.parent.mkdir(parents=True, exist_ok=True)
     with _export_lock:
-        if target.exists():
-            return target
-        tmp = target.with_suffix(".tmp")
-        example = torch.zeros(2, 3, side, side)
-        with torch.inference_mode(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer warnings about shape checks the export fixes
-            torch.onnx.export(
-                Tower().eval(),
-                (example,),
-                str(tmp),
-                input_names=["pixel_values"],
-                output_names=["embedding"],
-                dynamic_axes={"pixel_values": {0: "batch"}, "embedding": {0: "batch"}},
-                opset_version=17,
-                dynamo=False,
-            )
-        tmp.replace(target)
+        if not target.exists():
+            tmp = target.with_suffix(".tmp")
+            example = torch.zeros(2, 3, side, side)
+            axes = {"pixel_values": {0: "batch"}, "embedding": {0: "batch"}}
+            export_module(Tower().eval(), (example,), tmp, ["pixel_values"], axes)
+            tmp.replace(target)
     return target

@@ -74,26 +74,37 @@ class OnnxTextTower:
 _export_lock = threading.Lock()
 
 
-def export_encoder(module: Any, input_ids: Any, attention_mask: Any, out: Path) -> None:
-    """Export a text encoder `module(input_ids, attention_mask) -> embedding` to ONNX with the batch and the
-    number of tokens dynamic (the legacy TorchScript exporter: the dynamo one needs onnxscript)."""
+def export_module(
+    module: Any,
+    args: tuple[Any, ...],
+    out: Path,
+    input_names: list[str],
+    dynamic_axes: dict[str, dict[int, str]],
+) -> None:
+    """Export `module(*args) -> embedding` to ONNX, the inputs named `input_names`, the axes in `dynamic_axes`
+    dynamic (the legacy TorchScript exporter: the dynamo one needs onnxscript)."""
     import torch
 
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about shape checks the export fixes
         torch.onnx.export(
             module,
-            (input_ids, attention_mask),
+            args,
             str(out),
-            input_names=["input_ids", "attention_mask"],
+            input_names=input_names,
             output_names=["embedding"],
-            dynamic_axes={
-                "input_ids": {0: "batch", 1: "tokens"},
-                "attention_mask": {0: "batch", 1: "tokens"},
-            },
+            dynamic_axes=dynamic_axes,
             opset_version=17,
             dynamo=False,
         )
+
+
+def export_encoder(module: Any, input_ids: Any, attention_mask: Any, out: Path) -> None:
+    """Export a text encoder `module(input_ids, attention_mask) -> embedding` to ONNX with the batch and the
+    number of tokens dynamic."""
+    tokens = {0: "batch", 1: "tokens"}
+    names = ["input_ids", "attention_mask"]
+    export_module(module, (input_ids, attention_mask), out, names, dict.fromkeys(names, tokens))
 
 
 def export(clip: Any, target: Path, kind: str) -> Path:
