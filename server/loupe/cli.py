@@ -33,6 +33,10 @@ def _setup_logging(level: str) -> None:
 def _load_settings() -> Settings:
     from pydantic import ValidationError
 
+    from loupe.config import unknown_settings
+
+    for name in unknown_settings():
+        log.warning("%s is not a Loupe setting and is ignored (`loupe config` lists them)", name)
     try:
         return Settings()
     except ValidationError as exc:

@@ -8,6 +8,8 @@ An optional `.env` in the working directory is read too.
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -339,6 +341,46 @@ class Settings(BaseSettings):
         if data.get("qdrant_api_key"):
             data["qdrant_api_key"] = "***"
         return data
+
+
+# Settings that were renamed: the old name is ignored, so it gets a hint at start instead of silence.
+RENAMED = {
+    "LOUPE_MODEL__IMAGE_BF16": "LOUPE_MODEL__IMAGE_RUNTIME (auto | torch | onnx | bf16)",
+}
+
+
+def _names(model: type[BaseModel], prefix: str) -> set[str]:
+    """Every variable name that sets a field of `model`, nested areas included (each may also be given whole, as
+    JSON)."""
+    out = set()
+    for name, field in model.model_fields.items():
+        full = f"{prefix}{name.upper()}"
+        out.add(full)
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            out |= _names(field.annotation, f"{full}__")
+    return out
+
+
+def unknown_settings(
+    environ: Mapping[str, str] | None = None, env_file: Path | None = Path(".env")
+) -> list[str]:
+    """The LOUPE_ variables (in the environment and in `env_file`) that name no setting: a typo or a renamed
+    setting would otherwise be ignored without a word (extra="ignore"). Each as "NAME" or "NAME (now NEW)"."""
+    if environ is None:
+        environ = os.environ
+    names = {k.upper() for k in environ}
+    if env_file is not None and env_file.is_file():
+        from dotenv import dotenv_values
+
+        names |= {k.upper() for k in dotenv_values(env_file)}
+    known = _names(Settings, "LOUPE_")
+    out = []
+    ours = ("LOUPE_TEST_",)  # the test suite's own variables (tests/conftest.py)
+    for name in sorted(
+        n for n in names if n.startswith("LOUPE_") and n not in known and not n.startswith(ours)
+    ):
+        out.append(f"{name} (now {RENAMED[name]})" if name in RENAMED else name)
+    return out
 
 
 def _mask_url(url: str) -> str:

@@ -69,6 +69,32 @@ def test_a_bad_value_is_refused_naming_the_variable(tmp_path: Path):
     assert "LOUPE_INGEST__BATCH_SIZE" in out.stderr
 
 
+def test_a_misspelt_or_renamed_setting_is_named_at_start_not_ignored_in_silence(tmp_path: Path):
+    (tmp_path / ".env").write_text("LOUPE_SEARCH__MAX_LIMT=9\n")
+    env = {
+        **clean_env(),
+        "LOUPE_DATA_DIR": str(tmp_path),
+        "LOUPE_INGEST__BACH_SIZE": "7",
+        "LOUPE_MODEL__IMAGE_BF16": "on",
+        "LOUPE_SEARCH__FUSION__METHOD": "weighted",  # three levels deep: a real setting
+        "LOUPE_MODEL": '{"torch_threads": 1}',  # a whole area as JSON: a real setting
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "loupe.cli", "config"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tmp_path,
+    )
+    warned = " ".join(out.stderr.split())  # rich wraps long lines
+    for name in ("LOUPE_INGEST__BACH_SIZE", "LOUPE_SEARCH__MAX_LIMT", "now LOUPE_MODEL__IMAGE_RUNTIME"):
+        assert name in warned
+    assert "FUSION__METHOD" not in warned and "LOUPE_MODEL " not in warned
+    data = json.loads(out.stdout)
+    assert (data["search"]["fusion"]["method"], data["model"]["torch_threads"]) == ("weighted", 1)
+
+
 @pytest.mark.parametrize(
     ("variable", "value"),
     [
