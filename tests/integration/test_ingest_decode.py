@@ -165,6 +165,33 @@ def test_model_workers_are_lanes_that_do_not_wait_for_each_other(make_settings, 
     assert all(rt.repo.get_image(i).state == "ready" for i in ids) and rt.mirror.live_count == 12
 
 
+def test_a_lane_that_fails_ends_the_run_and_loses_no_picture(make_settings, runtime_factory, monkeypatch):
+    """A lane whose claim fails (the database gone for a moment) ends the run with that error, but only after
+    every batch in hand, its own and the other lane's, is finished: no picture is left `processing` to wait for
+    its lease, and the next run indexes the rest."""
+    rt = runtime_factory(make_settings(ingest={"batch_size": 4, "model_workers": 2}))
+    shapes = mk.shape_set(per_class=1, seed=5)[:12]
+    ids = [o.id for o in rt.ingest.upload([(s.name, s.data) for s in shapes])]
+    claim = rt.repo.claim_pending
+    calls = iter(range(10**6))
+
+    def failing_claim(*args, **kwargs):
+        if next(calls) == 2:  # the first lane back from its first share
+            raise RuntimeError("database connection lost")
+        return claim(*args, **kwargs)
+
+    monkeypatch.setattr(rt.repo, "claim_pending", failing_claim)
+    with pytest.raises(RuntimeError, match="connection lost"):
+        rt.ingest.process_batches()
+    states = rt.repo.counts_by_state()
+    assert states.get("processing", 0) == 0
+    assert 4 <= states.get("ready", 0) < 12 and states["ready"] + states.get("pending", 0) == 12
+    assert rt.mirror.live_count == states["ready"]
+    monkeypatch.setattr(rt.repo, "claim_pending", claim)
+    assert rt.ingest.drain() == 12 - states["ready"]
+    assert all(rt.repo.get_image(i).state == "ready" for i in ids) and rt.mirror.live_count == 12
+
+
 def test_a_query_picture_is_prepared_as_ingest_prepares_it(make_settings, runtime_factory):
     """A 1 MP JPEG (decoded at a reduced DCT scale, thumbnailed, resized from the thumbnail) uploaded to the
     library and the same bytes prepared as a query picture (POST /api/search/image) give the same vector."""
