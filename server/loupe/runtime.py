@@ -318,6 +318,7 @@ class Runtime:
         clip, version = torch_thread.call(resolve_model, settings, repo)
         clip.text_runtime = onnx_text.attach_for_settings(clip, settings)
         clip.image_runtime = image_runtime.attach_for_settings(clip, settings)
+        onnx_text.prune_exports(settings.data_dir / "models" / "onnx")  # after the exports in use were marked
         collection = collection_name(version)
         vectors_up = True
         try:

@@ -4,6 +4,8 @@ the full-size ViT-B/32 with the real 49,408-token tokenizer."""
 
 from __future__ import annotations
 
+import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from loupe.models import onnx_text
 from loupe.models.clip import load_clip
 from loupe.models.vectors import normalize
 
@@ -345,3 +348,22 @@ def test_the_pooled_tower_gives_transformers_vectors(tiny_clip_dir: Path, legacy
                 ref = clip.model.get_text_features(**enc).pooler_output
                 got = tower(enc["input_ids"], enc["attention_mask"])
             np.testing.assert_allclose(got.numpy(), ref.numpy(), atol=1e-5)
+
+
+def test_exports_of_other_models_unused_for_a_month_are_deleted_at_start(make_settings, runtime_factory):
+    settings = make_settings()
+    cache = settings.data_dir / "models" / "onnx"
+    rt = runtime_factory(settings)
+    own = cache / f"{onnx_text.PREFIX}-{rt.clip.info.fingerprint}.onnx"
+    assert rt.clip.text_runtime == "onnx" and own.exists()
+    rt.close()
+    month = time.time() - (onnx_text.UNUSED_DAYS + 1) * 86400
+    old = cache / "text2-0123456789abcdef.onnx"  # another model's export, last loaded over a month ago
+    recent = cache / "image1-fedcba9876543210.onnx"  # another model's, loaded last week
+    unfinished = cache / "text2-0123456789abcdef.tmp"  # a process stopped while exporting
+    for path, when in ((old, month), (recent, time.time() - 7 * 86400), (unfinished, time.time() - 7200)):
+        path.write_bytes(b"onnx")
+        os.utime(path, (when, when))
+    os.utime(own, (month, month))  # this model's own: loaded again at start, so kept however old
+    runtime_factory(settings)
+    assert sorted(p.name for p in cache.iterdir()) == sorted([own.name, recent.name])
