@@ -298,12 +298,10 @@ def cmd_model(args: argparse.Namespace) -> int:
 
     from loupe.runtime import Runtime
 
+    if args.model_command == "list":
+        return _model_list(_load_settings())
     rt = Runtime.open(_load_settings())
     try:
-        if args.model_command == "list":
-            for v in rt.repo.model_versions("clip"):
-                print(json.dumps(v.model_dump(mode="json")))
-            return 0
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         with Progress(*columns, console=Console(stderr=True)) as bar:  # stdout: the JSON result
             task = bar.add_task(f"re-embedding with {args.name}", total=None)
@@ -319,6 +317,36 @@ def cmd_model(args: argparse.Namespace) -> int:
         return 0
     finally:
         rt.close()
+
+
+def _model_list(settings: Settings) -> int:
+    """The model versions, read from the database alone: no model loaded, no store opened, no data-directory lock,
+    so it answers in a second, beside a running server too (SQLite readers do not block its writer)."""
+    from sqlalchemy import inspect
+    from sqlalchemy.exc import DBAPIError
+
+    from loupe.storage.metadata.engine import create_db_engine
+    from loupe.storage.metadata.repo import MetadataRepo
+    from loupe.storage.metadata.tables import ModelVersion
+
+    url = settings.effective_database_url
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+        return 0  # a library not created yet has no versions (and listing must not create its database)
+    engine = create_db_engine(url)
+    try:
+        if not inspect(engine).has_table(ModelVersion.__tablename__):
+            return 0
+        versions = MetadataRepo(engine).model_versions("clip")
+    except DBAPIError as exc:
+        raise ConfigError(
+            f"cannot read the model versions from {settings.public_dict()['database_url']} "
+            f"({type(exc.orig).__name__}: {exc.orig}); `loupe db upgrade` brings an older schema up to date"
+        ) from exc
+    finally:
+        engine.dispose()
+    for v in versions:
+        print(json.dumps(v.model_dump(mode="json")))
+    return 0
 
 
 def _model_use_remote(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from loupe.runtime import DataDirLock
 from tests.fixtures.images import shape_set
 
 
@@ -43,8 +44,23 @@ def test_finetune_then_model_use_then_list(tmp_path: Path, tiny_clip_dir: Path):
     assert json.loads(out.stdout.strip().splitlines()[-1])["state"] == "done"
 
     env["LOUPE_CLIP_MODEL"] = report["output"]  # what the switch tells the user to set
-    versions = [json.loads(line) for line in loupe(env, "model", "list").stdout.splitlines()]
+    held = DataDirLock(tmp_path / "data")  # as a running server holds it: listing reads the database only
+    held.acquire()
+    try:
+        listed = loupe(env, "model", "list")
+    finally:
+        held.release()
+    assert listed.returncode == 0, listed.stderr
+    versions = [json.loads(line) for line in listed.stdout.splitlines()]
     assert [v["active"] for v in versions] == [False, True] and versions[1]["name"] == report["output"]
 
     again = loupe(env, "model", "use", report["output"])
     assert again.returncode == 2 and "current model" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_model_list_of_a_library_not_created_yet_is_empty_and_creates_nothing(tmp_path: Path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOUPE_")}
+    env.update(LOUPE_DATA_DIR=str(tmp_path / "data"))
+    out = loupe(env, "model", "list")
+    assert (out.returncode, out.stdout) == (0, "")
+    assert not (tmp_path / "data" / "loupe.db").exists()
