@@ -293,13 +293,13 @@ def cmd_model(args: argparse.Namespace) -> int:
     """Model versions: list them, or switch the library to another checkpoint (re-embeds, then switches)."""
     if args.model_command == "use" and args.server:
         return _model_use_remote(args)
+    if args.model_command == "list":
+        return _model_list(_load_settings())
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from loupe.runtime import Runtime
 
-    if args.model_command == "list":
-        return _model_list(_load_settings())
     rt = Runtime.open(_load_settings())
     try:
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
@@ -323,16 +323,17 @@ def _model_list(settings: Settings) -> int:
     """The model versions, read from the database alone: no model loaded, no store opened, no data-directory lock,
     so it answers in a second, beside a running server too (SQLite readers do not block its writer)."""
     from sqlalchemy import inspect
+    from sqlalchemy.engine import make_url
     from sqlalchemy.exc import DBAPIError
 
     from loupe.storage.metadata.engine import create_db_engine
     from loupe.storage.metadata.repo import MetadataRepo
     from loupe.storage.metadata.tables import ModelVersion
 
-    url = settings.effective_database_url
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+    url = make_url(settings.effective_database_url)
+    if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
         return 0  # a library not created yet has no versions (and listing must not create its database)
-    engine = create_db_engine(url)
+    engine = create_db_engine(settings.effective_database_url)
     try:
         if not inspect(engine).has_table(ModelVersion.__tablename__):
             return 0

@@ -361,13 +361,14 @@ def _names(model: type[BaseModel], prefix: str) -> set[str]:
     return out
 
 
-def unknown_settings(
-    environ: Mapping[str, str] | None = None, env_file: Path | None = Path(".env")
-) -> list[str]:
-    """The LOUPE_ variables (in the environment and in `env_file`) that name no setting: a typo or a renamed
-    setting would otherwise be ignored without a word (extra="ignore"). Each as "NAME" or "NAME (now NEW)"."""
+def unknown_settings(environ: Mapping[str, str] | None = None, env_file: Path | None = None) -> list[str]:
+    """The LOUPE_ variables (in the environment and in `env_file`, default the `.env` that Settings reads) that
+    name no setting: a typo or a renamed setting would otherwise be ignored without a word (extra="ignore"). Each
+    as "NAME" or "NAME (now NEW)"."""
     if environ is None:
         environ = os.environ
+    if env_file is None:
+        env_file = Path(str(Settings.model_config.get("env_file") or ".env"))
     names = {k.upper() for k in environ}
     if env_file is not None and env_file.is_file():
         from dotenv import dotenv_values
