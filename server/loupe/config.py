@@ -227,7 +227,11 @@ class SearchSettings(BaseModel):
         64, ge=0, description="filters whose matching ids are kept between searches"
     )
     filter_cache_ttl_s: float = Field(
-        5.0, ge=0, description="longest a cached filter result is trusted (other API nodes' writes)"
+        5.0,
+        ge=0,
+        description="longest a cached filter result is trusted after its SQL returned, where other API nodes "
+        "may write (Postgres, or a database URL set by hand); on the embedded SQLite database only this "
+        "process writes and its own commits invalidate the cache, so the TTL does not apply",
     )
     result_cache_size: int = Field(
         1024,

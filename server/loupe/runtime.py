@@ -217,6 +217,7 @@ def search_service(
     mirror: FaissMirror,
     collection: str,
     version_id: int,
+    sole_writer: bool,
 ) -> SearchService:
     return SearchService(
         settings=settings.search,
@@ -229,6 +230,7 @@ def search_service(
         text_cache_size=settings.model.text_cache_size,
         text_indexer=text_indexer,
         model_version_id=version_id,
+        sole_writer=sole_writer,
     )
 
 
@@ -370,6 +372,7 @@ class Runtime:
             mirror,
             collection,
             int(version.id),  # type: ignore[arg-type]
+            sole_writer=lock is not None and settings.database_url is None,
         )
         bulk = BulkService(settings.ingest, repo, ingest, settings.data_dir / "staging")
         keys = KeyService(repo, secret, settings.auth)
@@ -437,6 +440,7 @@ class Runtime:
             mirror,
             collection,
             version_id,
+            sole_writer=self.search.sole_writer,
         )
         search.url_for = self.url
         return search

@@ -207,6 +207,33 @@ def test_a_cached_filter_follows_edits_and_deletes(lib: Lib):
     assert found() == (set(picked[1:]), False)
 
 
+def test_a_filter_slower_than_its_ttl_is_still_cached_where_no_other_node_writes(lib: Lib):
+    """At 1M pictures a broad filter's SQL took 2.5-6.5 s on a slow box, longer than the 5 s TTL counted from
+    its start, so it was never cached and every search under it paid seconds. Where this process is the only
+    writer (the embedded SQLite database under its locked data directory) the TTL does not apply; elsewhere
+    (Postgres: other API nodes may write) it counts from the SQL's end."""
+    svc = lib.rt.search
+    assert svc.sole_writer == (lib.rt.settings.database_url is None)
+    flt = {"tags": {"any": ["ttl-probe"]}}
+    limits = iter(range(60, 10, -1))  # the whole-response cache never answers
+
+    def cached() -> bool:
+        req = SearchRequest(query=[Term(vector=lib.vecs[1].tolist())], filters=flt, limit=next(limits))
+        return bool(svc.search(req).plan["filter"]["cached"])
+
+    ttl = svc.settings.filter_cache_ttl_s
+    try:
+        svc.settings.filter_cache_ttl_s = 0.0  # every cached entry is older than the TTL
+        assert cached() is False
+        assert cached() is svc.sole_writer
+        svc.settings.filter_cache_ttl_s = 60.0
+        assert cached() is True  # within the TTL everywhere
+        lib.rt.ingest.edit([int(lib.ids[7])], {"add_tags": ["ttl-probe"]})
+        assert cached() is False  # this process's commit still invalidates it, sole writer or not
+    finally:
+        svc.settings.filter_cache_ttl_s = ttl
+
+
 def test_repeated_searches_come_from_the_result_cache_until_anything_changes(lib: Lib):
     svc = lib.rt.search
     flt = {"tags": {"any": ["result-probe"]}}

@@ -143,8 +143,12 @@ class SearchService:
         text_cache_size: int = 4096,
         text_indexer: TextIndexer | None = None,
         model_version_id: int = 0,
+        sole_writer: bool = False,
     ) -> None:
         self.settings = settings
+        # No other process can write this library (the embedded SQLite database in a data directory this
+        # process holds the lock of): repo.generation alone says whether a cached filter still holds.
+        self.sole_writer = sole_writer
         self.model_version_id = model_version_id
         self.repo = repo
         self.clip = clip
@@ -442,21 +446,25 @@ class SearchService:
 
     def _filter_ids(self, req: SearchRequest) -> tuple[_FilterEntry, bool]:
         """The matching ids, from a small cache valid while the database is unchanged (this process's commits
-        bump repo.generation) and, for writes by other nodes, for at most search.filter_cache_ttl_s: a user
-        typing queries and paging under one filter pays the SQL once, and the id-to-row mapping once per mirror
-        version."""
+        bump repo.generation) and, where other nodes may write, for at most search.filter_cache_ttl_s after
+        the SQL returned: a user typing queries and paging under one filter pays the SQL once, and the id-to-row
+        mapping once per mirror version. The age counts from the SQL's end, not its start: a broad filter over
+        a large library can take longer than the TTL, and would never be cached (every search paying seconds)."""
         assert req.filters is not None
         key = req.filters.model_dump_json(exclude_none=True, by_alias=True)
-        now = time.monotonic()
         gen = self.repo.generation
         with self._filter_lock:
             hit = self._filter_cache.get(key)
-            if hit is not None and hit.generation == gen and now - hit.at <= self.settings.filter_cache_ttl_s:
+            if (
+                hit is not None
+                and hit.generation == gen
+                and (self.sole_writer or time.monotonic() - hit.at <= self.settings.filter_cache_ttl_s)
+            ):
                 self._filter_cache.move_to_end(key)
                 return hit, True
         ids = self.repo.ids_where(ready_and(req.filters))
         ids.setflags(write=False)
-        entry = _FilterEntry(gen, now, ids)
+        entry = _FilterEntry(gen, time.monotonic(), ids)
         with self._filter_lock:
             if self.settings.filter_cache_size:
                 self._filter_cache[key] = entry
