@@ -26,10 +26,12 @@ def run_import(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[s
 
 
 def tree(root: Path) -> None:
-    for folder, n in (("2019/lisbon", 3), ("2020/paris", 2)):
+    # Distinct fixed seeds: str hashes are salted per process, and hash((folder, i)) % 10_000 once gave a
+    # Paris picture a Lisbon picture's seed (the same bytes, so the import rightly skipped it).
+    for k, (folder, n) in enumerate((("2019/lisbon", 3), ("2020/paris", 2))):
         (root / folder).mkdir(parents=True)
         for i in range(n):
-            (root / folder / f"{i}.png").write_bytes(mk.noise_png(hash((folder, i)) % 10_000, 32))
+            (root / folder / f"{i}.png").write_bytes(mk.noise_png(100 * k + i, 32))
     (root / "2020/paris/notes.txt").write_text("not a picture")
     (root / "2020/paris/skip-me.png").write_bytes(mk.noise_png(999, 32))
     (root / ".hidden").mkdir()
