@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from litestar import get, post
+from litestar.params import JSONBody
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from loupe import __version__
@@ -48,7 +49,7 @@ async def models(rt: RT) -> dict[str, Any]:
     status_code=202,
     summary="Switch the library to another CLIP model (admin): re-embeds in the background, then switches atomically",
 )
-async def use_model(rt: RT, data: ModelUse) -> dict[str, Any]:
+async def use_model(rt: RT, data: JSONBody[ModelUse]) -> dict[str, Any]:
     status = await blocking(rt.switcher.start, data.name)
     return status.as_dict()
 
@@ -74,7 +75,7 @@ async def finetune_status(rt: RT) -> dict[str, Any]:
 
 
 @post("/api/finetune", tags=["system"], status_code=202, summary="Fine-tune the model on the library (admin)")
-async def finetune_start(rt: RT, data: FinetuneStart) -> dict[str, Any]:
+async def finetune_start(rt: RT, data: JSONBody[FinetuneStart]) -> dict[str, Any]:
     unknown = sorted(set(data.settings) - set(FinetuneSettings.model_fields))
     if unknown:  # a typo must not silently train with the defaults
         raise BadRequest(
