@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from loupe.models import text_pooled
+from loupe.models.runtime_choice import ChoiceMemory, described
 from loupe.models.tracing import trace_checked
 from loupe.models.vectors import normalize
 
@@ -164,14 +165,36 @@ def best_of(fn: Callable[[], Any], repeat: int = 3) -> float:
     return min(took)
 
 
-def attach(clip: Any, mode: str, gain_needed: float | None = None) -> str:
+def attach(clip: Any, mode: str, gain_needed: float | None = None, memory: ChoiceMemory | None = None) -> str:
     """Route micro-batches to a bf16 copy of the text tower when `mode` is on, or auto and it measures at least
-    `gain_needed` (default BATCH_GAIN) times faster. Returns a description for health: "" (not used) or "bf16 from N queries" (N = 1:
-    every text query)."""
+    `gain_needed` (default BATCH_GAIN) times faster. With a `memory`, `auto` reuses the verdict an earlier start
+    timed for this model, text runtime and machine (the copy, where used, still checked against fp32) and records
+    the ones it times. Returns a description for health: "" (not used) or "bf16 from N queries" (N = 1: every
+    text query)."""
     clip.text_batch_tower, clip.text_batch_min = None, 0
     gain_needed = BATCH_GAIN if gain_needed is None else gain_needed
     if mode == "off" or clip.info.device != "cpu":
         return ""
+    key = entry = None
+    if mode == "auto" and memory is not None:
+        key = memory.key(
+            "text-batches",
+            clip.info.fingerprint,
+            runtime=clip.text_runtime,
+            threads=clip.threads,
+            gain=gain_needed,
+            sizes=PROBE_SIZES,
+        )
+        entry = memory.get(key)
+        if entry is not None and not isinstance(entry.get("start"), int):
+            entry = None
+        if entry is not None:
+            clip.runtime_choices["text_batches"] = described(entry)
+            if entry["start"] == 0:  # slower than the runtime in use here: not even built
+                log.info(
+                    "bf16 text tower: not used (%s; delete %s to time again)", described(entry), memory.path
+                )
+                return ""
     try:
         tower = Bf16TextTower(clip.model, clip.tokenize)
         enc = clip.tokenize(PROBES)
@@ -188,6 +211,9 @@ def attach(clip: Any, mode: str, gain_needed: float | None = None) -> str:
     start = 0
     if mode == "on":
         start = 2
+    elif entry is not None:
+        start = int(entry["start"])
+        log.info("bf16 text tower: from %d queries (%s)", start, described(entry))
     else:
         for size in PROBE_SIZES:
             part = clip.tokenize(PROBES[:size])
@@ -198,6 +224,9 @@ def attach(clip: Any, mode: str, gain_needed: float | None = None) -> str:
             if gain >= gain_needed:
                 start = size
                 break
+        clip.runtime_choices["text_batches"] = "timed at start"
+        if memory is not None and key is not None:
+            memory.put(key, start=start)
     if not start:
         return ""
     clip.text_batch_tower, clip.text_batch_min = tower, start

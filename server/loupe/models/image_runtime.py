@@ -10,6 +10,8 @@ has no bf16 kernels (bf16_text.cpu_has_bf16: AVX2-only CPUs) the bf16 copy is no
 where it gives ONNX_GAIN times torch's rate; the bf16 copy where it gives BF16_GAIN times the faster fp32
 runtime's (it costs rounding). A candidate serves only while its
 vectors keep its cosine floor to torch's on the probe pictures; the others are freed. On a GPU torch serves.
+The verdict is remembered per model and machine (models/runtime_choice.py): later starts build and check only the
+runtime chosen, without timing.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from loupe.models.bf16_text import COSINE_FLOOR, cpu_has_bf16
+from loupe.models.runtime_choice import ChoiceMemory, described
 
 log = logging.getLogger(__name__)
 
@@ -141,22 +144,49 @@ def attach(
     threads: int = 0,
     gains: Mapping[str, float] | None = None,
     try_bf16: bool = True,
+    memory: ChoiceMemory | None = None,
 ) -> str:
     """Give `clip` the image runtime `mode` asks for (auto | torch | onnx | bf16; a named one serves whenever it
     builds and keeps its floor, else torch). `gains` overrides ONNX_GAIN / BF16_GAIN for `auto`, and `try_bf16`
-    False leaves the bf16 copy out of it. `threads`: ONNX Runtime's pool (0: its default, one per core). Returns
-    the runtime in use, for health. Call on the torch thread (models/torch_thread.py), as the model's other
-    start-up checks."""
+    False leaves the bf16 copy out of it. `threads`: ONNX Runtime's pool (0: its default, one per core). With a
+    `memory`, `auto` reuses the choice an earlier start timed for this model on this machine (still checked
+    against torch's vectors) and records the ones it times. Returns the runtime in use, for health. Call on the
+    torch thread (models/torch_thread.py), as the model's other start-up checks."""
     _install(clip, "torch", None)
     if mode == "torch" or clip.info.device != "cpu":
         return "torch"
     pixels = probe_pixels(clip._sizes[1])
     names = (["onnx", "bf16"] if try_bf16 else ["onnx"]) if mode == "auto" else [mode]
+    need = {"onnx": ONNX_GAIN, "bf16": BF16_GAIN, **(gains or {})}
+    key = None
+    if mode == "auto" and memory is not None:
+        key = memory.key(
+            "image",
+            clip.info.fingerprint,
+            lanes=clip.threads,
+            pool=threads,
+            names=names,
+            gains=need,
+            n=len(pixels),
+        )
+        entry = memory.get(key)
+        if entry is not None and entry.get("choice") in {"torch", *names}:
+            chosen = str(entry["choice"])
+            found = {} if chosen == "torch" else _candidates(clip, [chosen], cache_dir, threads, pixels)
+            if chosen == "torch" or chosen in found:
+                log.info(
+                    "image tower: %s (%s; delete %s to time again)", chosen, described(entry), memory.path
+                )
+                clip.runtime_choices["image"] = described(entry)
+                _install(clip, chosen, found.get(chosen))
+                return chosen
+            log.warning(
+                "the remembered %s image tower does not check out now: timing the image towers", chosen
+            )
     found = _candidates(clip, names, cache_dir, threads, pixels)
     if mode != "auto":
         chosen = mode if mode in found else "torch"
     else:
-        need = {"onnx": ONNX_GAIN, "bf16": BF16_GAIN, **(gains or {})}
         rates = _rates(clip, {"torch": None, **found}, pixels)
         chosen = "onnx" if "onnx" in rates and rates["onnx"] >= need["onnx"] * rates["torch"] else "torch"
         if "bf16" in rates and rates["bf16"] >= need["bf16"] * rates[chosen]:
@@ -167,6 +197,9 @@ def attach(
             ", ".join(f"{name} {rate:.1f} pictures/s" for name, rate in rates.items()),
             chosen,
         )
+        clip.runtime_choices["image"] = "timed at start"
+        if memory is not None and key is not None:
+            memory.put(key, choice=chosen, rates={k: round(v, 2) for k, v in rates.items()})
     _install(clip, chosen, found.get(chosen))
     if chosen != "torch":
         log.info("image vectors come from the %s image tower", chosen)
@@ -174,8 +207,9 @@ def attach(
 
 
 def attach_for_settings(clip: Any, settings: Any) -> str:
-    """`attach` as LOUPE_MODEL__IMAGE_RUNTIME says, the ONNX export cached in the data directory, on the torch
-    thread; `auto` tries the bf16 copy only where torch has bf16 kernels (bf16_text.cpu_has_bf16)."""
+    """`attach` as LOUPE_MODEL__IMAGE_RUNTIME says, the ONNX export and the choice remembered in the data
+    directory, on the torch thread; `auto` tries the bf16 copy only where torch has bf16 kernels
+    (bf16_text.cpu_has_bf16)."""
     from loupe.models import torch_thread
 
     try_bf16 = cpu_has_bf16()
@@ -188,4 +222,5 @@ def attach_for_settings(clip: Any, settings: Any) -> str:
         settings.data_dir / "models" / "onnx",
         settings.model.torch_threads,
         try_bf16=try_bf16,
+        memory=ChoiceMemory(settings.data_dir / "models"),
     )

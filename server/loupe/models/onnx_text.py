@@ -184,6 +184,7 @@ def attach_for_settings(clip: Any, settings: Settings) -> str:
 
 def _attach_for_settings(clip: Any, settings: Settings) -> str:
     from loupe.models import bf16_text
+    from loupe.models.runtime_choice import ChoiceMemory
 
     clip.text_runtime = attach(
         clip, settings.model.text_runtime, settings.data_dir / "models" / "onnx", settings.model.torch_threads
@@ -192,7 +193,7 @@ def _attach_for_settings(clip: Any, settings: Settings) -> str:
     if mode == "auto" and not bf16_text.cpu_has_bf16():
         log.info("this CPU has no bf16 kernels: the bf16 text tower is not tried")
         mode = "off"
-    clip.text_batches = bf16_text.attach(clip, mode)
+    clip.text_batches = bf16_text.attach(clip, mode, memory=ChoiceMemory(settings.data_dir / "models"))
     clip.text_threads_under_load = settings.model.text_threads_under_load
     if clip.text_batch_tower is not None and clip.text_batch_min <= 1 and clip.text_tower is not None:
         # The bf16 copy takes every query, so the ONNX Runtime session would never run: its weights are freed.

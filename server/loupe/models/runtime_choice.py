@@ -1,0 +1,106 @@
+"""What the `auto` runtimes chose at start, remembered per model and machine, so that later starts skip the timing.
+
+`auto` times the image towers (models/image_runtime.py) and the bf16 text copy's micro-batches
+(models/bf16_text.py) on probe inputs at start: seconds of full-size passes on every start of `loupe serve`,
+`loupe import` or `loupe eval`, and a verdict that a noisy start can flip (an image runtime chosen on Monday and
+another on Tuesday would give one library vectors from two runtimes). So the verdict is written to
+`<data dir>/models/runtime-choices.json` and reused while what it depends on holds: the model (its fingerprint),
+the machine (CPU model and flags, core count, torch threads), the torch and onnxruntime versions and the rules
+that decide (RULES). A reused choice is still built and checked against torch's vectors on the probe inputs
+before it serves, so a broken export or build is never trusted from memory; only the timing is skipped. An entry
+older than MAX_AGE_DAYS is timed again; deleting the file re-times every choice at the next start.
+
+Several API nodes may share a data directory: each machine has its own entries, and a write replaces the file
+atomically (two nodes writing at once can lose one's entry, which that node then times again).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import platform
+import time
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+FILE = "runtime-choices.json"
+MAX_AGE_DAYS = 30
+# Bumped when what `auto` measures or how it decides changes, so that no choice made by other rules is reused.
+RULES = 1
+
+
+@cache
+def machine() -> dict[str, str]:
+    """What makes one machine's timings another's: the CPU (model name and feature flags), its cores, the
+    versions of the runtimes timed."""
+    info: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())  # the first processor's
+    flags = info.get("flags") or info.get("Features") or ""
+    out = {
+        "cpu": info.get("model name") or platform.processor() or platform.machine(),
+        "flags": hashlib.sha256(" ".join(sorted(flags.split())).encode()).hexdigest()[:16],
+        "cores": str(os.cpu_count()),
+        "arch": platform.machine(),
+    }
+    for module in ("torch", "onnxruntime"):
+        try:
+            out[module] = str(__import__(module).__version__)
+        except ImportError:
+            out[module] = "none"
+    return out
+
+
+class ChoiceMemory:
+    """The remembered choices in `models_dir` (the data directory's `models/`)."""
+
+    def __init__(self, models_dir: Path) -> None:
+        self.path = models_dir / FILE
+
+    @staticmethod
+    def key(kind: str, fingerprint: str, **context: object) -> str:
+        parts = {"kind": kind, "model": fingerprint, "rules": RULES, **machine(), **context}
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            log.warning("%s is unreadable (%s): the runtimes are timed again", self.path, exc)
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        entry = self._read().get(key)
+        if not isinstance(entry, dict) or not isinstance(entry.get("at"), (int, float)):
+            return None
+        if time.time() - entry["at"] > MAX_AGE_DAYS * 86400:
+            return None
+        return entry
+
+    def put(self, key: str, **entry: Any) -> None:
+        data = self._read()
+        data[key] = {**entry, "at": round(time.time(), 1), "machine": machine()["cpu"]}
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+            os.replace(tmp, self.path)
+        except OSError as exc:  # a read-only data directory: the next start times again
+            tmp.unlink(missing_ok=True)
+            log.warning("could not remember the runtime choice in %s (%s)", self.path, exc)
+
+
+def described(entry: dict[str, Any]) -> str:
+    """'timed at start' or 'remembered from <UTC time>' for logs and health."""
+    return "remembered from " + time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(entry["at"]))

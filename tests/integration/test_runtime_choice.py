@@ -1,0 +1,118 @@
+"""The `auto` runtime choices remembered per model and machine (models/runtime_choice.py): a later start reuses
+them without timing, still checks a reused runtime against torch, and times again when the machine, the model
+or the file says it must."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from loupe.models import bf16_text, image_runtime, runtime_choice
+from loupe.models.clip import load_clip
+from loupe.models.runtime_choice import ChoiceMemory
+
+NEVER, ALWAYS = 1e9, 0.0
+
+
+def untimed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make any timing at start fail the test."""
+
+    def refuse(*_: object, **__: object) -> None:
+        raise AssertionError("timed, though the choice was remembered")
+
+    monkeypatch.setattr(image_runtime, "_rates", refuse)
+    monkeypatch.setattr(bf16_text, "best_of", refuse)
+
+
+def test_an_image_runtime_timed_once_is_reused_checked_and_timed_again_when_the_machine_changes(
+    tiny_clip_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    clip = load_clip(str(tiny_clip_dir))
+    memory = ChoiceMemory(tmp_path / "models")
+
+    def attach(**gains: float) -> str:
+        return image_runtime.attach(clip, "auto", tmp_path / "onnx", gains=gains, memory=memory)
+
+    # Timed: the gains make bf16 win whatever the rates, and the verdict is written with the rates seen.
+    assert attach(onnx=NEVER, bf16=ALWAYS) == "bf16" and clip.runtime_choices["image"] == "timed at start"
+    (entry,) = json.loads(memory.path.read_text()).values()
+    assert entry["choice"] == "bf16" and set(entry["rates"]) == {"torch", "onnx", "bf16"}
+
+    with monkeypatch.context() as m:
+        untimed(m)
+        built: list[str] = []
+        real = image_runtime._build
+        m.setattr(image_runtime, "_build", lambda c, name, *a: built.append(name) or real(c, name, *a))
+        assert attach(onnx=NEVER, bf16=ALWAYS) == "bf16" and clip.image_tower_bf16 is not None
+        assert built == ["bf16"]  # only the runtime chosen is built (and checked), nothing timed
+        assert clip.runtime_choices["image"].startswith("remembered from ")
+    # The gains are part of what decided: other gains are another question, timed.
+    assert attach(onnx=NEVER, bf16=NEVER) == "torch" and clip.runtime_choices["image"] == "timed at start"
+    assert len(json.loads(memory.path.read_text())) == 2
+
+    # A reused runtime that no longer keeps its floor is not trusted: the towers are timed again.
+    with monkeypatch.context() as m:
+        m.setitem(image_runtime.FLOORS, "bf16", 1.01)
+        assert attach(onnx=NEVER, bf16=ALWAYS) == "torch"  # timed: bf16 fails its floor there too
+    # Another machine (or another torch) does not reuse this one's verdict.
+    runtime_choice.machine.cache_clear()
+    with monkeypatch.context() as m:
+        m.setattr(runtime_choice.platform, "machine", lambda: "riscv64")
+        assert attach(onnx=NEVER, bf16=ALWAYS) == "bf16" and clip.runtime_choices["image"] == "timed at start"
+        runtime_choice.machine.cache_clear()
+    # Too old: timed again.
+    data = json.loads(memory.path.read_text())
+    for v in data.values():
+        v["at"] = time.time() - (runtime_choice.MAX_AGE_DAYS + 1) * 86400
+    memory.path.write_text(json.dumps(data))
+    assert attach(onnx=NEVER, bf16=ALWAYS) == "bf16" and clip.runtime_choices["image"] == "timed at start"
+
+
+def test_the_text_batch_verdict_is_reused_and_a_rejected_copy_is_not_even_built(
+    tiny_clip_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    clip = load_clip(str(tiny_clip_dir))
+    memory = ChoiceMemory(tmp_path / "models")
+    assert bf16_text.attach(clip, "auto", gain_needed=ALWAYS, memory=memory) == "bf16 from 1 query"
+    assert bf16_text.attach(clip, "auto", gain_needed=NEVER, memory=memory) == ""
+    with monkeypatch.context() as m:
+        untimed(m)
+        assert bf16_text.attach(clip, "auto", gain_needed=ALWAYS, memory=memory) == "bf16 from 1 query"
+        assert clip.text_batch_tower is not None and clip.text_batch_min == 1
+        m.setattr(bf16_text, "Bf16TextTower", lambda *_: pytest.fail("built, though remembered as slower"))
+        assert bf16_text.attach(clip, "auto", gain_needed=NEVER, memory=memory) == ""
+        assert clip.text_batch_tower is None
+        assert clip.runtime_choices["text_batches"].startswith("remembered from ")
+    # `on` and `off` never consult it.
+    assert bf16_text.attach(clip, "on", memory=memory) == "bf16 from 2 queries"
+
+
+def test_an_unreadable_file_is_timed_again_and_rewritten(tiny_clip_dir: Path, tmp_path: Path):
+    clip = load_clip(str(tiny_clip_dir))
+    memory = ChoiceMemory(tmp_path / "models")
+    memory.path.parent.mkdir(parents=True)
+    memory.path.write_text("{not json")
+    assert bf16_text.attach(clip, "auto", gain_needed=NEVER, memory=memory) == ""
+    assert clip.runtime_choices["text_batches"] == "timed at start"
+    assert [v["start"] for v in json.loads(memory.path.read_text()).values()] == [0]
+
+
+def test_a_restart_reuses_what_the_first_start_timed_and_health_says_so(
+    make_settings, runtime_factory, monkeypatch: pytest.MonkeyPatch
+):
+    settings = make_settings(model={"image_runtime": "auto"})
+    first = runtime_factory(settings)
+    choices = first.health()["model"]["runtime_choices"]
+    image = first.health()["model"]["image_runtime"]
+    assert choices["image"] == "timed at start"
+    assert choices.get("text_batches", "timed at start") == "timed at start"  # absent where no bf16 kernels
+    first.close()
+    untimed(monkeypatch)
+    again = runtime_factory(settings).health()["model"]
+    assert again["image_runtime"] == image and again["runtime_choices"]["image"].startswith(
+        "remembered from "
+    )
+    assert set(again["runtime_choices"]) == set(choices)
