@@ -127,7 +127,11 @@ class ClipModel:
         as uint8, 4x less to copy than float32, and normalized there)."""
         import torch
 
-        x = torch.from_numpy(np.ascontiguousarray(batch)).to(device, non_blocking=True)
+        batch = np.ascontiguousarray(batch)
+        # np.asarray of a Pillow image (one query picture) is read-only, and torch warns on those.
+        if not batch.flags.writeable:
+            batch = batch.copy()
+        x = torch.from_numpy(batch).to(device, non_blocking=True)
         x = x.permute(0, 3, 1, 2).float().div_(255.0)
         return (x - self._mean.to(x.device)) / self._std.to(x.device)
 
