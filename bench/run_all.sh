@@ -12,3 +12,4 @@ PY=${PY:-.venv/bin/python}
 "$PY" bench/ocr_bench.py
 "$PY" bench/int8_text_bench.py --write
 "$PY" bench/text_tower_bench.py --write
+"$PY" bench/startup_bench.py --write
