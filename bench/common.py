@@ -96,3 +96,55 @@ def base_worktree(rev: str) -> Iterator[Path]:
             yield tree
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
+
+
+def loupe_env(data_dir: Path, model: str | Path, **extra: str) -> dict[str, str]:
+    """The environment of a `loupe` subprocess on `data_dir` and `model`: this one's without its LOUPE_ settings,
+    OCR off, offline, and `extra` on top."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOUPE_")}
+    env.update(
+        LOUPE_DATA_DIR=str(data_dir),
+        LOUPE_CLIP_MODEL=str(model),
+        LOUPE_OCR__ENABLED="false",
+        HF_HUB_OFFLINE="1",
+    )
+    env.update(extra)
+    return env
+
+
+@contextlib.contextmanager
+def serve(env: dict[str, str], log_path: Path, timeout_s: float = 600) -> Iterator[tuple[str, int, float]]:
+    """`loupe serve` on a free loopback port, its output appended to `log_path`: (url, pid, seconds from the spawn
+    to its first healthy answer). A server that exits or never answers stops the bench, naming its log."""
+    import socket
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    with open(log_path, "a") as log:
+        t = time.perf_counter()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "loupe.cli", "serve", "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            while True:
+                if proc.poll() is not None:
+                    raise SystemExit(f"loupe serve exited {proc.returncode}: see {log_path}")
+                if time.perf_counter() - t > timeout_s:
+                    raise SystemExit(f"loupe serve did not answer in {timeout_s:.0f} s: see {log_path}")
+                try:
+                    if httpx.get(url + "/api/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.05)
+            yield url, proc.pid, time.perf_counter() - t
+        finally:
+            proc.terminate()
+            proc.wait(60)

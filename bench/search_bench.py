@@ -20,7 +20,6 @@ import argparse
 import contextlib
 import json
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -31,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import faiss
-from common import ROOT, write_section
+from common import ROOT, loupe_env, serve, write_section
 from fullsize import build as build_fullsize
 from ingest_bench import make_jpegs
 from vectors import CACHE, minilm, synthetic
@@ -411,45 +410,17 @@ def load(url: str, bodies: list[dict] | list[bytes], concurrency: int) -> tuple[
 @contextlib.contextmanager
 def serving(settings: Settings, **env_extra: str) -> Iterator[tuple[str, int]]:
     """`loupe serve` on the library, on a free loopback port: (url, pid) once it answers its health check."""
-    import socket
-
-    import httpx
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LOUPE_")}
-    env.update(
-        LOUPE_DATA_DIR=str(settings.data_dir),
-        LOUPE_CLIP_MODEL=settings.clip_model,
-        LOUPE_OCR__ENABLED="false",
+    env = loupe_env(
+        settings.data_dir,
+        settings.clip_model,
         LOUPE_LOG_LEVEL="WARNING",
         LOUPE_AUTH__RATE_PER_MINUTE="1000000",
         LOUPE_AUTH__BURST="100000",
-        HF_HUB_OFFLINE="1",
         **env_extra,
     )
-    log = open(CACHE / "serve.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "loupe.cli", "serve", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/api/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        yield url, proc.pid
-    finally:
-        proc.terminate()
-        proc.wait(60)
-        log.close()
+    (CACHE / "serve.log").unlink(missing_ok=True)
+    with serve(env, CACHE / "serve.log") as (url, pid, _):
+        yield url, pid
 
 
 def http_bench(settings: Settings, queries: np.ndarray, requests: int) -> tuple[str, dict]:

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,54 +25,20 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_section
+from common import loupe_env, serve, write_section
 from fullsize import build as build_fullsize
 
 from loupe.models.runtime_choice import FILE
 
 
 def env_for(data_dir: Path, model: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LOUPE_")}
-    env.update(
-        LOUPE_DATA_DIR=str(data_dir),
-        LOUPE_CLIP_MODEL=str(model),
-        LOUPE_OCR__ENABLED="false",
-        LOUPE_LOG_LEVEL="INFO",
-        HF_HUB_OFFLINE="1",
-    )
-    return env
+    return loupe_env(data_dir, model, LOUPE_LOG_LEVEL="INFO")
 
 
 def serve_start(data_dir: Path, model: Path) -> tuple[float, dict]:
     """Seconds from spawning `loupe serve` to its first healthy answer, and the health's model part."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}/api/health"
-    with open(data_dir.parent / "serve.log", "a") as log:
-        t = time.perf_counter()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "loupe.cli", "serve", "--port", str(port)],
-            env=env_for(data_dir, model),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            while True:
-                if proc.poll() is not None:
-                    raise SystemExit(
-                        f"loupe serve exited {proc.returncode}: see {data_dir.parent / 'serve.log'}"
-                    )
-                try:
-                    res = httpx.get(url, timeout=2)
-                    if res.status_code == 200:
-                        return time.perf_counter() - t, res.json()["model"]
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.05)
-        finally:
-            proc.terminate()
-            proc.wait(60)
+    with serve(env_for(data_dir, model), data_dir.parent / "serve.log") as (url, _, took):
+        return took, httpx.get(url + "/api/health", timeout=10).json()["model"]
 
 
 def import_start(data_dir: Path, model: Path, photos: Path) -> float:

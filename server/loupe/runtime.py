@@ -480,7 +480,7 @@ class Runtime:
                 "text_runtime": self.clip.text_runtime,
                 "text_batches": self.clip.text_batches or None,
                 # How the `auto` runtimes were chosen: timed at this start or remembered (models/runtime_choice.py).
-                "runtime_choices": self.clip.runtime_choices,
+                "runtime_choices": dict(self.clip.runtime_choices),
                 # Text encodes since start: how many forward passes served how many new query texts (their ratio is
                 # the micro-batches' mean size under load), and how many passes started beside a running one.
                 "text_encodes": {
