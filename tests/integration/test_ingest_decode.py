@@ -210,3 +210,22 @@ def test_a_query_picture_is_prepared_as_ingest_prepares_it(make_settings, runtim
     assert rt.ingest.drain() == 1
     query = rt.clip.embed_uint8(query_pixels(buf.getvalue(), rt.clip, rt.settings.ingest)[None])[0]
     np.testing.assert_allclose(query, rt.mirror.vector(outcome.id), atol=1e-5)
+
+
+def test_a_read_only_picture_array_embeds_without_a_torch_warning(tiny_clip_dir):
+    """np.asarray of a Pillow image is read-only; torch.from_numpy warns on those (once per process, in a
+    server's log at its first image query), so pixel_values copies them and leaves the caller's array alone."""
+    import warnings
+
+    from PIL import Image
+
+    from loupe.models.clip import load_clip
+
+    clip = load_clip(str(tiny_clip_dir))
+    side = clip.input_side
+    pixels = np.asarray(Image.new("RGB", (side, side), (200, 30, 30)))[None]
+    assert not pixels.flags.writeable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = clip.pixel_values(pixels)
+    assert tuple(got.shape) == (1, 3, side, side) and not pixels.flags.writeable
