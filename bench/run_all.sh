@@ -13,3 +13,4 @@ PY=${PY:-.venv/bin/python}
 "$PY" bench/int8_text_bench.py --write
 "$PY" bench/text_tower_bench.py --write
 "$PY" bench/startup_bench.py --write
+"$PY" bench/quality_bench.py --debian --write

@@ -47,12 +47,15 @@ def synthetic(
     return np.asarray(corpus), draw(queries, np.random.default_rng(seed + 1))
 
 
-def debian_descriptions() -> list[str]:
+def debian_packages() -> list[tuple[str, str, str]]:
+    """(package, source package, description) of every binary package apt knows, in apt's order."""
     out = subprocess.run(["apt-cache", "dumpavail"], capture_output=True, text=True, check=True).stdout
-    texts: list[str] = []
-    seen: set[str] = set()
+    packages: list[tuple[str, str, str]] = []
     for record in out.split("\n\n"):
         lines = record.splitlines()
+        fields = {
+            k: v.strip() for k, _, v in (line.partition(":") for line in lines if not line.startswith(" "))
+        }
         desc: list[str] = []
         for i, line in enumerate(lines):
             if line.startswith("Description:"):
@@ -63,10 +66,15 @@ def debian_descriptions() -> list[str]:
                     desc.append(cont.strip(" ."))
                 break
         text = " ".join(w for w in desc if w)
-        if text and text not in seen:
-            seen.add(text)
-            texts.append(text)
-    return texts
+        if text and fields.get("Package"):
+            source = fields.get("Source", fields["Package"]).split(" ")[0]
+            packages.append((fields["Package"], source, text))
+    return packages
+
+
+def debian_descriptions() -> list[str]:
+    """The distinct package descriptions, first seen first (the rows of the MiniLM cache)."""
+    return list(dict.fromkeys(text for _, _, text in debian_packages()))
 
 
 def minilm(queries: int = 500) -> tuple[np.ndarray, np.ndarray]:
