@@ -13,6 +13,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "RESULTS.md"
@@ -96,6 +97,26 @@ def base_worktree(rev: str) -> Iterator[Path]:
             yield tree
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
+
+
+@contextlib.contextmanager
+def scratch_runtime(model: str | Path, **settings: Any) -> Iterator[Any]:
+    """A Loupe Runtime in process on a temporary data directory and `model`, OCR off unless `settings` say;
+    closed and removed afterwards."""
+    from loupe.config import Settings
+    from loupe.runtime import Runtime
+
+    with tempfile.TemporaryDirectory() as tmp:
+        values: dict[str, Any] = {
+            "data_dir": Path(tmp) / "data",
+            "clip_model": str(model),
+            "ocr": {"enabled": False},
+        }
+        rt = Runtime.open(Settings(**{**values, **settings}))
+        try:
+            yield rt
+        finally:
+            rt.close()
 
 
 def loupe_env(data_dir: Path, model: str | Path, **extra: str) -> dict[str, str]:

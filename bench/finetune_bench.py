@@ -14,11 +14,11 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_section
+from common import scratch_runtime, write_section
 from fullsize import build as build_fullsize
 from ingest_bench import make_jpegs
 
-from loupe.config import FinetuneSettings, Settings
+from loupe.config import FinetuneSettings
 
 
 def main() -> None:
@@ -31,27 +31,21 @@ def main() -> None:
     import torch
 
     from loupe.models.finetune import finetune, library_pairs, split_pairs
-    from loupe.runtime import Runtime
 
     model_dir = build_fullsize()
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        settings = Settings(data_dir=Path(tmp) / "data", clip_model=str(model_dir), ocr={"enabled": False})  # type: ignore[arg-type]
-        rt = Runtime.open(settings)
-        try:
-            blobs = make_jpegs(args.images, 640, 480, seed=3)
-            rng = random.Random(0)
-            for k, b in enumerate(blobs):
-                rt.ingest.upload([(f"{k}.jpg", b)], albums=[f"group {rng.randrange(args.images // 4)}"])
-            rt.ingest.drain()
-            train, heldout = split_pairs(library_pairs(rt), 0.25)
-            for mode, method in (("lora", "sequential"), ("lora", "joint"), ("last_layers", "sequential")):
-                ft = FinetuneSettings(steps=args.steps, batch_size=args.batch, mode=mode, method=method)
-                report = finetune(rt, train, heldout, ft, Path(tmp) / f"out-{mode}-{method}")
-                rows.append((mode, method, report.samples_per_s, report.seconds, report.steps))
-                print(rows[-1], flush=True)
-        finally:
-            rt.close()
+    with tempfile.TemporaryDirectory() as out, scratch_runtime(model_dir) as rt:
+        blobs = make_jpegs(args.images, 640, 480, seed=3)
+        rng = random.Random(0)
+        for k, b in enumerate(blobs):
+            rt.ingest.upload([(f"{k}.jpg", b)], albums=[f"group {rng.randrange(args.images // 4)}"])
+        rt.ingest.drain()
+        train, heldout = split_pairs(library_pairs(rt), 0.25)
+        for mode, method in (("lora", "sequential"), ("lora", "joint"), ("last_layers", "sequential")):
+            ft = FinetuneSettings(steps=args.steps, batch_size=args.batch, mode=mode, method=method)
+            report = finetune(rt, train, heldout, ft, Path(out) / f"out-{mode}-{method}")
+            rows.append((mode, method, report.samples_per_s, report.seconds, report.steps))
+            print(rows[-1], flush=True)
     lines = [
         f"Full-size ViT-B/32 (random init), CPU, torch {torch.__version__} on {torch.get_num_threads()} threads, "
         f"batch {args.batch} pairs, {args.steps} steps per phase, images decoded once and cached:",

@@ -32,10 +32,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, write_section
+from common import machine, scratch_runtime, write_section
 from tests.fixtures.images import shape_set
 
-from loupe.config import Settings
 from loupe.models import tiny_clip
 from loupe.search.evaluate import EvalQuery, Report, apply_overrides, metrics_at_k, run_eval
 from loupe.search.query import Term
@@ -177,19 +176,12 @@ def main() -> None:
     ap.add_argument("--debian", action="store_true", help="also PRF on MiniLM vectors of Debian descriptions")
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
-    from loupe.runtime import Runtime
-
     model = tiny_model()
     runs: list[list[Report]] = []
     for seed in range(1, args.seeds + 1):
-        with tempfile.TemporaryDirectory() as tmp:
-            settings = Settings(data_dir=Path(tmp) / "data", clip_model=str(model), ocr={"enabled": False})  # type: ignore[arg-type]
-            rt = Runtime.open(settings)
-            try:
-                queries = library_queries(rt, args.per_class, seed)
-                reports = run_eval(rt, queries, args.k, VARIANTS)
-            finally:
-                rt.close()
+        with scratch_runtime(model) as rt:
+            queries = library_queries(rt, args.per_class, seed)
+            reports = run_eval(rt, queries, args.k, VARIANTS)
         runs.append(reports)
         print(
             f"seed {seed}: {len(queries)} queries, baseline mAP {reports[0].by_kind['all']['map']:.3f}",
@@ -222,13 +214,8 @@ def main() -> None:
         p50 = np.median([r[v].ms_p50 for r in runs])
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {p50:.1f} |")
     if args.debian:
-        with tempfile.TemporaryDirectory() as tmp:
-            settings = Settings(data_dir=Path(tmp) / "data", clip_model=str(model), ocr={"enabled": False})  # type: ignore[arg-type]
-            rt = Runtime.open(settings)
-            try:
-                lines += ["", debian_prf(rt, args.k)]
-            finally:
-                rt.close()
+        with scratch_runtime(model) as rt:
+            lines += ["", debian_prf(rt, args.k)]
     text = "\n".join(lines)
     print(text)
     if args.write:
