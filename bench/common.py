@@ -99,6 +99,16 @@ def base_worktree(rev: str) -> Iterator[Path]:
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
 
 
+def tiny_model() -> Path:
+    """The tiny CLIP where the test suite caches it ($LOUPE_TEST_CACHE, else ~/.cache/loupe), trained there once per
+    recipe (a few minutes) if no run has yet."""
+    from loupe.models import tiny_clip
+
+    recipe = tiny_clip.Recipe()
+    root = Path(os.environ.get("LOUPE_TEST_CACHE", Path.home() / ".cache" / "loupe"))
+    return tiny_clip.ensure_model(root / f"tiny-clip-{recipe.fingerprint()}", recipe)
+
+
 @contextlib.contextmanager
 def scratch_runtime(model: str | Path, **settings: Any) -> Iterator[Any]:
     """A Loupe Runtime in process on a temporary data directory and `model`, OCR off unless `settings` say;

@@ -18,7 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import ROOT, write_section  # type: ignore[import-not-found]
+from common import ROOT, tiny_model, write_section  # type: ignore[import-not-found]
 from PIL import Image
 
 sys.path.insert(0, str(ROOT / "server"))
@@ -150,13 +150,7 @@ def main() -> None:
     for lab, chk, th, r, ran, n in rows:
         table.append(f"| {lab} | {chk} | {th} | {r:.2f} | {ran}/{n} | {r / base[(lab, th)]:.2f}x |")
 
-    if args.model:
-        model_dir = Path(args.model)
-    else:
-        from loupe.models import tiny_clip
-
-        model_dir = Path.home() / ".cache" / "loupe" / f"tiny-clip-{tiny_clip.Recipe().fingerprint()}"
-        tiny_clip.ensure_model(model_dir)
+    model_dir = Path(args.model) if args.model else tiny_model()
     off = ingest_rate(args.ingest, False, model_dir)
     on = ingest_rate(args.ingest, True, model_dir)
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, scratch_runtime, write_section
+from common import machine, scratch_runtime, tiny_model, write_section
 from tests.fixtures.images import shape_set
 
 from loupe.models import tiny_clip
@@ -42,30 +42,24 @@ from loupe.search.query import Term
 PHRASINGS = ("{c} {s}", "a small {c} {s}", "an image of a {c} {s}")
 TEMPLATES_1 = ["a photo of {}"]
 TEMPLATES_4 = ["{}", "a photo of {}", "a picture of {}", "a drawing of {}"]
+PRF_VARIANTS: list[tuple[str, list[str]]] = [
+    (f"PRF k={k} weight={w}", [f"search.prf_k={k}", f"search.prf_weight={w}"])
+    for k in (3, 5, 10)
+    for w in (0.5, 1.0)
+]
 VARIANTS: list[tuple[str, list[str]]] = [
     ("templates: a photo of {}", [f"search.prompt_templates={json.dumps(TEMPLATES_1)}"]),
     (
         "templates: 4 (as typed, photo, picture, drawing)",
         [f"search.prompt_templates={json.dumps(TEMPLATES_4)}"],
     ),
-    *[
-        (f"PRF k={k} weight={w}", [f"search.prf_k={k}", f"search.prf_weight={w}"])
-        for k in (3, 5, 10)
-        for w in (0.5, 1.0)
-    ],
+    *PRF_VARIANTS,
     (
         "templates 4 + PRF k=5 weight=0.5",
         [f"search.prompt_templates={json.dumps(TEMPLATES_4)}", "search.prf_k=5", "search.prf_weight=0.5"],
     ),
 ]
 KINDS = ("text:class", "text:coarse", "image", "all")
-
-
-def tiny_model() -> Path:
-    """The tiny CLIP at the path the test suite caches it (trained once per recipe, a few minutes)."""
-    recipe = tiny_clip.Recipe()
-    target = Path.home() / ".cache" / "loupe" / f"tiny-clip-{recipe.fingerprint()}"
-    return tiny_clip.ensure_model(target, recipe)
 
 
 def library_queries(rt, per_class: int, seed: int) -> list[EvalQuery]:  # type: ignore[no-untyped-def]
@@ -132,13 +126,8 @@ def debian_prf(rt, k: int, queries: int = 400) -> str:  # type: ignore[no-untype
             Path(tmp), collection="debian", model_version_id=0, dim=corpus.shape[1], settings=IndexSettings()
         )
         mirror.upsert(np.arange(len(corpus)), corpus)
-        variants: list[tuple[str, list[str]]] = [("baseline (no feedback)", [])] + [
-            (f"PRF k={pk} weight={w}", [f"search.prf_k={pk}", f"search.prf_weight={w}"])
-            for pk in (3, 5, 10)
-            for w in (0.5, 1.0)
-        ]
         scores: dict[str, dict[str, np.ndarray]] = {}
-        for name, overrides in variants:
+        for name, overrides in [("baseline (no feedback)", []), *PRF_VARIANTS]:
             service = rt.search_service_for(
                 rt.clip,
                 mirror,
