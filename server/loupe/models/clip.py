@@ -119,6 +119,11 @@ class ClipModel:
         """The shorter side a picture is resized to before the centre crop."""
         return self._sizes[0]
 
+    @property
+    def model_sizes(self) -> tuple[int, int]:
+        """(the shorter side a picture is resized to, the side of the centre crop): resize_crop's sizes."""
+        return self._sizes
+
     def resize_crop(self, img: Image.Image) -> np.ndarray:
         return resize_crop(img, *self._sizes)
 
