@@ -37,10 +37,22 @@ from fullsize import build as build_fullsize
 
 from loupe.config import Settings
 
-SIZES = {1: (1152, 864), 4: (2304, 1728), 12: (4000, 3000)}
+SIZES = {0.5: (816, 612), 1: (1152, 864), 4: (2304, 1728), 12: (4000, 3000)}  # megapixels: width, height
 
 
 def make_jpegs(n: int, width: int, height: int, seed: int) -> list[bytes]:
+    """make_scene_jpegs, in processes (each chunk of 32 seeded of its own) on a machine of more than 2 cores."""
+    cores = os.cpu_count() or 1
+    if cores <= 2 or n <= 32:
+        return make_scene_jpegs(n, width, height, seed)
+    from concurrent.futures import ProcessPoolExecutor
+
+    chunks = [(min(32, n - i), width, height, seed * 100_003 + i) for i in range(0, n, 32)]
+    with ProcessPoolExecutor(cores) as pool:
+        return [b for part in pool.map(make_scene_jpegs, *zip(*chunks, strict=True)) for b in part]
+
+
+def make_scene_jpegs(n: int, width: int, height: int, seed: int) -> list[bytes]:
     """Photograph-like JPEGs: smooth colour fields with detail (what a camera produces), quality 90. The scene is
     the same at every size (a 72-cell-wide colour field, ellipses sized to the width), as one scene photographed
     at more megapixels; only the sensor noise is per pixel. (With 16-pixel cells at every size, the 12 MP
@@ -86,7 +98,8 @@ def raw_tower(clip, batch: int, n: int, workers: int = 1, threads: int | None = 
 
 def towers(clip, batch: int, workers: int, each: int) -> tuple[float, float]:  # type: ignore[no-untyped-def]
     """The tower on pre-decoded tensors run the way a variant runs it, and as one model on all threads."""
-    return raw_tower(clip, batch, 64, workers, each), raw_tower(clip, batch, 64)
+    n = 64 if clip.info.device == "cpu" else 2048  # a GPU embeds 64 pictures in a few milliseconds
+    return raw_tower(clip, batch, n, workers, each), raw_tower(clip, batch, n)
 
 
 # (label, ingest settings, OCR on, model settings). The third reads the words in each picture too, as the defaults
@@ -106,16 +119,25 @@ VARIANTS = [
 DEFAULT = 1  # the variant an A/B compares: the default ingest with OCR off
 
 
-def run_variant(mp: int, variant: int, images: int) -> tuple:  # type: ignore[type-arg]
+# On a GPU (--device cuda; OCR off: the lent GPU machine has no Tesseract): the defaults, and larger batches with
+# a decode thread per core.
+GPU_VARIANTS = [
+    ("defaults", {}, False, {}),
+    ("batches of 128, 16 decode threads", {"batch_size": 128, "decode_threads": 16}, False, {}),
+]
+
+
+def run_variant(mp: float, variant: int, images: int, device: str = "cpu") -> tuple:  # type: ignore[type-arg]
     """One pipeline run with its baselines, in a process of its own (as a server runs one runtime): a second
     runtime in the same process ran the model workers 8% slower (20.2 against 22.0 images/s)."""
     from loupe.runtime import Runtime
 
     model_dir = build_fullsize()
-    label, ingest, ocr, model = VARIANTS[variant]
+    label, ingest, ocr, model = (GPU_VARIANTS if device != "cpu" else VARIANTS)[variant]
+    model = {**model, "device": device}
     w, h = SIZES[mp]
-    n = max(8, images // (1 if mp == 1 else 2 if mp == 4 else 3))
-    blobs = make_jpegs(n, w, h, seed=mp)
+    n = max(8, images // (1 if mp <= 1 else 2 if mp == 4 else 3))
+    blobs = make_jpegs(n, w, h, seed=int(mp) if mp == int(mp) else 1000 + int(mp * 10))
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings(
             data_dir=Path(tmp) / "lib",
@@ -152,11 +174,22 @@ def run_variant(mp: int, variant: int, images: int) -> tuple:  # type: ignore[ty
     return (mp, w, h, f"{label}: {workers} x {each} threads, image tower {runtime}", n, e2e, raw, plain)
 
 
-def variant_row(mp: int, variant: int, images: int, server: Path | None = None) -> tuple:  # type: ignore[type-arg]
+def variant_row(
+    mp: float, variant: int, images: int, server: Path | None = None, device: str = "cpu"
+) -> tuple:  # type: ignore[type-arg]
     """run_variant in a process of its own, with `server` (a base revision's `server/`) first on the path."""
     env = None if server is None else {**os.environ, "PYTHONPATH": str(server)}
     out = subprocess.run(
-        [sys.executable, __file__, "--variant", f"{mp}:{variant}", "--images", str(images)],
+        [
+            sys.executable,
+            __file__,
+            "--variant",
+            f"{mp:g}:{variant}",
+            "--images",
+            str(images),
+            "--device",
+            device,
+        ],
         check=True,
         capture_output=True,
         text=True,
@@ -165,7 +198,7 @@ def variant_row(mp: int, variant: int, images: int, server: Path | None = None) 
     return tuple(json.loads(out.split("ROW ", 1)[1]))
 
 
-def ab(base: str, sizes: list[int], rounds: int, images: int) -> str:
+def ab(base: str, sizes: list[float], rounds: int, images: int) -> str:
     """The default variant of `base` and of this checkout, rounds interleaved; medians."""
     rev, this = revisions(base)
     got: dict[tuple[str, int], list[tuple]] = {}  # type: ignore[type-arg]
@@ -175,7 +208,7 @@ def ab(base: str, sizes: list[int], rounds: int, images: int) -> str:
                 for side, server in (("base", tree / "server"), ("this", None)):
                     got.setdefault((side, mp), []).append(variant_row(mp, DEFAULT, images, server))
                     print(
-                        f"round {r + 1}/{rounds}, {mp} MP: {side} {got[(side, mp)][-1][5]:.1f} images/s",
+                        f"round {r + 1}/{rounds}, {mp:g} MP: {side} {got[(side, mp)][-1][5]:.1f} images/s",
                         flush=True,
                     )
     lines = [
@@ -195,7 +228,7 @@ def ab(base: str, sizes: list[int], rounds: int, images: int) -> str:
             for side in ("base", "this")
         }
         lines.append(
-            f"| {mp} MP ({w}x{h}) | {n} | {rate['base']:.1f} | {rate['this']:.1f} | "
+            f"| {mp:g} MP ({w}x{h}) | {n} | {rate['base']:.1f} | {rate['this']:.1f} | "
             f"{rate['this'] / rate['base']:.2f}x | {over['base']:+.0%} | {over['this']:+.0%} |"
         )
     return "\n".join(lines)
@@ -210,14 +243,16 @@ def main() -> None:
     ap.add_argument("--base", help="git revision to compare this checkout's default ingest against")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--write", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda: the GPU variants, OCR off")
     ap.add_argument("--variant", help=argparse.SUPPRESS)  # "MP:INDEX": one run, its row as JSON (internal)
     args = ap.parse_args()
     if args.variant:
-        mp, variant = (int(v) for v in args.variant.split(":"))
-        print("ROW " + json.dumps(run_variant(mp, variant, args.images)), flush=True)
+        mp_text, variant_text = args.variant.split(":")
+        row = run_variant(float(mp_text), int(variant_text), args.images, args.device)
+        print("ROW " + json.dumps(row), flush=True)
         return
     build_fullsize()
-    sizes = [int(s) for s in (args.sizes or ("1" if args.base else "1,4,12")).split(",")]
+    sizes = [float(s) for s in (args.sizes or ("1" if args.base else "1,4,12")).split(",")]
     command = "python bench/ingest_bench.py " + " ".join(sys.argv[1:])
     if args.base:
         text = ab(args.base, sizes, args.rounds, args.images)
@@ -230,11 +265,21 @@ def main() -> None:
     threads = torch.get_num_threads()
     rows = []
     for mp in sizes:
-        for variant in range(len(VARIANTS)):
-            rows.append(variant_row(mp, variant, args.images))
+        for variant in range(len(GPU_VARIANTS if args.device != "cpu" else VARIANTS)):
+            rows.append(variant_row(mp, variant, args.images, device=args.device))
             print(rows[-1], flush=True)
+    gpu = (
+        f"Full-size ViT-B/32 (random init), fp16 on {torch.cuda.get_device_name(0)} ({args.device}), "
+        f"{os.cpu_count()} CPU cores, OCR off, JPEG thumbnails, SQLite and Qdrant Edge (the embedded defaults). "
+        "Baseline, timed just before and just after each pipeline run and averaged: the raw image tower of the "
+        "same runtime (ClipModel.embed_uint8: uint8 to the GPU, normalized there, vectors back) on pre-decoded "
+        "224x224 tensors in batches of the variant's batch size."
+        if args.device != "cpu"
+        else ""
+    )
     lines = [
-        f"Full-size ViT-B/32 (random init), torch on {threads} threads, batches of {Settings().ingest.batch_size}, "
+        gpu
+        or f"Full-size ViT-B/32 (random init), torch on {threads} threads, batches of {Settings().ingest.batch_size}, "
         "OCR off except in the OCR variant (the defaults: a text-presence check, then Tesseract on 2 threads beside "
         "the model). The image tower runs where each row names: ONNX Runtime or the bf16 copy where the default "
         "(LOUPE_MODEL__IMAGE_RUNTIME=auto) measured it faster at start, torch in the last variant (fp32 is torch's "
@@ -247,13 +292,17 @@ def main() -> None:
         "|---|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {mp} MP ({w}x{h}) | {label} | {n} | {e2e:.1f} | {raw:.1f} | {plain:.1f} | {max(raw, plain) / e2e - 1:+.0%} |"
+        f"| {mp:g} MP ({w}x{h}) | {label} | {n} | {e2e:.1f} | {raw:.1f} | {plain:.1f} | {max(raw, plain) / e2e - 1:+.0%} |"
         for mp, w, h, label, n, e2e, raw, plain in rows
     ]
     text = "\n".join(lines)
     print(text)
     if args.write:
-        write_section("Ingest on the CPU", text, command)
+        write_section(
+            "Ingest on the CPU" if args.device == "cpu" else f"Ingest on the GPU ({args.device})",
+            text,
+            command,
+        )
 
 
 if __name__ == "__main__":
