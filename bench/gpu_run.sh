@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU benchmark in one command, for a lent CUDA machine whose python3 has torch and transformers but not the
-# rest of Loupe's dependencies (the device tool's image). Prepare here, then run there from the repository root:
+# rest of Loupe's dependencies (the device tool's image). Prepare here (bench/gpu_prepare.sh), then run there from
+# the repository root:
 #   .whl/         cp312 wheels of the dependencies that image lacks (bench/RESULTS.md, GPU section, names them)
 #   .gpu/model/   the full-size tokenizer and configs of bench/fullsize.py's model, without its weights
 #                 (random weights are drawn there: the same cost, 600 MB less to carry)
