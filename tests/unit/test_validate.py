@@ -142,3 +142,32 @@ def test_bit_flipped_files_never_escape_as_unexpected_exceptions(seed: int):
             decode_rgb(broken, max_pixels=LIMITS["max_pixels"])
         except LoupeError:
             pass  # a clear code is the point; any other exception type fails the test
+
+
+def test_a_picture_prepares_in_a_worker_process_as_in_the_server():
+    """prepare_picture needs no model, so a fresh (spawned) worker process prepares a picture exactly as ingest
+    does in process: the same model input, thumbnail and metadata; damaged data fails there with its code."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    import numpy as np
+
+    from loupe.config import IngestSettings
+    from loupe.ingest.service import prepare_picture
+    from loupe.ingest.validate import DecodeError
+
+    big = Image.open(io.BytesIO(mk.shape_set(per_class=1, seed=3)[2].data)).convert("RGB")
+    buf = io.BytesIO()
+    big.resize((1152, 864), Image.Resampling.BICUBIC).save(buf, "JPEG", quality=90)
+    data, settings = buf.getvalue(), IngestSettings()
+    here = prepare_picture(data, settings, 288, 224, 224)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        there = pool.submit(prepare_picture, data, settings, 288, 224, 224).result()
+        with pytest.raises(DecodeError) as err:
+            pool.submit(prepare_picture, data[: len(data) // 3], settings, 288, 224, 224).result()
+    assert err.value.code == DecodeError.code
+    assert here.pixels.shape == (224, 224, 3) and here.pixels.dtype == np.uint8
+    np.testing.assert_array_equal(here.pixels, there.pixels)
+    assert here.thumbnail == there.thumbnail and here.meta == there.meta and "phash" in here.meta
+    thumb = Image.open(io.BytesIO(here.thumbnail))
+    assert thumb.format == "JPEG" and max(thumb.size) == settings.thumbnail_px
