@@ -172,11 +172,15 @@ def shared_memory_pipeline(model, corpus, workers, chunk, kind, mean, std) -> fl
                 slot, count = pending.popleft().result()
                 x = torch.from_numpy(_SLOTS[slot, :count]).to(DEVICE)  # pageable: the copy is done on return
                 submit(slot)
-                x = x.permute(0, 3, 1, 2).float().div_(255)
-                model.get_image_features(pixel_values=((x - mean) / std).to(model.dtype))
+                embed_pixels(model, x.permute(0, 3, 1, 2), mean, std)
                 embedded += count
         sync()
         return embedded / (time.perf_counter() - start_t)
+
+
+def embed_pixels(model, x, mean, std):  # type: ignore[no-untyped-def]
+    """The image tower on (n, 3, H, W) pixels 0..255 (uint8 or float) on the model's device, normalized there."""
+    return model.get_image_features(pixel_values=((x.float() / 255 - mean) / std).to(model.dtype))
 
 
 def gpu_resize_crop(images: list, size: int = 224):  # type: ignore[no-untyped-def,type-arg]
@@ -226,8 +230,8 @@ def nvjpeg_pipeline(model, corpus, chunk, mean, std) -> tuple[float, float]:  # 
         sync()
         start = time.perf_counter()
         for i in range(0, len(corpus), chunk):
-            x = gpu_resize_crop(decode_jpeg(_jpeg_tensors(corpus[i : i + chunk]), device=DEVICE)).div_(255)
-            model.get_image_features(pixel_values=((x - mean) / std).to(model.dtype))
+            x = gpu_resize_crop(decode_jpeg(_jpeg_tensors(corpus[i : i + chunk]), device=DEVICE))
+            embed_pixels(model, x, mean, std)
         sync()
     return len(corpus) / (time.perf_counter() - start), gap
 
@@ -334,8 +338,8 @@ def main() -> None:
             with torch.inference_mode():
                 jobs = [(corpus[i : i + chunk], min_side) for i in range(0, len(corpus), chunk)]
                 for arr in pool.map(_decode_loupe, jobs):
-                    x = torch.from_numpy(arr).to(dev, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
-                    model.get_image_features(pixel_values=((x - mean) / std).to(model.dtype))
+                    x = torch.from_numpy(arr).to(dev, non_blocking=True).permute(0, 3, 1, 2)
+                    embed_pixels(model, x, mean, std)
                     embedded += len(arr)
             sync()
             rate = embedded / (time.perf_counter() - start)

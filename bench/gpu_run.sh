@@ -2,7 +2,7 @@
 # Every GPU benchmark in one command, for a lent CUDA machine whose python3 has torch and transformers but not the
 # rest of Loupe's dependencies (the device tool's image). Prepare here (bench/gpu_prepare.sh), then run there from
 # the repository root:
-#   .whl/         cp312 wheels of the dependencies that image lacks (bench/RESULTS.md, GPU section, names them)
+#   .whl/         cp312 wheels of the dependencies that image lacks (bench/gpu_prepare.sh names them)
 #   .gpu/model/   the full-size tokenizer and configs of bench/fullsize.py's model, without its weights
 #                 (random weights are drawn there: the same cost, 600 MB less to carry)
 # Writes gpu.md (bench/gpu_bench.py), ingest.log (bench/ingest_bench.py on cuda) and finetune.log under $OUT.

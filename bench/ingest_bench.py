@@ -127,13 +127,17 @@ GPU_VARIANTS = [
 ]
 
 
+def variants(device: str) -> list[tuple[str, dict, bool, dict]]:  # type: ignore[type-arg]
+    return VARIANTS if device == "cpu" else GPU_VARIANTS
+
+
 def run_variant(mp: float, variant: int, images: int, device: str = "cpu") -> tuple:  # type: ignore[type-arg]
     """One pipeline run with its baselines, in a process of its own (as a server runs one runtime): a second
     runtime in the same process ran the model workers 8% slower (20.2 against 22.0 images/s)."""
     from loupe.runtime import Runtime
 
     model_dir = build_fullsize()
-    label, ingest, ocr, model = (GPU_VARIANTS if device != "cpu" else VARIANTS)[variant]
+    label, ingest, ocr, model = variants(device)[variant]
     model = {**model, "device": device}
     w, h = SIZES[mp]
     n = max(8, images // (1 if mp <= 1 else 2 if mp == 4 else 3))
@@ -265,28 +269,30 @@ def main() -> None:
     threads = torch.get_num_threads()
     rows = []
     for mp in sizes:
-        for variant in range(len(GPU_VARIANTS if args.device != "cpu" else VARIANTS)):
+        for variant in range(len(variants(args.device))):
             rows.append(variant_row(mp, variant, args.images, device=args.device))
             print(rows[-1], flush=True)
-    gpu = (
-        f"Full-size ViT-B/32 (random init), fp16 on {torch.cuda.get_device_name(0)} ({args.device}), "
-        f"{os.cpu_count()} CPU cores, OCR off, JPEG thumbnails, SQLite and Qdrant Edge (the embedded defaults). "
-        "Baseline, timed just before and just after each pipeline run and averaged: the raw image tower of the "
-        "same runtime (ClipModel.embed_uint8: uint8 to the GPU, normalized there, vectors back) on pre-decoded "
-        "224x224 tensors in batches of the variant's batch size."
-        if args.device != "cpu"
-        else ""
-    )
+    if args.device == "cpu":
+        preface = (
+            f"Full-size ViT-B/32 (random init), torch on {threads} threads, batches of {Settings().ingest.batch_size}, "
+            "OCR off except in the OCR variant (the defaults: a text-presence check, then Tesseract on 2 threads beside "
+            "the model). The image tower runs where each row names: ONNX Runtime or the bf16 copy where the default "
+            "(LOUPE_MODEL__IMAGE_RUNTIME=auto) measured it faster at start, torch in the last variant (fp32 is torch's "
+            "name for it in rows of revisions before ONNX Runtime served images). Baselines, timed just "
+            "before and just after each pipeline run and averaged: the raw image tower on pre-decoded 224x224 tensors "
+            "run the way the variant runs it (one model, or the model workers each "
+            "embedding its share of a batch), and one model on all threads. Overhead is against the faster."
+        )
+    else:
+        preface = (
+            f"Full-size ViT-B/32 (random init), fp16 on {torch.cuda.get_device_name(0)} ({args.device}), "
+            f"{os.cpu_count()} CPU cores, OCR off, JPEG thumbnails, SQLite and Qdrant Edge (the embedded defaults). "
+            "Baseline, timed just before and just after each pipeline run and averaged: the raw image tower of the "
+            "same runtime (ClipModel.embed_uint8: uint8 to the GPU, normalized there, vectors back) on pre-decoded "
+            "224x224 tensors in batches of the variant's batch size."
+        )
     lines = [
-        gpu
-        or f"Full-size ViT-B/32 (random init), torch on {threads} threads, batches of {Settings().ingest.batch_size}, "
-        "OCR off except in the OCR variant (the defaults: a text-presence check, then Tesseract on 2 threads beside "
-        "the model). The image tower runs where each row names: ONNX Runtime or the bf16 copy where the default "
-        "(LOUPE_MODEL__IMAGE_RUNTIME=auto) measured it faster at start, torch in the last variant (fp32 is torch's "
-        "name for it in rows of revisions before ONNX Runtime served images). Baselines, timed just "
-        "before and just after each pipeline run and averaged: the raw image tower on pre-decoded 224x224 tensors "
-        "run the way the variant runs it (one model, or the model workers each "
-        "embedding its share of a batch), and one model on all threads. Overhead is against the faster.",
+        preface,
         "",
         "| JPEG | model | images | pipeline images/s | raw tower, same shape | raw tower, one model | pipeline overhead vs the faster tower |",
         "|---|---|---|---|---|---|---|",
