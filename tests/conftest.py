@@ -97,8 +97,10 @@ def make_settings(tmp_path: Path, tiny_clip_dir: Path) -> Callable[..., Settings
             "ocr": {"enabled": False},  # the OCR tests turn it on; elsewhere it only costs time
         }
         # torch pinned, so that no box's start-up timing (`auto`: ONNX Runtime or a bf16 copy where faster) changes
-        # the image vectors that tests compare exactly; tests/integration/test_image_tower.py runs the others.
-        model = {"image_runtime": "torch", **overrides.pop("model", {})}  # type: ignore[dict-item]
+        # the image vectors that tests compare exactly; tests/integration/test_image_tower.py runs the others. The
+        # text runtime likewise (`auto` times onnx-w8 at 0.98-1.18x onnx on the tiny model, around its 1.2x):
+        # tests/integration/test_text_tower.py runs auto and every kind.
+        model = {"image_runtime": "torch", "text_runtime": "onnx", **overrides.pop("model", {})}  # type: ignore[dict-item]
         values.update(overrides, model=model)
         return Settings(**values)  # type: ignore[arg-type]
 

@@ -48,7 +48,7 @@ def test_onnx_text_tower_matches_torch_and_falls_back_when_broken(
 ):
     from loupe.models import onnx_text
 
-    for kind, floor in (("onnx", 0.9999), ("onnx-int8", 0.99)):
+    for kind, floor in (("onnx", 0.9999), ("onnx-w8", 0.999), ("onnx-int8", 0.99)):
         clip = load_clip(str(tiny_clip_dir))
         assert onnx_text.attach(clip, kind, tmp_path / "onnx") == kind
         assert clip.text_tower is not None
@@ -56,7 +56,7 @@ def test_onnx_text_tower_matches_torch_and_falls_back_when_broken(
         for got in (clip.embed_texts(QUERIES), np.stack([clip.embed_texts([q])[0] for q in QUERIES])):
             assert np.min(np.sum(ref * got, axis=1)) >= floor
     exported = sorted(p.name for p in (tmp_path / "onnx").iterdir())
-    assert len(exported) == 2 and all(clip.info.fingerprint in name for name in exported)
+    assert len(exported) == 3 and all(clip.info.fingerprint in name for name in exported)
     # int8 weights carry one scale per output channel (per-tensor scales moved real-weight vectors 5x further).
     import onnx
 
@@ -65,15 +65,51 @@ def test_onnx_text_tower_matches_torch_and_falls_back_when_broken(
     weights = [n.input[1] for n in int8.graph.node if n.op_type == "MatMulInteger"]
     scales = [inits[w.replace("_quantized", "_scale")] for w in weights]
     assert weights and all(len(dims) == 1 and dims[0] > 1 for dims in scales), scales
+    # onnx-w8: every weight matmul as 8-bit MatMulNBits in blocks of 32 with int8 dot products; none left in fp32.
+    w8 = onnx.load(str(tmp_path / "onnx" / next(n for n in exported if "-w8b32" in n)))
+    nbits = [n for n in w8.graph.node if n.op_type == "MatMulNBits"]
+    attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in nbits]
+    assert nbits and all(a["bits"] == 8 and a["block_size"] == 32 and a["accuracy_level"] == 4 for a in attrs)
+    w8_inits = {init.name for init in w8.graph.initializer}
+    assert not [n.name for n in w8.graph.node if n.op_type == "MatMul" and n.input[1] in w8_inits]
 
     # A damaged export: torch serves, the log says why, and the file is removed so the next start rebuilds it.
-    broken = tmp_path / "onnx" / next(n for n in exported if "int8" not in n)
+    broken = tmp_path / "onnx" / f"{onnx_text.PREFIX}-{clip.info.fingerprint}.onnx"
     broken.write_bytes(b"not an onnx model")
     clip = load_clip(str(tiny_clip_dir))
     assert onnx_text.attach(clip, "onnx", tmp_path / "onnx") == "torch"
     assert clip.text_tower is None and "use torch" in caplog.text and not broken.exists()
     assert onnx_text.attach(clip, "onnx", tmp_path / "onnx") == "onnx"  # rebuilt
     assert onnx_text.attach(load_clip(str(tiny_clip_dir)), "torch", tmp_path / "onnx") == "torch"
+
+
+def test_auto_text_runtime_times_w8_once_and_remembers_it(tiny_clip_dir: Path, tmp_path: Path, monkeypatch):
+    from loupe.models.runtime_choice import ChoiceMemory
+
+    memory = ChoiceMemory(tmp_path / "models")
+    clip = load_clip(str(tiny_clip_dir))
+    chosen = onnx_text.attach_auto(clip, tmp_path / "onnx", 0, memory)
+    assert chosen in ("onnx", "onnx-w8") and clip.runtime_choices["text_runtime"] == "timed at start"
+    ref = clip.embed_texts_torch(QUERIES)
+    assert np.min(np.sum(ref * clip.embed_texts(QUERIES), axis=1)) >= onnx_text.COSINE_FLOOR[chosen]
+    (entry,) = memory._read().values()
+    assert entry["kind"] == chosen and "x onnx on one query" in entry["why"]
+
+    # The next start reuses the verdict without timing (the export is still checked) ...
+    def untimed(*a, **k):
+        raise AssertionError("timed again")
+
+    monkeypatch.setattr("loupe.models.bf16_text.best_of", untimed)
+    again = load_clip(str(tiny_clip_dir))
+    assert onnx_text.attach_auto(again, tmp_path / "onnx", 0, memory) == chosen
+    assert again.runtime_choices["text_runtime"].startswith("remembered from")
+    # ... and a remembered onnx-w8 whose export no longer checks out falls back to onnx, not to torch.
+    key = next(iter(memory._read()))
+    memory.put(key, kind="onnx-w8", why="test")
+    monkeypatch.setitem(onnx_text.COSINE_FLOOR, "onnx-w8", 1.01)
+    third = load_clip(str(tiny_clip_dir))
+    assert onnx_text.attach_auto(third, tmp_path / "onnx", 0, memory) == "onnx"
+    assert third.text_tower is not None
 
 
 def test_bf16_copy_takes_micro_batches_only_when_asked_or_faster(tiny_clip_dir: Path, tmp_path: Path):

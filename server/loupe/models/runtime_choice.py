@@ -1,7 +1,7 @@
 """What the `auto` runtimes chose at start, remembered per model and machine, so that later starts skip the timing.
 
-`auto` times the image towers (models/image_runtime.py) and the bf16 text copy's micro-batches
-(models/bf16_text.py) on probe inputs at start: seconds of full-size passes on every start of `loupe serve`,
+`auto` times the image towers (models/image_runtime.py), the text runtime (models/onnx_text.py) and the bf16 text
+copy's micro-batches (models/bf16_text.py) on probe inputs at start: seconds of full-size passes on every start of `loupe serve`,
 `loupe import` or `loupe eval`, and a verdict that a noisy start can flip (an image runtime chosen on Monday and
 another on Tuesday would give one library vectors from two runtimes). So the verdict is written to
 `<data dir>/models/runtime-choices.json` and reused while what it depends on holds: the model (its fingerprint),
