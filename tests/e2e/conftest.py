@@ -61,7 +61,8 @@ def library(tmp_path_factory: pytest.TempPathFactory, tiny_clip_dir: Path) -> It
         data_dir=tmp_path_factory.mktemp("lib"),
         clip_model=str(tiny_clip_dir),
         ocr={"enabled": False},  # type: ignore[arg-type]
-        model={"image_runtime": "torch"},  # type: ignore[arg-type]  (vectors compared exactly with the model's)
+        # Vectors compared exactly with the model's: fp32 runtimes (auto may take onnx-w8's 8-bit text weights).
+        model={"image_runtime": "torch", "text_runtime": "onnx"},  # type: ignore[arg-type]
     )
     yield from open_library(settings, shape_set(PER_CLASS))
 
