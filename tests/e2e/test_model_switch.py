@@ -58,7 +58,7 @@ def test_switch_under_concurrent_searches(tmp_path: Path, tiny_clip_dir: Path):
         data_dir=tmp_path / "data",
         clip_model=str(tiny_clip_dir),
         ocr={"enabled": False},  # type: ignore[arg-type]
-        model={"text_batches_bf16": "off", "image_runtime": "torch"},  # type: ignore[arg-type]
+        model={"text_batches_bf16": "off", "text_runtime": "onnx", "image_runtime": "torch"},  # type: ignore[arg-type]
     )
     new_model = perturbed_copy(tiny_clip_dir, tmp_path / "other-model")
     rt = Runtime.open(settings)
