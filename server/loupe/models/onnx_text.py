@@ -6,9 +6,11 @@ length dynamic so a query runs only its real tokens. Two quantized kinds are mad
 - `onnx-w8`: 8-bit weights with one scale per block of 32 input channels (ONNX Runtime's MatMulNBits), the
   activations quantized per block too at run time (accuracy level 4: int8 dot products). On a real-weights text
   encoder (MiniLM, bench/int8_text_bench.py) query vectors keep cosine 0.9994-0.9997 to fp32 and 98.7% of the
-  top 10, at 2.1x fp32's speed for one query (bf16 rounding: 0.9999 and 99.5%).
+  top 10 (bf16 rounding: 0.9999 and 99.7%); ViT-B/32's text tower runs one query 1.9x faster than on fp32
+  (batches of 8: 1.2x).
 - `onnx-int8`: int8 weights with one scale per output channel and one activation scale per tensor
-  (`quantize_dynamic`): faster still (2.8x), but 0.9875-0.9935 and 94.5% of the top 10 there.
+  (`quantize_dynamic`): faster still (2.0x one query, 2.2x batches of 8), but 0.9875-0.9935 and 94.5% of the top
+  10 on MiniLM.
 `auto` (the default) serves `onnx-w8` where it passes its cosine floor and times at least AUTO_GAIN faster than
 `onnx` on one query, else `onnx`; the verdict is remembered per model and machine (models/runtime_choice.py).
 Every export is checked against torch on probe queries before it is used: below the cosine floor it is refused and
@@ -45,7 +47,7 @@ PROBES = [
     "screenshot of an error message",
 ]
 COSINE_FLOOR = {"onnx": 0.9999, "onnx-w8": 0.999, "onnx-int8": 0.99}
-# The single-query speed-up over `onnx` that makes `auto` take `onnx-w8` (measured 1.8-2.1x on an AMD EPYC Zen 4).
+# The single-query speed-up over `onnx` that makes `auto` take `onnx-w8` (ViT-B/32 on an AMD EPYC Zen 5: 1.7-1.9x).
 AUTO_GAIN = 1.2
 # MatMulNBits' block of input channels sharing a scale (32 kept MiniLM's vectors 2x closer to fp32 than 128).
 W8_BLOCK = 32
