@@ -114,7 +114,8 @@ def main() -> None:
         [
             "Full-size ViT-B/32 (random weights, real tokenizer), empty library, OCR off, embedded stores. Seconds of "
             f'wall time, median (min-max) of {args.rounds} interleaved rounds; "timed": the runtimes file deleted '
-            "before the start, so `auto` times the image towers and the bf16 text copy as every start did before "
+            "before the start, so `auto` times the image towers, the text runtime (onnx-w8 against onnx) and the "
+            "bf16 text copy, as every start did before "
             f'models/runtime_choice.py; "remembered": the choice an earlier start made, built and checked, not timed. '
             f"Chosen here: image `{kept['image_runtime']}`, text `{kept['text_runtime']}`"
             + (f", micro-batches `{kept['text_batches']}`" if kept.get("text_batches") else "")
