@@ -122,17 +122,15 @@ def _fill_slot(job: tuple[int, int, int, str]) -> tuple[int, int]:
     """A worker process: prepare pictures start..end of the corpus (inherited through fork) into a shared slot."""
     from loupe.config import IngestSettings
     from loupe.ingest.service import prepare_picture
-    from loupe.ingest.validate import decode_rgb
-    from loupe.models.clip import resize_crop
 
     start, end, slot, kind = job
     assert _SLOTS is not None
+    if kind != "product":
+        _SLOTS[slot, : end - start] = _decode_loupe((_CORPUS[start:end], 224))
+        return slot, end - start
     settings = IngestSettings()
     for k, blob in enumerate(_CORPUS[start:end]):
-        if kind == "product":
-            _SLOTS[slot, k] = prepare_picture(blob, settings, 288, 224, 224).pixels
-        else:
-            _SLOTS[slot, k] = resize_crop(decode_rgb(blob, max_pixels=200_000_000, min_side=224), 224, 224)
+        _SLOTS[slot, k] = prepare_picture(blob, settings, 288, 224, 224).pixels
     return slot, end - start
 
 

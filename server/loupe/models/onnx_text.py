@@ -302,11 +302,9 @@ def attach_auto(clip: Any, cache_dir: Path, threads: int = 0, memory: ChoiceMemo
             clip.runtime_choices["text_runtime"] = described(entry)
             log.info("text runtime: %s (%s)", entry["kind"], described(entry))
             got = attach(clip, entry["kind"], cache_dir, threads)
-            return (
-                got
-                if got == entry["kind"] or entry["kind"] == "onnx"
-                else attach(clip, "onnx", cache_dir, threads)
-            )
+            if got == "torch" and entry["kind"] == "onnx-w8":  # its export no longer checks out: fp32 serves
+                got = attach(clip, "onnx", cache_dir, threads)
+            return got
     if attach(clip, "onnx", cache_dir, threads) != "onnx":
         return "torch"  # no ONNX Runtime or no export here: nothing to time
     fp32 = clip.text_tower
