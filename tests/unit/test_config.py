@@ -29,6 +29,7 @@ def test_defaults_are_the_embedded_stores(tmp_path: Path, monkeypatch: pytest.Mo
     assert s.clip_model == DEFAULT_CLIP_MODEL and s.clip_model_is_default
     assert s.effective_database_url == f"sqlite:///{tmp_path / 'data' / 'loupe.db'}"
     assert s.qdrant_url is None
+    assert (s.model.text_runtime, s.model.image_runtime) == ("auto", "auto")
 
 
 def test_flat_and_nested_variables(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
@@ -101,6 +102,7 @@ def test_a_misspelt_or_renamed_setting_is_named_at_start_not_ignored_in_silence(
         ("LOUPE_INGEST__THUMBNAIL_FORMAT", "gif"),
         ("LOUPE_MODEL__TEXT_THREADS_UNDER_LOAD", "-1"),
         ("LOUPE_MODEL__IMAGE_RUNTIME", "fast"),
+        ("LOUPE_MODEL__TEXT_RUNTIME", "onnx-w4"),
     ],
 )
 def test_the_thumbnail_format_the_text_threads_and_the_image_tower_refuse_bad_values(
