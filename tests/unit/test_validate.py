@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import io
+import os
+import threading
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from loupe.errors import InvalidImage, LoupeError, TooLarge, UnsupportedFormat
-from loupe.ingest.validate import clean_name, decode_rgb, inspect_upload, make_thumbnail
+from loupe.ingest.validate import (
+    clean_name,
+    decode_rgb,
+    inspect_upload,
+    make_thumbnail,
+    thumbnail_image,
+    thumbnail_size,
+)
 from tests.fixtures import images as mk
 
 LIMITS = {"max_bytes": 10 * 1024 * 1024, "max_pixels": 50_000_000}
@@ -116,6 +126,97 @@ def test_jpeg_draft_decode_keeps_the_shorter_side_at_least_min_side():
     data = mk.jpeg(2000, 1000)
     img = decode_rgb(data, max_pixels=LIMITS["max_pixels"], min_side=200)
     assert min(img.size) >= 200 and img.size[0] < 2000
+
+
+def pillows_thumbnail(img: Image.Image, max_px: int) -> Image.Image:
+    thumb = img.copy()
+    thumb.thumbnail((max_px, max_px), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    return thumb
+
+
+def photo_like(width: int, height: int, seed: int) -> Image.Image:
+    """Smooth colour fields with per-pixel noise: edges and gradients for a resampling filter to get wrong."""
+    rng = np.random.default_rng(seed)
+    cells = rng.integers(0, 256, (max(1, height // 12), max(1, width // 12), 3), dtype=np.uint8)
+    smooth = np.asarray(Image.fromarray(cells).resize((width, height), Image.Resampling.BICUBIC), np.int16)
+    return Image.fromarray(np.clip(smooth + rng.integers(-8, 9, smooth.shape), 0, 255).astype(np.uint8))
+
+
+def test_thumbnails_have_pillows_size_for_every_shape():
+    rng = np.random.default_rng(11)
+    shapes = [(1, 1), (1, 5000), (5000, 1), (384, 384), (385, 384), (384, 1000), (3, 2), (1152, 864)]
+    shapes += [(int(rng.integers(1, 4000)), int(rng.integers(1, 4000))) for _ in range(300)]
+    for width, height in shapes:
+        for max_px in (16, 64, 384, 1000):
+            expected = pillows_thumbnail(Image.new("1", (width, height)), max_px).size
+            assert (thumbnail_size((width, height), max_px) or (width, height)) == expected, (
+                width,
+                height,
+                max_px,
+            )
+
+
+@pytest.mark.parametrize(
+    ("width", "height"),
+    [(576, 432), (433, 577), (1000, 411), (1535, 1150), (400, 390), (385, 120), (912, 639)],
+)
+def test_rgb_thumbnails_are_within_one_level_of_pillows(width: int, height: int):
+    """Where a picture is under 4x its thumbnail (a draft-decoded JPEG), torch resamples it: Pillow's size and
+    filter, each pixel within 1/255 of Pillow's, nearly all of them equal."""
+    img = photo_like(width, height, seed=width)
+    ours, pillows = thumbnail_image(img, 384), pillows_thumbnail(img, 384)
+    assert (ours.mode, ours.size) == ("RGB", pillows.size)
+    diff = np.abs(np.asarray(ours, np.int16) - np.asarray(pillows, np.int16))
+    assert diff.max() <= 1 and diff.mean() < 0.05
+
+
+@pytest.mark.parametrize(
+    "img",
+    [
+        photo_like(2000, 1500, seed=1),  # 5.2x the thumbnail: Pillow box-reduces first
+        photo_like(3000, 200, seed=2),  # a panorama
+        photo_like(700, 500, seed=3).convert("L"),
+        photo_like(700, 500, seed=4).convert("RGBA"),
+    ],
+    ids=["large", "panorama", "greyscale", "rgba"],
+)
+def test_thumbnails_that_pillow_reduces_first_or_not_rgb_are_pillows_own(img: Image.Image):
+    ours, pillows = thumbnail_image(img, 384), pillows_thumbnail(img, 384)
+    assert ours.mode == pillows.mode and ours.tobytes() == pillows.tobytes()
+
+
+def test_a_thumbnail_never_enlarges_and_is_a_copy():
+    img = photo_like(300, 200, seed=5)
+    thumb = thumbnail_image(img, 384)
+    assert thumb is not img and thumb.tobytes() == img.tobytes()
+
+
+def test_thumbnails_made_side_by_side_start_no_thread_teams():
+    """Decode threads resample side by side: torch must run each on its calling thread, not start an OpenMP team
+    per thread (threads that would spin against the model's own; models/torch_thread.py keeps one team)."""
+    img = photo_like(576, 432, seed=6)
+    expected = thumbnail_image(img, 384).tobytes()  # torch's own pools, if any, exist before the count
+    workers = 4
+    before = len(os.listdir("/proc/self/task"))
+    all_done = threading.Barrier(workers + 1)
+    counted = threading.Barrier(workers + 1)
+    made: list[bytes] = []
+
+    def work() -> None:
+        made.append(thumbnail_image(img, 384).tobytes())
+        all_done.wait()  # every worker alive, each after its thumbnail
+        counted.wait()
+
+    threads = [threading.Thread(target=work) for _ in range(workers)]
+    for t in threads:
+        t.start()
+    all_done.wait()
+    during = len(os.listdir("/proc/self/task"))
+    counted.wait()
+    for t in threads:
+        t.join()
+    assert made == [expected] * workers
+    assert during <= before + workers
 
 
 @pytest.mark.parametrize(

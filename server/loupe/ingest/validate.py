@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import io
+import math
 import re
 import unicodedata
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from loupe.errors import InvalidImage, LoupeError, TooLarge, UnsupportedFormat
@@ -156,8 +159,6 @@ def to_rgb(img: Image.Image) -> Image.Image:
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16/32-bit greyscale: scale the used range to 8 bits instead of clipping it to white.
-        import numpy as np
-
         arr = np.asarray(img, dtype=np.float64)
         lo, hi = float(arr.min()), float(arr.max())
         arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
@@ -178,14 +179,58 @@ def make_thumbnail(img: Image.Image, max_px: int, quality: int, fmt: str) -> byt
     return encode_thumbnail(thumbnail_image(img, max_px), quality, fmt)
 
 
+# Pillow's thumbnail box-reduces by a whole factor first where a side is at least twice this many times the
+# thumbnail's.
+REDUCING_GAP = 2.0
+
+
+def thumbnail_size(size: tuple[int, int], max_px: int) -> tuple[int, int] | None:
+    """The size Pillow's `Image.thumbnail` gives a picture of `size` fitted into `max_px` x `max_px` (the aspect
+    ratio kept, each side rounded down or up, whichever keeps it closer), or None where it fits already."""
+    width, height = size
+    if max_px >= width and max_px >= height:
+        return None
+    aspect = width / height
+
+    def nearest(number: float, error: Callable[[int], float]) -> int:
+        return max(min(math.floor(number), math.ceil(number), key=error), 1)
+
+    if aspect <= 1:  # Pillow's test, x / y >= aspect, with x = y = max_px
+        return nearest(max_px * aspect, lambda n: abs(aspect - n / max_px)), max_px
+    return max_px, nearest(max_px / aspect, lambda n: 0 if n == 0 else abs(aspect - max_px / n))
+
+
 def thumbnail_image(img: Image.Image, max_px: int) -> Image.Image:
-    """The picture fitted into `max_px` x `max_px` (never enlarged)."""
+    """The picture fitted into `max_px` x `max_px` (never enlarged) by Pillow's thumbnail: its geometry and
+    antialiased bilinear filter (its support scales with the reduction; bicubic cost 1.6x as much for what a draft
+    decode leaves to reduce). Where that is one resampling step (the picture under 4x the thumbnail: every JPEG
+    after its draft decode but panoramas) and the picture is RGB, torch's SIMD uint8 kernel (a port of
+    Pillow-SIMD's) resamples it instead: each pixel within 1/255 of Pillow's, in less time (bench/RESULTS.md,
+    "A/B: thumbnails resampled by torch"). Larger pictures Pillow first box-reduces by a whole factor and then
+    resizes within an offset box; that stays Pillow's."""
+    size = thumbnail_size(img.size, max_px)
+    if size is None:
+        return img.copy()
+    one_step = img.width / size[0] < 2 * REDUCING_GAP and img.height / size[1] < 2 * REDUCING_GAP
+    if img.mode == "RGB" and one_step:
+        return resample_rgb(img, size)
     thumb = img.copy()
-    # bench/RESULTS.md (ingest): LANCZOS + WebP method 4 took 18 ms of a 1 MP picture's ~28 ms outside the model.
-    # A draft decode leaves at most 2x to reduce; there a bilinear filter (antialiased: its support scales with the
-    # reduction) takes 1.2 ms against bicubic's 1.9 ms for 576x432 -> 384x288.
-    thumb.thumbnail((max_px, max_px), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    thumb.thumbnail((max_px, max_px), Image.Resampling.BILINEAR, reducing_gap=REDUCING_GAP)
     return thumb
+
+
+def resample_rgb(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """An RGB picture resized to `size` by torch's antialiased bilinear filter. Torch starts no OpenMP team for it
+    from a thread of its own (checked with 4 threads side by side), so decode threads may call it."""
+    import torch
+
+    pixels = np.array(img)  # writable (np.asarray's is not, and torch warns on those)
+    # (1, 3, H, W) over channels-last memory: the layout torch's SIMD uint8 path takes.
+    x = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)
+    y = torch.nn.functional.interpolate(x, size=(size[1], size[0]), mode="bilinear", antialias=True)
+    planes = y[0].numpy()
+    # It answers in planes (3, H, W): Pillow interleaves them in 0.09 ms, where a strided copy took 0.5-0.7 ms.
+    return Image.merge("RGB", [Image.fromarray(plane, "L") for plane in planes])
 
 
 def encode_thumbnail(thumb: Image.Image, quality: int, fmt: str) -> bytes:
