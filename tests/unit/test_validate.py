@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from loupe.errors import InvalidImage, LoupeError, TooLarge, UnsupportedFormat
+from loupe.ingest.service import model_input
 from loupe.ingest.validate import (
     clean_name,
     decode_rgb,
@@ -19,6 +20,7 @@ from loupe.ingest.validate import (
     thumbnail_image,
     thumbnail_size,
 )
+from loupe.models.clip import resize_crop
 from tests.fixtures import images as mk
 
 LIMITS = {"max_bytes": 10 * 1024 * 1024, "max_pixels": 50_000_000}
@@ -183,6 +185,27 @@ def test_rgb_thumbnails_are_within_one_level_of_pillows(width: int, height: int)
 def test_thumbnails_that_pillow_reduces_first_or_not_rgb_are_pillows_own(img: Image.Image):
     ours, pillows = thumbnail_image(img, 384), pillows_thumbnail(img, 384)
     assert ours.mode == pillows.mode and ours.tobytes() == pillows.tobytes()
+
+
+@pytest.mark.parametrize(
+    ("width", "height"), [(576, 432), (432, 576), (1000, 700), (1535, 1150), (700, 1000)]
+)
+def test_a_model_input_from_a_resampled_thumbnail_is_within_two_levels_of_pillows(width: int, height: int):
+    img = photo_like(width, height, seed=height)
+    thumb = thumbnail_image(img, 384)
+    ours, pillows = model_input(img, thumb, 224, 224), resize_crop(thumb, 224, 224)
+    assert ours.shape == pillows.shape == (224, 224, 3) and ours.dtype == np.uint8 and ours.flags.c_contiguous
+    diff = np.abs(ours.astype(np.int16) - pillows.astype(np.int16))
+    assert diff.max() <= 2 and (diff > 0).mean() < 0.02
+
+
+@pytest.mark.parametrize(("width", "height"), [(300, 240), (384, 250), (112, 112), (200, 150), (700, 1400)])
+def test_a_picture_no_larger_than_its_thumbnail_gets_clips_processor_pixels_exactly(width: int, height: int):
+    """Pictures that fit their thumbnail, and those whose thumbnail is narrower than the model's input (700x1400:
+    192x384), are resized from the decode as CLIPImageProcessorPil resizes them."""
+    img = photo_like(width, height, seed=width)
+    thumb = thumbnail_image(img, 384)
+    assert np.array_equal(model_input(img, thumb, 224, 224), resize_crop(img, 224, 224))
 
 
 def test_a_thumbnail_never_enlarges_and_is_a_copy():

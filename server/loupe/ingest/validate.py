@@ -204,33 +204,34 @@ def thumbnail_image(img: Image.Image, max_px: int) -> Image.Image:
     """The picture fitted into `max_px` x `max_px` (never enlarged) by Pillow's thumbnail: its geometry and
     antialiased bilinear filter (its support scales with the reduction; bicubic cost 1.6x as much for what a draft
     decode leaves to reduce). Where that is one resampling step (the picture under 4x the thumbnail: every JPEG
-    after its draft decode but panoramas) and the picture is RGB, torch's SIMD uint8 kernel (a port of
-    Pillow-SIMD's) resamples it instead: each pixel within 1/255 of Pillow's, in less time (bench/RESULTS.md,
-    "A/B: thumbnails resampled by torch"). Larger pictures Pillow first box-reduces by a whole factor and then
-    resizes within an offset box; that stays Pillow's."""
+    after its draft decode but panoramas) and the picture is RGB, torch's SIMD uint8 kernel resamples it instead
+    (resample_planes): each pixel within 1/255 of Pillow's, 1.18 against 2.05 ms for a 1 MP JPEG's draft decode on
+    one thread (bench/RESULTS.md, "A/B: thumbnails and model inputs resampled by torch"). Larger pictures Pillow
+    first box-reduces by a whole factor and then resizes within an offset box; that stays Pillow's."""
     size = thumbnail_size(img.size, max_px)
     if size is None:
         return img.copy()
     one_step = img.width / size[0] < 2 * REDUCING_GAP and img.height / size[1] < 2 * REDUCING_GAP
     if img.mode == "RGB" and one_step:
-        return resample_rgb(img, size)
+        # Pillow interleaves the planes in 0.09 ms, where a strided copy took 0.5-0.7 ms.
+        return Image.merge("RGB", [Image.fromarray(p, "L") for p in resample_planes(img, size, "bilinear")])
     thumb = img.copy()
     thumb.thumbnail((max_px, max_px), Image.Resampling.BILINEAR, reducing_gap=REDUCING_GAP)
     return thumb
 
 
-def resample_rgb(img: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """An RGB picture resized to `size` by torch's antialiased bilinear filter. Torch starts no OpenMP team for it
-    from a thread of its own (checked with 4 threads side by side), so decode threads may call it."""
+def resample_planes(img: Image.Image, size: tuple[int, int], mode: str) -> np.ndarray:
+    """An RGB picture resized to `size` by torch's antialiased `mode` filter ("bilinear" or "bicubic", Pillow's
+    filters: torch's SIMD uint8 kernels are a port of Pillow-SIMD's), as planes (3, H, W) uint8. Torch starts no
+    OpenMP team for it from a thread of its own (checked with 4 threads side by side), so decode threads may call
+    it."""
     import torch
 
     pixels = np.array(img)  # writable (np.asarray's is not, and torch warns on those)
     # (1, 3, H, W) over channels-last memory: the layout torch's SIMD uint8 path takes.
     x = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)
-    y = torch.nn.functional.interpolate(x, size=(size[1], size[0]), mode="bilinear", antialias=True)
-    planes = y[0].numpy()
-    # It answers in planes (3, H, W): Pillow interleaves them in 0.09 ms, where a strided copy took 0.5-0.7 ms.
-    return Image.merge("RGB", [Image.fromarray(plane, "L") for plane in planes])
+    y = torch.nn.functional.interpolate(x, size=(size[1], size[0]), mode=mode, antialias=True)
+    return np.asarray(y[0].numpy())
 
 
 def encode_thumbnail(thumb: Image.Image, quality: int, fmt: str) -> bytes:
