@@ -235,6 +235,14 @@ def ab(base: str, sizes: list[float], rounds: int, images: int) -> str:
             f"| {mp:g} MP ({w}x{h}) | {n} | {rate['base']:.1f} | {rate['this']:.1f} | "
             f"{rate['this'] / rate['base']:.2f}x | {over['base']:+.0%} | {over['this']:+.0%} |"
         )
+    lines.append("")
+    for mp in sizes:
+        pairs = zip(got[("base", mp)], got[("this", mp)], strict=True)
+        lines.append(
+            f"Rounds at {mp:g} MP (base -> this, images/s): "
+            + ", ".join(f"{b[5]:.1f} -> {t[5]:.1f}" for b, t in pairs)
+            + "."
+        )
     return "\n".join(lines)
 
 
@@ -246,6 +254,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=96)
     ap.add_argument("--base", help="git revision to compare this checkout's default ingest against")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--name", default="A/B: ingest pipeline", help="the RESULTS.md section an A/B writes")
     ap.add_argument("--write", action="store_true")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda: the GPU variants, OCR off")
     ap.add_argument("--variant", help=argparse.SUPPRESS)  # "MP:INDEX": one run, its row as JSON (internal)
@@ -262,7 +271,7 @@ def main() -> None:
         text = ab(args.base, sizes, args.rounds, args.images)
         print(text)
         if args.write:
-            write_section("A/B: ingest pipeline", text, command)
+            write_section(args.name, text, command)
         return
     import torch
 
