@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 "$PY" bench/search_bench.py --scales "${SCALES:-10k,100k}" --write
 "$PY" bench/ingest_bench.py --write
+"$PY" bench/prepare_ab.py --write
 "$PY" bench/finetune_bench.py --write
 "$PY" bench/ocr_bench.py
 "$PY" bench/int8_text_bench.py --write
