@@ -231,7 +231,7 @@ def resample_planes(img: Image.Image, size: tuple[int, int], mode: str) -> np.nd
     # (1, 3, H, W) over channels-last memory: the layout torch's SIMD uint8 path takes.
     x = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)
     y = torch.nn.functional.interpolate(x, size=(size[1], size[0]), mode=mode, antialias=True)
-    return np.asarray(y[0].numpy())
+    return y[0].numpy()
 
 
 def encode_thumbnail(thumb: Image.Image, quality: int, fmt: str) -> bytes:
