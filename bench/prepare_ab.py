@@ -83,12 +83,12 @@ def preparation(blobs: list[bytes], rounds: int) -> dict[str, list[tuple[float, 
             t.join()
         return len(blobs) / (time.perf_counter() - t0), (time.process_time() - c0) / len(blobs) * 1000
 
-    threads = torch.get_num_threads()
+    torch_threads = torch.get_num_threads()
     run("pillow"), run("torch")  # warm-up
     got: dict[str, list[tuple[float, float]]] = {"pillow": [], "torch": []}
     for way in (ORDER * rounds)[: 2 * rounds]:
         got[way].append(run(way))
-    torch.set_num_threads(threads)
+    torch.set_num_threads(torch_threads)
     return got
 
 
@@ -98,9 +98,8 @@ def pipeline(blobs: list[bytes], rounds: int) -> tuple[str, dict[str, list[tuple
 
     got: dict[str, list[tuple[float, float]]] = {"pillow": [], "torch": []}
     with tempfile.TemporaryDirectory() as tmp:
-        settings = Settings(
-            data_dir=Path(tmp) / "lib", clip_model=str(build_fullsize()), ocr={"enabled": False}
-        )  # type: ignore[arg-type]
+        settings = Settings(data_dir=Path(tmp) / "lib", clip_model=str(build_fullsize()))
+        settings.ocr.enabled = False
         rt = Runtime.open(settings, start_workers=False)
         try:
             workers, each = rt.ingest._model_workers(settings.ingest.batch_size)
