@@ -61,17 +61,19 @@ def commented(jpeg: bytes, note: str) -> bytes:
     return jpeg[:2] + b"\xff\xfe" + (len(text) + 2).to_bytes(2, "big") + text + jpeg[2:]
 
 
-def preparation(blobs: list[bytes], rounds: int) -> dict[str, list[tuple[float, float]]]:
-    """(pictures/s, CPU ms per picture) of prepare_picture on two threads side by side, per way and round."""
+def preparation(
+    blobs: list[bytes], rounds: int, sizes: tuple[int, int, int]
+) -> dict[str, list[tuple[float, float]]]:
+    """(pictures/s, CPU ms per picture) of prepare_picture on two threads side by side, per way and round, at the
+    pipeline's `sizes` (decode side, model resize, model crop)."""
     import torch
 
     ingest = Settings().ingest
-    side = max(224, ingest.thumbnail_px * 3 // 4)  # decode_side for ViT-B/32
 
     def lane(part: list[bytes]) -> None:
         torch.set_num_threads(1)  # as a model-worker lane runs
         for b in part:
-            service.prepare_picture(b, ingest, side, 224, 224)
+            service.prepare_picture(b, ingest, *sizes)
 
     def run(way: str) -> tuple[float, float]:
         use(way)
@@ -92,8 +94,11 @@ def preparation(blobs: list[bytes], rounds: int) -> dict[str, list[tuple[float, 
     return got
 
 
-def pipeline(blobs: list[bytes], rounds: int) -> tuple[str, dict[str, list[tuple[float, float]]]]:
-    """(images/s, CPU ms per picture) of upload-then-drain through the real Runtime, per way and round."""
+def pipeline(
+    blobs: list[bytes], rounds: int
+) -> tuple[str, tuple[int, int, int], dict[str, list[tuple[float, float]]]]:
+    """(images/s, CPU ms per picture) of upload-then-drain through the real Runtime, per way and round, with the
+    runtime's shape and its preparation sizes (decode side, model resize, model crop)."""
     from loupe.runtime import Runtime
 
     got: dict[str, list[tuple[float, float]]] = {"pillow": [], "torch": []}
@@ -104,6 +109,7 @@ def pipeline(blobs: list[bytes], rounds: int) -> tuple[str, dict[str, list[tuple
         try:
             workers, each = rt.ingest._model_workers(settings.ingest.batch_size)
             shape = f"{workers} x {each} threads, image tower {rt.clip.image_runtime}"
+            sizes = (rt.ingest._decode_side, *rt.clip.model_sizes)
 
             def drain(way: str, tag: str) -> tuple[float, float]:
                 use(way)
@@ -120,7 +126,7 @@ def pipeline(blobs: list[bytes], rounds: int) -> tuple[str, dict[str, list[tuple
             assert rt.repo.counts_by_state().get("ready", 0) == len(blobs) * (2 * rounds + 1)
         finally:
             rt.close()
-    return shape, got
+    return shape, sizes, got
 
 
 def row(what: str, got: dict[str, list[tuple[float, float]]], unit: str) -> str:
@@ -151,8 +157,8 @@ def main() -> None:
     blobs = make_jpegs(args.images, w, h, seed=500)
     # The pipeline first: the preparation part's lane threads set torch's thread count, which the model would
     # inherit at load.
-    shape, pipe = pipeline(blobs, args.rounds)
-    prep = preparation(blobs[:48], args.rounds + 4)
+    shape, sizes, pipe = pipeline(blobs, args.rounds)
+    prep = preparation(blobs[:48], args.rounds + 4, sizes)
     lines = [
         f"One process, Pillow's resampling (as before 441e994) and torch's swapped in alternately, ABBA, on 1 MP "
         f"({w}x{h}) photograph-like JPEGs; medians over the rounds, and each pair's ratio. Preparation alone: "
