@@ -403,3 +403,36 @@ def test_exports_of_other_models_unused_for_a_month_are_deleted_at_start(make_se
     os.utime(own, (month, month))  # this model's own: loaded again at start, so kept however old
     runtime_factory(settings)
     assert sorted(p.name for p in cache.iterdir()) == sorted([own.name, recent.name])
+
+
+def test_quantizing_leaves_the_host_process_logging_as_it_was(tiny_clip_dir: Path, tmp_path: Path):
+    """Importing ONNX Runtime's MatMulNBits quantizer calls logging.basicConfig(level=INFO): in a process that had
+    not set up logging (an embedder, a benchmark's load generator), every library's INFO records were printed
+    afterwards. A fresh interpreter, as such a process starts."""
+    script = (
+        "import logging, sys\n"
+        "from pathlib import Path\n"
+        "from loupe.models import onnx_text\n"
+        "from loupe.models.clip import load_clip\n"
+        "root = logging.getLogger()\n"
+        "before = (root.level, list(root.handlers))\n"
+        "clip = load_clip(sys.argv[1])\n"
+        "assert onnx_text.attach(clip, 'onnx-w8', Path(sys.argv[2])) == 'onnx-w8'\n"
+        "assert onnx_text.attach(load_clip(sys.argv[1]), 'onnx-int8', Path(sys.argv[2])) == 'onnx-int8'\n"
+        "print(before == (root.level, list(root.handlers)), root.level, root.handlers)\n"
+        "logging.getLogger('httpx').info('a request')\n"
+    )
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(tiny_clip_dir), str(tmp_path / "onnx")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("True"), out.stdout
+    assert "a request" not in out.stderr
+    names = [p.name for p in (tmp_path / "onnx").iterdir()]
+    assert any("-w8b32" in n for n in names) and any("int8" in n for n in names), names  # both were quantized

@@ -26,6 +26,7 @@ import os
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -162,16 +163,37 @@ def export_encoder(module: Any, input_ids: Any, attention_mask: Any, out: Path) 
     export_module(module, (input_ids, attention_mask), out, names, dict.fromkeys(names, tokens))
 
 
+@contextlib.contextmanager
+def quiet_quantizers() -> Iterator[None]:
+    """ONNX Runtime's quantizers log every tensor through the root logger, and importing its MatMulNBits quantizer
+    calls `logging.basicConfig(level=INFO)`: in a process without logging set up (an embedder, a benchmark) every
+    library's INFO records, httpx's line per request among them, would be printed from then on. Inside, records
+    under WARNING are dropped; on leaving, the root logger's level and handlers are put back as they were."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+        for h in root.handlers[:]:
+            if h not in handlers:
+                root.removeHandler(h)
+        root.setLevel(level)
+
+
 def quantize_w8(src: Path, dst: Path, block: int = W8_BLOCK) -> None:
     """`onnx-w8`: every MatMul with constant weights as MatMulNBits, 8-bit symmetric weights in blocks of `block`
     input channels, int8 dot products (accuracy level 4)."""
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    quantizer = MatMulNBitsQuantizer(
-        onnx.load(str(src)), bits=8, block_size=block, is_symmetric=True, accuracy_level=4
-    )
-    quantizer.process()
+    with quiet_quantizers():
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        quantizer = MatMulNBitsQuantizer(
+            onnx.load(str(src)), bits=8, block_size=block, is_symmetric=True, accuracy_level=4
+        )
+        quantizer.process()
     quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
 
 
@@ -189,17 +211,14 @@ def export(clip: Any, target: Path, kind: str) -> Path:
             export_encoder(tower, enc["input_ids"], enc["attention_mask"], tmp)
             tmp.replace(fp32)
         if kind != "onnx" and not target.exists():
-            from onnxruntime.quantization import QuantType, quantize_dynamic
-
             tmp = target.with_suffix(".tmp")
-            logging.disable(logging.WARNING)  # the quantizers log every tensor through the root logger
-            try:
+            with quiet_quantizers():
+                from onnxruntime.quantization import QuantType, quantize_dynamic
+
                 if kind == "onnx-w8":
                     quantize_w8(fp32, tmp)
                 else:
                     quantize_dynamic(str(fp32), str(tmp), weight_type=QuantType.QInt8, per_channel=True)
-            finally:
-                logging.disable(logging.NOTSET)
             tmp.replace(target)
     return target
 
