@@ -17,6 +17,13 @@ from loupe.models.runtime_choice import ChoiceMemory
 NEVER, ALWAYS = 1e9, 0.0
 
 
+@pytest.fixture(autouse=True)
+def quiet_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests check what is remembered, whatever else the machine running them does meanwhile: the CPU
+    time of other processes reads as unknown (quiet). The TimingWindow tests below measure it for real."""
+    monkeypatch.setattr(runtime_choice, "cpu_ticks", lambda: None)
+
+
 def untimed(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make any timing at start fail the test."""
 
@@ -116,3 +123,59 @@ def test_a_restart_reuses_what_the_first_start_timed_and_health_says_so(
         "remembered from "
     )
     assert set(again["runtime_choices"]) == set(choices)
+
+
+def _spin(stop_at: float) -> None:
+    while time.monotonic() < stop_at:
+        pass
+
+
+def test_a_timing_window_sees_other_processes_take_the_cores(monkeypatch: pytest.MonkeyPatch):
+    """Real CPU time from /proc/stat: while other processes spin on every core, a window that needs them all is
+    contended; the same window with nothing else running is not."""
+    import multiprocessing
+    import os
+
+    monkeypatch.undo()  # the real cpu_ticks
+    cores = os.cpu_count() or 1
+    ctx = multiprocessing.get_context("spawn")
+    spinners = [ctx.Process(target=_spin, args=(time.monotonic() + 30,)) for _ in range(cores)]
+    for p in spinners:
+        p.start()
+    try:
+        time.sleep(1.0)  # started and spinning
+        with runtime_choice.TimingWindow(cores) as busy:
+            time.sleep(0.6)
+    finally:
+        for p in spinners:
+            p.terminate()
+            p.join()
+    with runtime_choice.TimingWindow(cores) as quiet:
+        time.sleep(0.6)
+    assert busy.others > cores * 0.7 and busy.contended, busy.others
+    assert quiet.others < 0.5 and not quiet.contended, quiet.others
+    # A timing on one core of a machine with others to spare is not contended by one busy neighbour.
+    spare = runtime_choice.TimingWindow(1)
+    spare.cores, spare.others = 4, 1.0
+    assert not spare.contended
+
+
+def test_a_verdict_timed_on_a_busy_machine_serves_but_is_not_remembered(
+    tiny_clip_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    clip = load_clip(str(tiny_clip_dir))
+    memory = ChoiceMemory(tmp_path / "models")
+    # Every clock tick of the window was busy, none of it this process's: the others held all the cores.
+    ticks = iter(range(0, 10**12, 10**6))
+    monkeypatch.setattr(runtime_choice, "cpu_ticks", lambda: (next(ticks), 0))
+    assert bf16_text.attach(clip, "auto", gain_needed=ALWAYS, memory=memory) == "bf16 from 1 query"
+    assert clip.runtime_choices["text_batches"] == "timed at start on a busy machine: not remembered"
+    assert image_runtime.attach(clip, "auto", tmp_path / "onnx", gains={"onnx": NEVER}, memory=memory)
+    assert clip.runtime_choices["image"].endswith("not remembered")
+    assert not memory.path.exists()
+    # Quiet again: the next start times, and remembers, with what it saw of the others.
+    monkeypatch.setattr(runtime_choice, "cpu_ticks", lambda: None)
+    assert bf16_text.attach(clip, "auto", gain_needed=ALWAYS, memory=memory) == "bf16 from 1 query"
+    assert clip.runtime_choices["text_batches"] == "timed at start"
+    (entry,) = json.loads(memory.path.read_text()).values()
+    assert entry["start"] == 1 and entry["busy_elsewhere"] == 0.0

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from loupe.models import text_pooled
-from loupe.models.runtime_choice import ChoiceMemory, described
+from loupe.models.runtime_choice import ChoiceMemory, TimingWindow, described, timed
 from loupe.models.tracing import trace_checked
 from loupe.models.vectors import normalize
 
@@ -215,18 +215,18 @@ def attach(clip: Any, mode: str, gain_needed: float | None = None, memory: Choic
         start = int(entry["start"])
         log.info("bf16 text tower: from %d queries (%s)", start, described(entry))
     else:
-        for size in PROBE_SIZES:
-            part = clip.tokenize(PROBES[:size])
-            gain = best_of(partial(clip.embed_texts, PROBES[:size])) / best_of(
-                partial(clip.torch_pass, partial(tower, part["input_ids"], part["attention_mask"]))
-            )
-            log.info("bf16 text tower on %d queries: %.2fx the %s runtime", size, gain, clip.text_runtime)
-            if gain >= gain_needed:
-                start = size
-                break
-        clip.runtime_choices["text_batches"] = "timed at start"
-        if memory is not None and key is not None:
-            memory.put(key, start=start)
+        with TimingWindow(clip.threads) as window:
+            for size in PROBE_SIZES:
+                part = clip.tokenize(PROBES[:size])
+                gain = best_of(partial(clip.embed_texts, PROBES[:size])) / best_of(
+                    partial(clip.torch_pass, partial(tower, part["input_ids"], part["attention_mask"]))
+                )
+                log.info("bf16 text tower on %d queries: %.2fx the %s runtime", size, gain, clip.text_runtime)
+                if gain >= gain_needed:
+                    start = size
+                    break
+        remembered = memory is None or key is None or memory.put(key, window=window, start=start)
+        clip.runtime_choices["text_batches"] = timed(remembered)
     if not start:
         return ""
     clip.text_batch_tower, clip.text_batch_min = tower, start

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from loupe.models.bf16_text import COSINE_FLOOR, cpu_has_bf16
-from loupe.models.runtime_choice import ChoiceMemory, described
+from loupe.models.runtime_choice import ChoiceMemory, TimingWindow, described, timed
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,8 @@ def attach(
     if mode != "auto":
         chosen = mode if mode in found else "torch"
     else:
-        rates = _rates(clip, {"torch": None, **found}, pixels)
+        with TimingWindow(clip.threads) as window:
+            rates = _rates(clip, {"torch": None, **found}, pixels)
         chosen = "onnx" if "onnx" in rates and rates["onnx"] >= need["onnx"] * rates["torch"] else "torch"
         if "bf16" in rates and rates["bf16"] >= need["bf16"] * rates[chosen]:
             chosen = "bf16"
@@ -197,9 +198,11 @@ def attach(
             ", ".join(f"{name} {rate:.1f} pictures/s" for name, rate in rates.items()),
             chosen,
         )
-        clip.runtime_choices["image"] = "timed at start"
-        if memory is not None and key is not None:
-            memory.put(key, choice=chosen, rates={k: round(v, 2) for k, v in rates.items()})
+        rounded = {k: round(v, 2) for k, v in rates.items()}
+        remembered = (
+            memory is None or key is None or memory.put(key, window=window, choice=chosen, rates=rounded)
+        )
+        clip.runtime_choices["image"] = timed(remembered)
     _install(clip, chosen, found.get(chosen))
     if chosen != "torch":
         log.info("image vectors come from the %s image tower", chosen)

@@ -34,7 +34,7 @@ import numpy as np
 
 from loupe.config import Settings
 from loupe.models import text_pooled
-from loupe.models.runtime_choice import ChoiceMemory, described
+from loupe.models.runtime_choice import ChoiceMemory, TimingWindow, described, timed
 from loupe.models.vectors import normalize
 
 log = logging.getLogger(__name__)
@@ -328,6 +328,7 @@ def attach_auto(clip: Any, cache_dir: Path, threads: int = 0, memory: ChoiceMemo
         return "torch"  # no ONNX Runtime or no export here: nothing to time
     fp32 = clip.text_tower
     chosen, why = "onnx", "onnx-w8 failed its check"
+    window = None  # nothing timed where onnx-w8 does not check out
     if attach(clip, "onnx-w8", cache_dir, threads) == "onnx-w8":
         w8 = clip.text_tower
         probes = [clip.tokenize([q], "np") for q in PROBES]
@@ -336,7 +337,8 @@ def attach_auto(clip: Any, cache_dir: Path, threads: int = 0, memory: ChoiceMemo
             for enc in probes:
                 tower(enc["input_ids"], enc["attention_mask"])
 
-        gain = best_of(lambda: one_by_one(fp32)) / best_of(lambda: one_by_one(w8))
+        with TimingWindow(clip.threads) as window:
+            gain = best_of(lambda: one_by_one(fp32)) / best_of(lambda: one_by_one(w8))
         why = f"{gain:.2f}x onnx on one query"
         if gain >= AUTO_GAIN:
             chosen = "onnx-w8"
@@ -344,7 +346,6 @@ def attach_auto(clip: Any, cache_dir: Path, threads: int = 0, memory: ChoiceMemo
         clip.text_tower = fp32
         export_path(clip, cache_dir, "onnx-w8").unlink(missing_ok=True)  # not loaded again while remembered
     log.info("text runtime: %s (onnx-w8: %s)", chosen, why)
-    clip.runtime_choices["text_runtime"] = "timed at start"
-    if memory is not None and key is not None:
-        memory.put(key, kind=chosen, why=why)
+    remembered = memory is None or key is None or memory.put(key, window=window, kind=chosen, why=why)
+    clip.runtime_choices["text_runtime"] = timed(remembered)
     return chosen

@@ -10,6 +10,13 @@ that decide (RULES). A reused choice is still built and checked against torch's 
 before it serves, so a broken export or build is never trusted from memory; only the timing is skipped. An entry
 older than MAX_AGE_DAYS is timed again; deleting the file re-times every choice at the next start.
 
+A verdict is only as good as the machine was quiet while it was timed: another process busy on the cores (a test
+run, an index build, a neighbour's VM stealing time) can flip it, and remembered it would stand for 30 days (seen
+here: the bf16 text copy timed under a test run lost to onnx-w8 and was never used, where on the quiet machine it
+runs batches of 8 1.84x faster). So each timing runs inside a TimingWindow, which reads the CPU time every process
+and the hypervisor took over it (/proc/stat) beside this process's own: where the others held the cores the timing
+needed, the verdict serves this run and is not remembered, and the next start times again.
+
 Several API nodes may share a data directory: each machine has its own entries, and a write replaces the file
 atomically (two nodes writing at once can lose one's entry, which that node then times again).
 """
@@ -33,6 +40,9 @@ FILE = "runtime-choices.json"
 MAX_AGE_DAYS = 30
 # Bumped when what `auto` measures or how it decides changes, so that no choice made by other rules is reused.
 RULES = 1
+# Cores that other processes (and steal) may take, beyond those the timing leaves free, before its verdict is not
+# remembered: an idle 2-core box's services take about 0.01-0.05.
+SLACK_CORES = 0.25
 
 
 @cache
@@ -57,6 +67,53 @@ def machine() -> dict[str, str]:
         except ImportError:
             out[module] = "none"
     return out
+
+
+def cpu_ticks() -> tuple[int, int] | None:
+    """(busy, all) clock ticks of every CPU since boot, from /proc/stat's first line; busy counts steal (time
+    the hypervisor gave the vCPUs to others). None where /proc/stat is not readable."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    if len(fields) < 8:
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = fields
+    busy = user + nice + system + irq + softirq + steal
+    return busy, busy + idle + iowait
+
+
+class TimingWindow:
+    """Whether a timing had the cores it needed: `others` is the CPU time, in cores, that other processes and
+    the hypervisor took over the window (all busy time on the machine less this process's own). `threads`: the
+    cores the timing runs on. `contended` when the others took more than the cores it leaves free (plus
+    SLACK_CORES); unknown (no /proc/stat) counts as quiet."""
+
+    def __init__(self, threads: int | None = None) -> None:
+        self.cores = os.cpu_count() or 1
+        self.threads = min(self.cores, threads or self.cores)
+        self.others = 0.0
+
+    def __enter__(self) -> TimingWindow:
+        self._t, self._own, self._ticks = time.monotonic(), _own_cpu_s(), cpu_ticks()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall, ticks = time.monotonic() - self._t, cpu_ticks()
+        if self._ticks is None or ticks is None or wall <= 0:
+            return
+        busy_s = (ticks[0] - self._ticks[0]) / os.sysconf("SC_CLK_TCK")
+        self.others = max(0.0, (busy_s - (_own_cpu_s() - self._own)) / wall)
+
+    @property
+    def contended(self) -> bool:
+        return self.others > self.cores - self.threads + SLACK_CORES
+
+
+def _own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
 
 
 class ChoiceMemory:
@@ -88,9 +145,21 @@ class ChoiceMemory:
             return None
         return entry
 
-    def put(self, key: str, **entry: Any) -> None:
+    def put(self, key: str, window: TimingWindow | None = None, **entry: Any) -> bool:
+        """Remember a verdict timed inside `window`; not where other processes held the cores it needed (the
+        next start times again). Returns whether it was remembered."""
+        if window is not None and window.contended:
+            log.warning(
+                "the runtime timing shared the CPU with other processes (%.2f of %d cores busy elsewhere): its "
+                "verdict serves this run and is not remembered; the next start times again",
+                window.others,
+                window.cores,
+            )
+            return False
         data = self._read()
         data[key] = {**entry, "at": round(time.time(), 1), "machine": machine()["cpu"]}
+        if window is not None:
+            data[key]["busy_elsewhere"] = round(window.others, 3)
         tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -99,8 +168,15 @@ class ChoiceMemory:
         except OSError as exc:  # a read-only data directory: the next start times again
             tmp.unlink(missing_ok=True)
             log.warning("could not remember the runtime choice in %s (%s)", self.path, exc)
+            return False
+        return True
 
 
 def described(entry: dict[str, Any]) -> str:
-    """'timed at start' or 'remembered from <UTC time>' for logs and health."""
+    """'remembered from <UTC time>' for logs and health."""
     return "remembered from " + time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(entry["at"]))
+
+
+def timed(remembered: bool) -> str:
+    """How a choice timed at this start is described in health."""
+    return "timed at start" if remembered else "timed at start on a busy machine: not remembered"
