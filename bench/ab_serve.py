@@ -2,6 +2,10 @@
 in the same run, rounds interleaved, so that a noisy or different machine still gives a fair ratio.
 
     python bench/ab_serve.py --base <git rev> [--scale 10k] [--rounds 3] [--requests 200] [--write]
+        [--this-env KEY=VALUE ...] [--base-env KEY=VALUE ...]
+
+`--this-env` / `--base-env` set the environment of one side's server only: the same revision on both sides with a
+setting changed on one compares settings.
 
 The base revision is checked out into a temporary git worktree and its server is started with PYTHONPATH pointing
 at that worktree's `server/` (the same virtual environment, model and library otherwise). Rows: a vector term (no
@@ -40,9 +44,16 @@ def main() -> None:
         default=[],
         help="KEY=VALUE for this checkout's server only (repeatable)",
     )
+    ap.add_argument(
+        "--base-env",
+        action="append",
+        default=[],
+        help="KEY=VALUE for the base revision's server only (repeatable)",
+    )
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
     rev, this = revisions(args.base, "".join(f", with {e}" for e in args.this_env))
+    rev += "".join(f", with {e}" for e in args.base_env)
 
     n = parse_scale(args.scale)
     corpus, queries = synthetic(n)
@@ -72,7 +83,7 @@ def main() -> None:
     with base_worktree(rev) as tree:
         for r in range(args.rounds):
             for side, path in (("base", tree / "server"), ("this", ROOT / "server")):
-                env = dict(e.split("=", 1) for e in args.this_env) if side == "this" else {}
+                env = dict(e.split("=", 1) for e in (args.this_env if side == "this" else args.base_env))
                 with serving(settings, PYTHONPATH=str(path), **env) as (url, pid):
                     load(url, [vector(i) for i in range(30)] + [text(i) for i in range(20)], 1)  # warm
                     anon.setdefault(side, []).append(rss_mb(pid)["anon"])
