@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
     rev, this = revisions(args.base, "".join(f", with {e}" for e in args.this_env))
-    rev += "".join(f", with {e}" for e in args.base_env)
+    base_label = rev + "".join(f", with {e}" for e in args.base_env)
 
     n = parse_scale(args.scale)
     corpus, queries = synthetic(n)
@@ -97,7 +97,7 @@ def main() -> None:
         return statistics.median(x[k] for x in got[(side, label, conc)])
 
     lines = [
-        f"`loupe serve` from {rev} (base) against {this} (this), on the same {n:,}-image library (embedded "
+        f"`loupe serve` from {base_label} (base) against {this} (this), on the same {n:,}-image library (embedded "
         f"defaults, full-size ViT-B/32), {args.rounds} interleaved rounds of {args.requests} requests per row; "
         "medians over the rounds. The load generator shares the cores.",
         "",
