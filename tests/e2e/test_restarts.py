@@ -45,18 +45,20 @@ class Server:
 
     def wait_healthy(self, timeout: float = 120) -> dict:
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(
-                    f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}"
-                )
-            try:
-                res = httpx.get(self.url + "/api/health", timeout=2)
-                if res.status_code == 200:
-                    return res.json()
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        # One client: httpx.get builds one, TLS context and all, per call.
+        with httpx.Client(timeout=2) as poll:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise AssertionError(
+                        f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}"
+                    )
+                try:
+                    res = poll.get(self.url + "/api/health")
+                    if res.status_code == 200:
+                        return res.json()
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.2)
         raise AssertionError(f"server not healthy in {timeout}s:\n{self.log.read_text()[-3000:]}")
 
     def kill9(self) -> None:

@@ -43,10 +43,11 @@ def gallery(
             timeout=60,
         )
         labels = {f["id"]: (s.colour, s.shape) for f, s in zip(res.json()["files"], shapes, strict=True)}
-        for _ in range(300):
-            if httpx.get(server.url + "/api/health").json()["counts"]["ready"] == len(shapes):
-                break
-            time.sleep(0.1)
+        with httpx.Client() as poll:  # one client: httpx.get builds one, TLS context and all, per call
+            for _ in range(300):
+                if poll.get(server.url + "/api/health").json()["counts"]["ready"] == len(shapes):
+                    break
+                time.sleep(0.1)
         yield server.url, labels
     finally:
         server.stop()
