@@ -88,7 +88,7 @@ def main() -> None:
                     load(url, [vector(i) for i in range(30)] + [text(i) for i in range(20)], 1)  # warm
                     anon.setdefault(side, []).append(rss_mb(pid)["anon"])
                     for label, make, conc in rows:
-                        lat, wall, errors = load(url, [make(i) for i in range(args.requests)], conc)
+                        lat, wall, errors, _ = load(url, [make(i) for i in range(args.requests)], conc)
                         assert errors == 0, f"{side}: {errors} failed requests"
                         got.setdefault((side, label, conc), []).append((pct(lat, 50), len(lat) / wall))
                 print(f"round {r + 1}/{args.rounds}: {side} done", flush=True)
