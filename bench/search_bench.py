@@ -497,7 +497,7 @@ def http_bench(settings: Settings, queries: np.ndarray, requests: int) -> tuple[
     lines = [
         f"HTTP on loopback against `loupe serve` (full-size ViT-B/32 on the CPU, text tower on "
         f"{model.get('text_runtime', 'torch')}"
-        + (f", text batches on the {model['text_batches']}" if model.get("text_batches") else "")
+        + (f", micro-batches: {model['text_batches']}" if model.get("text_batches") else "")
         + f"; image vectors by the {model.get('image_runtime', 'torch')} image tower), {requests} requests per "
         "row (half that for the image uploads and at concurrency 1); the load generator shares the 2 cores. "
         "Server CPU: the server process's user + system CPU time over the row, per search (a spinning OpenMP "
