@@ -5,6 +5,7 @@ or the file says it must."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ NEVER, ALWAYS = 1e9, 0.0
 def quiet_machine(monkeypatch: pytest.MonkeyPatch) -> None:
     """These tests check what is remembered, whatever else the machine running them does meanwhile: the CPU
     time of other processes reads as unknown (quiet). The TimingWindow tests below measure it for real."""
-    monkeypatch.setattr(runtime_choice, "cpu_ticks", lambda: None)
+    monkeypatch.setattr(runtime_choice, "cpu_ticks", lambda *_: None)
 
 
 def untimed(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -134,7 +135,6 @@ def test_a_timing_window_sees_other_processes_take_the_cores(monkeypatch: pytest
     """Real CPU time from /proc/stat: while other processes spin on every core, a window that needs them all is
     contended; the same window with nothing else running is not."""
     import multiprocessing
-    import os
 
     monkeypatch.undo()  # the real cpu_ticks
     cores = os.cpu_count() or 1
@@ -167,15 +167,46 @@ def test_a_verdict_timed_on_a_busy_machine_serves_but_is_not_remembered(
     memory = ChoiceMemory(tmp_path / "models")
     # Every clock tick of the window was busy, none of it this process's: the others held all the cores.
     ticks = iter(range(0, 10**12, 10**6))
-    monkeypatch.setattr(runtime_choice, "cpu_ticks", lambda: (next(ticks), 0))
+    monkeypatch.setattr(runtime_choice, "cpu_ticks", lambda *_: (next(ticks), 0))
     assert bf16_text.attach(clip, "auto", gain_needed=ALWAYS, memory=memory) == "bf16 from 1 query"
     assert clip.runtime_choices["text_batches"] == "timed at start on a busy machine: not remembered"
     assert image_runtime.attach(clip, "auto", tmp_path / "onnx", gains={"onnx": NEVER}, memory=memory)
     assert clip.runtime_choices["image"].endswith("not remembered")
     assert not memory.path.exists()
     # Quiet again: the next start times, and remembers, with what it saw of the others.
-    monkeypatch.setattr(runtime_choice, "cpu_ticks", lambda: None)
+    monkeypatch.setattr(runtime_choice, "cpu_ticks", lambda *_: None)
     assert bf16_text.attach(clip, "auto", gain_needed=ALWAYS, memory=memory) == "bf16 from 1 query"
     assert clip.runtime_choices["text_batches"] == "timed at start"
     (entry,) = json.loads(memory.path.read_text()).values()
     assert entry["start"] == 1 and entry["busy_elsewhere"] == 0.0
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to pin on")
+def test_a_timing_window_counts_only_the_cpus_this_process_may_run_on(monkeypatch: pytest.MonkeyPatch):
+    """A container pinned to some of a host's CPUs: work on the other CPUs does not contend, work on its own
+    does. Pinned here with sched_setaffinity, a real spinner on one CPU or the other."""
+    import multiprocessing
+
+    monkeypatch.undo()  # the real cpu_ticks
+    mine, other = sorted(os.sched_getaffinity(0))[:2]
+    saved = os.sched_getaffinity(0)
+    ctx = multiprocessing.get_context("spawn")
+    seen = {}
+    try:
+        os.sched_setaffinity(0, {mine})
+        for where in (other, mine):
+            spinner = ctx.Process(target=_spin, args=(time.monotonic() + 30,))
+            spinner.start()
+            os.sched_setaffinity(spinner.pid, {where})
+            try:
+                time.sleep(1.0)
+                with runtime_choice.TimingWindow(1) as window:
+                    time.sleep(0.6)
+            finally:
+                spinner.terminate()
+                spinner.join()
+            seen[where] = window
+    finally:
+        os.sched_setaffinity(0, saved)
+    assert seen[other].cores == 1 and seen[other].others < 0.5 and not seen[other].contended
+    assert seen[mine].others > 0.7 and seen[mine].contended

@@ -88,7 +88,7 @@ def test_auto_text_runtime_times_w8_once_and_remembers_it(tiny_clip_dir: Path, t
     from loupe.models.runtime_choice import ChoiceMemory
 
     # Remembered whatever else the machine runs meanwhile.
-    monkeypatch.setattr(runtime_choice, "cpu_ticks", lambda: None)
+    monkeypatch.setattr(runtime_choice, "cpu_ticks", lambda *_: None)
     memory = ChoiceMemory(tmp_path / "models")
     clip = load_clip(str(tiny_clip_dir))
     chosen = onnx_text.attach_auto(clip, tmp_path / "onnx", 0, memory)

@@ -30,6 +30,7 @@ import logging
 import os
 import platform
 import time
+from collections.abc import Collection
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -69,38 +70,53 @@ def machine() -> dict[str, str]:
     return out
 
 
-def cpu_ticks() -> tuple[int, int] | None:
-    """(busy, all) clock ticks of every CPU since boot, from /proc/stat's first line; busy counts steal (time
-    the hypervisor gave the vCPUs to others). None where /proc/stat is not readable."""
+def cpu_ticks(cpus: Collection[int] = ()) -> tuple[int, int] | None:
+    """(busy, all) clock ticks since boot of the CPUs `cpus` (/proc/stat's cpuN lines), or of every CPU (its first
+    line); busy counts steal (time the hypervisor gave the vCPUs to others). None where /proc/stat is not
+    readable or lacks one of them."""
+    wanted = {f"cpu{c}" for c in cpus} or {"cpu"}
+    busy = total = found = 0
     try:
         with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:9]]
+            for line in f:
+                name, *values = line.split()
+                if name not in wanted:
+                    continue
+                user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in values[:8])
+                b = user + nice + system + irq + softirq + steal
+                busy, total, found = busy + b, total + b + idle + iowait, found + 1
     except (OSError, ValueError):
         return None
-    if len(fields) < 8:
-        return None
-    user, nice, system, idle, iowait, irq, softirq, steal = fields
-    busy = user + nice + system + irq + softirq + steal
-    return busy, busy + idle + iowait
+    return (busy, total) if found == len(wanted) else None
+
+
+def _affinity() -> list[int]:
+    """The CPUs this process may run on (a container's cpuset, taskset), where the OS says."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return []
 
 
 class TimingWindow:
     """Whether a timing had the cores it needed: `others` is the CPU time, in cores, that other processes and
-    the hypervisor took over the window (all busy time on the machine less this process's own). `threads`: the
-    cores the timing runs on. `contended` when the others took more than the cores it leaves free (plus
-    SLACK_CORES); unknown (no /proc/stat) counts as quiet."""
+    the hypervisor took over the window on the CPUs this process may run on (their busy time less this process's
+    own; in a container pinned to some of a host's CPUs, those only). `threads`: the cores the timing runs on.
+    `contended` when the others took more than the cores it leaves free (plus SLACK_CORES); unknown (no
+    /proc/stat) counts as quiet."""
 
     def __init__(self, threads: int | None = None) -> None:
-        self.cores = os.cpu_count() or 1
+        self.cpus = _affinity()
+        self.cores = len(self.cpus) or os.cpu_count() or 1
         self.threads = min(self.cores, threads or self.cores)
         self.others = 0.0
 
     def __enter__(self) -> TimingWindow:
-        self._t, self._own, self._ticks = time.monotonic(), _own_cpu_s(), cpu_ticks()
+        self._t, self._own, self._ticks = time.monotonic(), _own_cpu_s(), cpu_ticks(self.cpus)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        wall, ticks = time.monotonic() - self._t, cpu_ticks()
+        wall, ticks = time.monotonic() - self._t, cpu_ticks(self.cpus)
         if self._ticks is None or ticks is None or wall <= 0:
             return
         busy_s = (ticks[0] - self._ticks[0]) / os.sysconf("SC_CLK_TCK")
