@@ -167,7 +167,7 @@ def test_a_verdict_timed_on_a_busy_machine_serves_but_is_not_remembered(
     memory = ChoiceMemory(tmp_path / "models")
     # Every clock tick of the window was busy, none of it this process's: the others held all the cores.
     ticks = iter(range(0, 10**12, 10**6))
-    monkeypatch.setattr(runtime_choice, "cpu_ticks", lambda *_: (next(ticks), 0))
+    monkeypatch.setattr(runtime_choice, "cpu_ticks", lambda *_: next(ticks))
     assert bf16_text.attach(clip, "auto", gain_needed=ALWAYS, memory=memory) == "bf16 from 1 query"
     assert clip.runtime_choices["text_batches"] == "timed at start on a busy machine: not remembered"
     assert image_runtime.attach(clip, "auto", tmp_path / "onnx", gains={"onnx": NEVER}, memory=memory)

@@ -225,8 +225,9 @@ def attach(clip: Any, mode: str, gain_needed: float | None = None, memory: Choic
                 if gain >= gain_needed:
                     start = size
                     break
-        remembered = memory is None or key is None or memory.put(key, window=window, start=start)
-        clip.runtime_choices["text_batches"] = timed(remembered)
+        if memory is not None and key is not None:
+            memory.put(key, window=window, start=start)
+        clip.runtime_choices["text_batches"] = timed(window)
     if not start:
         return ""
     clip.text_batch_tower, clip.text_batch_min = tower, start

@@ -84,7 +84,8 @@ class ClipModel:
         self.image_tower_onnx: Any = None
         self.image_tower_bf16: Any = None
         self.image_runtime = "torch"
-        # How each `auto` choice was made: "timed at start" or "remembered from ..." (models/runtime_choice.py).
+        # How each `auto` choice was made: "timed at start" (or "... on a busy machine: not remembered") or
+        # "remembered from ..." (models/runtime_choice.py).
         self.runtime_choices: dict[str, str] = {}
 
     def _trace_image_tower(self) -> Any:

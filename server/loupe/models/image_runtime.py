@@ -198,11 +198,10 @@ def attach(
             ", ".join(f"{name} {rate:.1f} pictures/s" for name, rate in rates.items()),
             chosen,
         )
-        rounded = {k: round(v, 2) for k, v in rates.items()}
-        remembered = (
-            memory is None or key is None or memory.put(key, window=window, choice=chosen, rates=rounded)
-        )
-        clip.runtime_choices["image"] = timed(remembered)
+        if memory is not None and key is not None:
+            rounded = {k: round(v, 2) for k, v in rates.items()}
+            memory.put(key, window=window, choice=chosen, rates=rounded)
+        clip.runtime_choices["image"] = timed(window)
     _install(clip, chosen, found.get(chosen))
     if chosen != "torch":
         log.info("image vectors come from the %s image tower", chosen)

@@ -212,12 +212,12 @@ def export(clip: Any, target: Path, kind: str) -> Path:
             tmp.replace(fp32)
         if kind != "onnx" and not target.exists():
             tmp = target.with_suffix(".tmp")
-            with quiet_quantizers():
-                from onnxruntime.quantization import QuantType, quantize_dynamic
+            if kind == "onnx-w8":
+                quantize_w8(fp32, tmp)  # quiets its quantizer itself
+            else:
+                with quiet_quantizers():
+                    from onnxruntime.quantization import QuantType, quantize_dynamic
 
-                if kind == "onnx-w8":
-                    quantize_w8(fp32, tmp)
-                else:
                     quantize_dynamic(str(fp32), str(tmp), weight_type=QuantType.QInt8, per_channel=True)
             tmp.replace(target)
     return target
@@ -346,6 +346,7 @@ def attach_auto(clip: Any, cache_dir: Path, threads: int = 0, memory: ChoiceMemo
         clip.text_tower = fp32
         export_path(clip, cache_dir, "onnx-w8").unlink(missing_ok=True)  # not loaded again while remembered
     log.info("text runtime: %s (onnx-w8: %s)", chosen, why)
-    remembered = memory is None or key is None or memory.put(key, window=window, kind=chosen, why=why)
-    clip.runtime_choices["text_runtime"] = timed(remembered)
+    if memory is not None and key is not None:
+        memory.put(key, window=window, kind=chosen, why=why)
+    clip.runtime_choices["text_runtime"] = timed(window)
     return chosen

@@ -70,24 +70,22 @@ def machine() -> dict[str, str]:
     return out
 
 
-def cpu_ticks(cpus: Collection[int] = ()) -> tuple[int, int] | None:
-    """(busy, all) clock ticks since boot of the CPUs `cpus` (/proc/stat's cpuN lines), or of every CPU (its first
-    line); busy counts steal (time the hypervisor gave the vCPUs to others). None where /proc/stat is not
-    readable or lacks one of them."""
+def cpu_ticks(cpus: Collection[int] = ()) -> int | None:
+    """Busy clock ticks since boot of the CPUs `cpus` (/proc/stat's cpuN lines), or of every CPU (its first line),
+    steal included (time the hypervisor gave the vCPUs to others). None where /proc/stat is not readable or lacks
+    one of them."""
     wanted = {f"cpu{c}" for c in cpus} or {"cpu"}
-    busy = total = found = 0
+    busy = found = 0
     try:
         with open("/proc/stat") as f:
             for line in f:
                 name, *values = line.split()
-                if name not in wanted:
-                    continue
-                user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in values[:8])
-                b = user + nice + system + irq + softirq + steal
-                busy, total, found = busy + b, total + b + idle + iowait, found + 1
+                if name in wanted:
+                    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in values[:8])
+                    busy, found = busy + user + nice + system + irq + softirq + steal, found + 1
     except (OSError, ValueError):
         return None
-    return (busy, total) if found == len(wanted) else None
+    return busy if found == len(wanted) else None
 
 
 def _affinity() -> list[int]:
@@ -119,7 +117,7 @@ class TimingWindow:
         wall, ticks = time.monotonic() - self._t, cpu_ticks(self.cpus)
         if self._ticks is None or ticks is None or wall <= 0:
             return
-        busy_s = (ticks[0] - self._ticks[0]) / os.sysconf("SC_CLK_TCK")
+        busy_s = (ticks - self._ticks) / os.sysconf("SC_CLK_TCK")
         self.others = max(0.0, (busy_s - (_own_cpu_s() - self._own)) / wall)
 
     @property
@@ -161,9 +159,9 @@ class ChoiceMemory:
             return None
         return entry
 
-    def put(self, key: str, window: TimingWindow | None = None, **entry: Any) -> bool:
+    def put(self, key: str, window: TimingWindow | None = None, **entry: Any) -> None:
         """Remember a verdict timed inside `window`; not where other processes held the cores it needed (the
-        next start times again). Returns whether it was remembered."""
+        next start times again)."""
         if window is not None and window.contended:
             log.warning(
                 "the runtime timing shared the CPU with other processes (%.2f of %d cores busy elsewhere): its "
@@ -171,7 +169,7 @@ class ChoiceMemory:
                 window.others,
                 window.cores,
             )
-            return False
+            return
         data = self._read()
         data[key] = {**entry, "at": round(time.time(), 1), "machine": machine()["cpu"]}
         if window is not None:
@@ -184,8 +182,6 @@ class ChoiceMemory:
         except OSError as exc:  # a read-only data directory: the next start times again
             tmp.unlink(missing_ok=True)
             log.warning("could not remember the runtime choice in %s (%s)", self.path, exc)
-            return False
-        return True
 
 
 def described(entry: dict[str, Any]) -> str:
@@ -193,6 +189,7 @@ def described(entry: dict[str, Any]) -> str:
     return "remembered from " + time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(entry["at"]))
 
 
-def timed(remembered: bool) -> str:
-    """How a choice timed at this start is described in health."""
-    return "timed at start" if remembered else "timed at start on a busy machine: not remembered"
+def timed(window: TimingWindow | None) -> str:
+    """How a choice timed at this start (inside `window`) is described in health."""
+    busy = window is not None and window.contended
+    return "timed at start on a busy machine: not remembered" if busy else "timed at start"
