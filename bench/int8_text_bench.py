@@ -1,5 +1,5 @@
 """What 8-bit weights do to a text encoder with real weights: the evidence behind the quantized CLIP text towers'
-schemes, behind `auto` serving `onnx-w8` and behind keeping `onnx-int8` opt-in.
+schemes, behind `auto` serving `onnx-w8`, behind smoothing `onnx-int8`'s inputs and behind keeping it opt-in.
 
     python bench/int8_text_bench.py [--queries 300] [--write]
 
@@ -7,11 +7,18 @@ No real CLIP weights are reachable offline; the checks of the ONNX int8 text tow
 probe queries) were only ever run on random weights. all-MiniLM-L6-v2 ships with real weights (the OCR channel's
 encoder), so it stands in: a BERT-style transformer of the same kind as CLIP's text tower. It goes through the
 same path as Loupe's text tower (server/loupe/models/onnx_text.py): exported to ONNX, quantized by ONNX Runtime's
-`quantize_dynamic` once with one scale per weight tensor (what `onnx-int8` did before) and once with one scale
-per output channel (what it does now), and by Loupe's `quantize_w8` (8-bit weights in blocks of 32 and of 128
+`quantize_dynamic` once with one scale per weight tensor (what `onnx-int8` did first), once with one scale
+per output channel (what it did next) and after smoothing (what it does now, below), and by Loupe's `quantize_w8` (8-bit weights in blocks of 32 and of 128
 input channels, int8 dot products: `onnx-w8` uses 32), run one query at a time on ONNX Runtime. Short queries
 (the first six words of a Debian package description) are searched against the 60k fp32 description embeddings
 of bench/vectors.py. torch bf16 is measured beside them for its accuracy.
+
+Smoothed rows: per-channel int8 after SmoothQuant-style smoothing (Xiao et al., 2023; server/loupe/models/
+smoothing.py). Each weight matmul's input is divided per channel by s_j = max|x_j|^a / max|W_j|^(1-a) (max|x_j|
+from calibration queries disjoint from the measured ones) and the weight's input rows multiplied by it: the same
+function in fp32, but the activation outliers one scale per tensor cannot represent move into the per-channel
+weight scales. `onnx-int8` does this with a = 0.8 on every matmul. Rows with `fc2 in fp32` (not used) leave the
+feed-forward output matmul, whose input comes after the GELU, unquantized.
 """
 
 from __future__ import annotations
@@ -80,10 +87,12 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=300)
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
+    import onnx
     import onnxruntime
     import torch
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    from loupe.models import smoothing
     from loupe.models.onnx_text import W8_BLOCK, quantize_w8
     from loupe.models.text_encoder import SentenceEncoder
 
@@ -106,11 +115,42 @@ def main() -> None:
         try:
             for label, per_channel in (
                 ("int8, one scale per tensor (onnx-int8 before)", False),
-                ("int8, per channel (onnx-int8)", True),
+                ("int8, per channel (onnx-int8 before smoothing)", True),
             ):
                 path = Path(tmp) / f"minilm-{int(per_channel)}.onnx"
                 quantize_dynamic(str(base), str(path), weight_type=QuantType.QInt8, per_channel=per_channel)
                 variants[f"ONNX Runtime {label}"] = run_onnx(path, enc.tokenizer, queries)
+            # Smoothed per-channel int8 (onnx-int8: a = ALPHA, every matmul), calibrated on other descriptions'
+            # prefixes.
+            rest = np.setdiff1d(np.arange(len(texts)), pick)
+            calib_ids = np.random.default_rng(11).choice(rest, 256, replace=False)
+            calib = [" ".join(texts[i].split()[: 3 + j % 12]) for j, i in enumerate(calib_ids)]
+            fp32_model = enc.model
+            amax = smoothing.calibrate(fp32_model, lambda: enc.embed(calib))
+            for alpha in (0.5, smoothing.ALPHA):
+                enc.model = smoothing.smoothed(fp32_model, amax, alpha)
+                path = Path(tmp) / f"minilm-smooth{alpha}.onnx"
+                export_minilm(enc, path)
+                graph = onnx.load(str(path), load_external_data=False)
+                fc2 = [
+                    n.name
+                    for n in graph.graph.node
+                    if n.op_type == "MatMul" and "/output/dense" in n.name and "attention" not in n.name
+                ]
+                for suffix, exclude in (("", []), (", fc2 in fp32", fc2)):
+                    q = Path(tmp) / f"minilm-smooth{alpha}-q{len(exclude)}.onnx"
+                    quantize_dynamic(
+                        str(path),
+                        str(q),
+                        weight_type=QuantType.QInt8,
+                        per_channel=True,
+                        nodes_to_exclude=exclude,
+                    )
+                    used = "onnx-int8" if alpha == smoothing.ALPHA and not exclude else "not used"
+                    variants[f"ONNX Runtime int8 per channel, smoothed a={alpha}{suffix} ({used})"] = (
+                        run_onnx(q, enc.tokenizer, queries)
+                    )
+            enc.model = fp32_model
             for block in (32, 128):
                 path = Path(tmp) / f"minilm-w8b{block}.onnx"
                 quantize_w8(base, path, block)
@@ -149,8 +189,8 @@ def main() -> None:
         "",
         "`LOUPE_MODEL__TEXT_RUNTIME=auto` (the default) serves the 8-bit blocks of 32 (`onnx-w8`: ONNX Runtime's "
         "MatMulNBits, activations quantized per block at run time) where they time at least 1.2x faster than fp32 "
-        "on one query at start; `onnx-int8` (one scale per output channel and one per activation tensor) stays "
-        "opt-in: faster still, but its vectors move several times further. Real CLIP weights are not reachable "
+        "on one query at start; `onnx-int8` (one scale per output channel and one per activation tensor, the inputs "
+        "smoothed) stays opt-in: faster still, but its vectors move several times further. Real CLIP weights are not reachable "
         "here to measure their retrieval effect; each kind's cosine check against torch on probe queries (onnx-w8 "
         ">= 0.999, onnx-int8 >= 0.99, else the next runtime serves) runs on the real weights wherever it is used.",
     ]

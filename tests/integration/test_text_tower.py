@@ -83,6 +83,63 @@ def test_onnx_text_tower_matches_torch_and_falls_back_when_broken(
     assert onnx_text.attach(load_clip(str(tiny_clip_dir)), "torch", tmp_path / "onnx") == "torch"
 
 
+def test_int8_text_tower_smooths_an_outlier_channel_that_one_activation_scale_loses(
+    tiny_clip_dir: Path, tmp_path: Path
+):
+    """One channel of every layer's normalized input 40x the rest (the function unchanged: the layer norm's gain
+    scaled up, the weights reading that channel scaled down), as trained transformers have them. One int8 scale per
+    activation tensor then leaves the other channels a few steps; `onnx-int8`'s smoothing (models/smoothing.py)
+    moves the outlier into the per-channel weight scales and keeps the vectors."""
+    from loupe.models import smoothing
+
+    clip = load_clip(str(tiny_clip_dir))
+    ref = clip.embed_texts_torch(QUERIES)
+    with torch.no_grad():
+        for layer in clip.model.text_model.encoder.layers:
+            a = layer.self_attn
+            for norm, readers in (
+                (layer.layer_norm1, (a.q_proj, a.k_proj, a.v_proj)),
+                (layer.layer_norm2, (layer.mlp.fc1,)),
+            ):
+                norm.weight[0] *= 40
+                norm.bias[0] *= 40
+                for lin in readers:
+                    lin.weight[:, 0] /= 40
+    assert np.min(np.sum(ref * clip.embed_texts_torch(QUERIES), axis=1)) > 0.99999  # the same function
+
+    # Smoothing alone changes nothing in fp32.
+    from loupe.models import text_pooled
+
+    parts = torch.nn.ModuleDict({"text": clip.model.text_model, "projection": clip.model.text_projection})
+    bos = text_pooled.bos_token_id(clip.tokenize)
+    calib = clip.tokenize(smoothing.CALIBRATION)
+    tower = text_pooled.make(parts["text"], parts["projection"], bos)
+    amax = smoothing.calibrate(parts, lambda: tower(calib["input_ids"], calib["attention_mask"]))
+    assert amax and all(
+        len(v) == m.in_features for name, v in amax.items() for m in [parts.get_submodule(name)]
+    )
+    smooth = smoothing.smoothed(parts, amax)
+    enc = clip.tokenize(QUERIES)
+    with torch.inference_mode():
+        fp32 = normalize(text_pooled.make(smooth["text"], smooth["projection"], bos)(**enc).numpy())
+    assert np.min(np.sum(ref * fp32, axis=1)) > 0.99999
+
+    # What onnx-int8 was before: per-channel int8 of the plain export.
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    plain = onnx_text.export(clip, onnx_text.export_path(clip, tmp_path, "onnx"), "onnx")
+    with onnx_text.quiet_quantizers():
+        quantize_dynamic(
+            str(plain), str(tmp_path / "plain.onnx"), weight_type=QuantType.QInt8, per_channel=True
+        )
+    np_enc = clip.tokenize(QUERIES, "np")
+    before = np.sum(ref * onnx_text.OnnxTextTower(tmp_path / "plain.onnx")(**np_enc), axis=1)
+    assert onnx_text.attach(clip, "onnx-int8", tmp_path) == "onnx-int8"
+    after = np.sum(ref * clip.embed_texts(QUERIES), axis=1)
+    assert after.min() > before.min() and 1 - after.mean() < (1 - before.mean()) / 2, (before, after)
+    assert not list(tmp_path.glob("*.tmp")), "the smoothed fp32 graph is not left behind"
+
+
 def test_auto_text_runtime_times_w8_once_and_remembers_it(tiny_clip_dir: Path, tmp_path: Path, monkeypatch):
     from loupe.models import runtime_choice
     from loupe.models.runtime_choice import ChoiceMemory
