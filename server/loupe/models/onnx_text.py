@@ -240,8 +240,9 @@ def export_smoothed(clip: Any, out: Path) -> None:
     bos = text_pooled.bos_token_id(clip.tokenize)
     parts = torch.nn.ModuleDict({"text": clip.model.text_model, "projection": clip.model.text_projection})
     tower = text_pooled.make(parts["text"], parts["projection"], bos)
-    calib = clip.tokenize(smoothing.CALIBRATION)
-    amax = smoothing.calibrate(parts, lambda: tower(calib["input_ids"], calib["attention_mask"]))
+    # One query per pass: no padding tokens among the activations calibrated on.
+    calib = [clip.tokenize([q]) for q in smoothing.CALIBRATION]
+    amax = smoothing.calibrate(parts, lambda: [tower(e["input_ids"], e["attention_mask"]) for e in calib])
     smooth = smoothing.smoothed(parts, amax)
     enc = clip.tokenize(PROBES[:2])
     tower = text_pooled.make(smooth["text"], smooth["projection"], bos)
