@@ -7,9 +7,10 @@ No real CLIP weights are reachable offline; the checks of the ONNX int8 text tow
 probe queries) were only ever run on random weights. all-MiniLM-L6-v2 ships with real weights (the OCR channel's
 encoder), so it stands in: a BERT-style transformer of the same kind as CLIP's text tower. It goes through the
 same path as Loupe's text tower (server/loupe/models/onnx_text.py): exported to ONNX, quantized by ONNX Runtime's
-`quantize_dynamic` once with one scale per weight tensor (what `onnx-int8` did first), once with one scale
-per output channel (what it did next) and after smoothing (what it does now, below), and by Loupe's `quantize_w8` (8-bit weights in blocks of 32 and of 128
-input channels, int8 dot products: `onnx-w8` uses 32), run one query at a time on ONNX Runtime. Short queries
+`quantize_dynamic` once with one scale per weight tensor (what `onnx-int8` did first), once with one scale per
+output channel (what it did next) and after smoothing (what it does now, below), and by Loupe's `quantize_w8`
+(8-bit weights in blocks of 32 and of 128 input channels, int8 dot products: `onnx-w8` uses 32), run one query at
+a time on ONNX Runtime. Short queries
 (the first six words of a Debian package description) are searched against the 60k fp32 description embeddings
 of bench/vectors.py. torch bf16 is measured beside them for its accuracy.
 
@@ -189,9 +190,9 @@ def main() -> None:
         "",
         "`LOUPE_MODEL__TEXT_RUNTIME=auto` (the default) serves the 8-bit blocks of 32 (`onnx-w8`: ONNX Runtime's "
         "MatMulNBits, activations quantized per block at run time) where they time at least 1.2x faster than fp32 "
-        "on one query at start; `onnx-int8` (one scale per output channel and one per activation tensor, the inputs "
-        "smoothed) stays opt-in: faster still, but its vectors move several times further. Real CLIP weights are not reachable "
-        "here to measure their retrieval effect; each kind's cosine check against torch on probe queries (onnx-w8 "
+        "on one query at start; `onnx-int8` (one scale per output channel and one per activation tensor, the "
+        "inputs smoothed) stays opt-in: faster still, but its vectors move several times further. Real CLIP "
+        "weights are not reachable here to measure their retrieval effect; each kind's cosine check against torch on probe queries (onnx-w8 "
         ">= 0.999, onnx-int8 >= 0.99, else the next runtime serves) runs on the real weights wherever it is used.",
     ]
     text = "\n".join(lines)
