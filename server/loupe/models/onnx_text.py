@@ -205,12 +205,9 @@ def export(clip: Any, target: Path, kind: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     fp32 = target.with_name(target.name.replace(SUFFIX[kind], "")) if SUFFIX[kind] else target
     with _export_lock:
-        if not fp32.exists():
-            enc = clip.tokenize(PROBES[:2])
+        if kind != "onnx-int8" and not fp32.exists():  # onnx-int8 quantizes its own smoothed graph
             tmp = fp32.with_suffix(".tmp")
-            bos = text_pooled.bos_token_id(clip.tokenize)
-            tower = text_pooled.make(clip.model.text_model, clip.model.text_projection, bos)
-            export_encoder(tower, enc["input_ids"], enc["attention_mask"], tmp)
+            export_pooled(clip, clip.model.text_model, clip.model.text_projection, tmp)
             tmp.replace(fp32)
         if kind != "onnx" and not target.exists():
             tmp = target.with_suffix(".tmp")
@@ -237,15 +234,19 @@ def export_smoothed(clip: Any, out: Path) -> None:
 
     from loupe.models import smoothing
 
-    bos = text_pooled.bos_token_id(clip.tokenize)
     parts = torch.nn.ModuleDict({"text": clip.model.text_model, "projection": clip.model.text_projection})
-    tower = text_pooled.make(parts["text"], parts["projection"], bos)
+    tower = text_pooled.make(parts["text"], parts["projection"], text_pooled.bos_token_id(clip.tokenize))
     # One query per pass: no padding tokens among the activations calibrated on.
     calib = [clip.tokenize([q]) for q in smoothing.CALIBRATION]
     amax = smoothing.calibrate(parts, lambda: [tower(e["input_ids"], e["attention_mask"]) for e in calib])
     smooth = smoothing.smoothed(parts, amax)
+    export_pooled(clip, smooth["text"], smooth["projection"], out)
+
+
+def export_pooled(clip: Any, text_model: Any, projection: Any, out: Path) -> None:
+    """The pooled text tower (models/text_pooled.py) of `text_model` and `projection`, exported in fp32."""
     enc = clip.tokenize(PROBES[:2])
-    tower = text_pooled.make(smooth["text"], smooth["projection"], bos)
+    tower = text_pooled.make(text_model, projection, text_pooled.bos_token_id(clip.tokenize))
     export_encoder(tower, enc["input_ids"], enc["attention_mask"], out)
 
 

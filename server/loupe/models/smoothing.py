@@ -92,16 +92,12 @@ def smoothed(model: Any, amax: dict[str, Any], alpha: float = ALPHA) -> Any:
     import torch
 
     class Smoothed(torch.nn.Module):
-        def __init__(self, lin: Any, s: Any) -> None:
+        def __init__(self, lin: Any, s: Any) -> None:  # `lin`: the copy's own Linear, scaled in place
             super().__init__()
             self.register_buffer("inv", (1.0 / s).to(lin.weight.dtype))
-            self.lin = torch.nn.Linear(
-                lin.in_features, lin.out_features, bias=lin.bias is not None, dtype=lin.weight.dtype
-            )
             with torch.no_grad():
-                self.lin.weight.copy_(lin.weight * s[None, :].to(lin.weight.dtype))
-                if lin.bias is not None:
-                    self.lin.bias.copy_(lin.bias)
+                lin.weight.mul_(s[None, :].to(lin.weight.dtype))
+            self.lin = lin
 
         def forward(self, x: Any) -> Any:
             return self.lin(x * self.inv)
