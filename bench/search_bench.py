@@ -340,6 +340,12 @@ WORDS = [
 ]
 
 
+def mixed_text(rng: np.random.Generator, n: int) -> str:
+    """A new query of 1 to 12 words (about 3 to 16 tokens) ending in a number that makes it unique: queries of
+    different lengths, as concurrent searches are, so a micro-batch holds tokens of several lengths."""
+    return " ".join(rng.choice(WORDS, int(rng.integers(1, 13))).tolist()) + f" {n}"
+
+
 def rss_mb(pid: int) -> dict[str, float]:
     """Resident memory of a process in MB: anonymous (heap, model weights, index codes) and file-backed (the
     memory-mapped mirror vectors, SQLite and Qdrant Edge pages the kernel can drop and share)."""
@@ -459,6 +465,11 @@ def http_bench(settings: Settings, queries: np.ndarray, requests: int) -> tuple[
             ("text, uncached", lambda i: new_text(), 1),
             ("text, uncached", lambda i: new_text(), 8),
             ("text, uncached", lambda i: new_text(), 32),
+            (
+                "text, uncached, 1-12 words",
+                lambda i: {"query": [{"text": mixed_text(rng, next(counter))}], "limit": 10},
+                8,
+            ),
             # The same words, each request made distinct by a min_score that excludes nothing: the query embedding
             # is cached, the search is computed.
             ("text, embedding cached", lambda i: {**repeated, "min_score": -1 + i * 1e-6}, 1),

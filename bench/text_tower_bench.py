@@ -10,13 +10,18 @@ per-channel weight scales after smoothing its inputs (`onnx-int8`, opt-in), all 
 bf16 in eager mode (a plain bfloat16 copy of the model) and Loupe's bf16 copy of the text tower as a TorchScript trace
 (server/loupe/models/bf16_text.py, what `LOUPE_MODEL__TEXT_BATCHES_BF16` serves). Loupe's ONNX export and bf16 copy
 run the pooled tower (server/loupe/models/text_pooled.py); each also runs as transformers' whole forward pass (the
-"whole forward pass" rows, Loupe's graph before it), same run. All on Loupe's torch thread.
+"whole forward pass" rows, Loupe's graph before it), same run. Batches are drawn from 40 search-like queries of 1
+to 15 words (3-17 tokens: server/loupe/models/smoothing.py's calibration set), so they hold queries of different
+lengths, as micro-batches of real searches do; Loupe packs a batch into its real tokens, and the "padded batch"
+rows run the same graphs with every padding token counted as real (an attention mask of ones: the work of a batch
+padded to its longest, as Loupe's graphs did before packing; the same vectors). All on Loupe's torch thread.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import random
 import statistics
 import sys
 import tempfile
@@ -30,6 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_section
 from fullsize import build as build_fullsize
 
+from loupe.models.smoothing import CALIBRATION
+
 QUERIES = [
     "a red bicycle against a brick wall",
     "a photo of a cat",
@@ -40,6 +47,11 @@ QUERIES = [
     "a bowl of ramen on a wooden table",
     "snow on the mountains at dawn",
 ]
+
+
+# Micro-batches of mixed lengths, the same in every row.
+_draw = random.Random(0)
+BATCHES = [_draw.sample(CALIBRATION, 8) for _ in range(10)]
 
 
 def single_ms(fn: Callable[[list[str]], np.ndarray], n: int = 40) -> float:
@@ -54,11 +66,11 @@ def single_ms(fn: Callable[[list[str]], np.ndarray], n: int = 40) -> float:
 
 
 def batch_qps(fn: Callable[[list[str]], np.ndarray], rounds: int = 10) -> float:
-    fn(QUERIES)
+    fn(BATCHES[-1])
     t = time.perf_counter()
     for r in range(rounds):
-        fn(QUERIES[r % 8 :] + QUERIES[: r % 8])
-    return rounds * len(QUERIES) / (time.perf_counter() - t)
+        fn(BATCHES[r % len(BATCHES)])
+    return rounds * 8 / (time.perf_counter() - t)
 
 
 def one_thread_qps(fn: Callable[[list[str]], np.ndarray], rounds: int = 10) -> float:
@@ -68,10 +80,10 @@ def one_thread_qps(fn: Callable[[list[str]], np.ndarray], rounds: int = 10) -> f
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        fn(QUERIES[:4])
+        fn(BATCHES[-1][:4])
         t = time.perf_counter()
         for r in range(rounds):
-            fn((QUERIES[r % 8 :] + QUERIES[: r % 8])[:4])
+            fn(BATCHES[r % len(BATCHES)][:4])
         return rounds * 4 / (time.perf_counter() - t)
     finally:
         torch.set_num_threads(n)
@@ -112,12 +124,13 @@ def measure(write: bool) -> None:
         def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
             return self.projection(pooled(self.text(input_ids=input_ids, attention_mask=attention_mask)))
 
-    def onnx_runner(path: Path, threads: int) -> Callable[[list[str]], np.ndarray]:
+    def onnx_runner(path: Path, threads: int, padded: bool = False) -> Callable[[list[str]], np.ndarray]:
         tower = onnx_text.OnnxTextTower(path, threads)
 
         def run(texts: list[str]) -> np.ndarray:
             enc = clip.tokenize(texts, "np")
-            return tower(enc["input_ids"], enc["attention_mask"])
+            mask = np.ones_like(enc["attention_mask"]) if padded else enc["attention_mask"]
+            return tower(enc["input_ids"], mask)
 
         return run
 
@@ -137,6 +150,10 @@ def measure(write: bool) -> None:
             assert onnx_text.attach(c, kind, Path(tmp), torch.get_num_threads()) == kind
             runtimes[f"ONNX Runtime {kind}"] = c.embed_texts
             single[f"ONNX Runtime {kind}"] = onnx_runner(c.text_tower.path, 1)
+            if kind != "onnx-int8":
+                padded = f"ONNX Runtime {kind}, padded batch"
+                runtimes[padded] = onnx_runner(c.text_tower.path, torch.get_num_threads(), padded=True)
+                single[padded] = onnx_runner(c.text_tower.path, 1, padded=True)
         bf16 = copy.deepcopy(clip.model).to(torch.bfloat16).eval()
 
         def torch_bf16(texts: list[str]) -> np.ndarray:
@@ -154,6 +171,12 @@ def measure(write: bool) -> None:
             return copy16(enc["input_ids"], enc["attention_mask"])
 
         runtimes["Loupe's bf16 copy (traced)"] = traced_bf16
+
+        def traced_bf16_padded(texts: list[str]) -> np.ndarray:
+            enc = clip.tokenize(texts)
+            return copy16(enc["input_ids"], torch.ones_like(enc["attention_mask"]))
+
+        runtimes["Loupe's bf16 copy (traced), padded batch"] = traced_bf16_padded
         # The same copy traced from transformers' whole forward pass (Loupe's before the pooled tower).
         pooled_tower = bf16_text._Modules.tower
         setattr(  # noqa: B010 (restored below)
@@ -179,11 +202,14 @@ def measure(write: bool) -> None:
             print(rows[-1], flush=True)
     base_ms, base_qps = rows[2][1], rows[2][2]  # ONNX Runtime fp32
     lines = [
-        f"Full-size ViT-B/32 text tower, queries of 5-9 words run on their real tokens only; torch "
-        f"{torch.__version__}, {torch.get_num_threads()} threads. Ratios against ONNX Runtime fp32 (`onnx`), "
-        "same run. Loupe's ONNX export and bf16 copy compute only what the pooled embedding depends on "
-        '(models/text_pooled.py); the rows marked "whole forward pass" run transformers\' forward pass as '
-        "Loupe did before. The last speed column: batches of 4 on one thread, as a text pass runs under load.",
+        f"Full-size ViT-B/32 text tower, single queries of 5-9 words, batches of 8 queries of 3-17 tokens (mixed "
+        f"lengths, as real searches), run on their real tokens only; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads. Ratios against ONNX Runtime fp32 (`onnx`), same run. Loupe's ONNX "
+        "export and bf16 copy compute only what the pooled embedding depends on and pack a batch into its real tokens "
+        '(models/text_pooled.py); the rows marked "padded batch" run the same graphs on a batch padded to its '
+        'longest (Loupe before packing), those marked "whole forward pass" transformers\' forward pass as Loupe '
+        "did before the pooled tower. The last speed column: batches of 4 on one thread, as a text pass runs "
+        "under load.",
         "",
         "| runtime | one query, ms (median) | vs onnx | batch of 8, queries/s | vs onnx | batch of 4 on "
         "1 thread, queries/s | worst cosine to torch fp32 |",

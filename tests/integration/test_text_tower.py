@@ -43,6 +43,33 @@ def test_real_tokens_only_equals_full_context_padding(tiny_clip_dir: Path):
     np.testing.assert_allclose(batched, full, atol=2e-5)
 
 
+def test_a_long_list_of_queries_is_packed_in_chunks_with_each_querys_own_vector(
+    tiny_clip_dir: Path, tmp_path: Path
+):
+    """A pass packs its queries' real tokens into one sequence (models/text_pooled.py), whose attention grows with
+    the square of its length: a longer list runs in passes of at most PACK_QUERIES, and every query gets the
+    vector it gets alone, wherever it falls in its chunk."""
+    from loupe.models import onnx_text, text_pooled
+
+    clip = load_clip(str(tiny_clip_dir))
+    assert onnx_text.attach(clip, "onnx", tmp_path / "onnx") == "onnx"
+    tower, sizes = clip.text_tower, []
+
+    def counted(input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        sizes.append(len(input_ids))
+        return tower(input_ids, attention_mask)  # type: ignore[no-any-return,misc]
+
+    clip.text_tower = counted
+    texts = [f"{q} number {k}" if k % 3 else q for k in range(40) for q in QUERIES[k % 4 : k % 4 + 1]]
+    got = clip.embed_texts(texts)
+    assert sizes == [16, 16, 8] and text_pooled.PACK_QUERIES == 16
+    sizes.clear()
+    alone = np.stack([clip.embed_texts([t])[0] for t in texts])
+    assert sizes == [1] * 40
+    np.testing.assert_allclose(got, alone, atol=2e-5)
+    np.testing.assert_allclose(got, clip.embed_texts_torch(texts), atol=2e-5)
+
+
 def test_onnx_text_tower_matches_torch_and_falls_back_when_broken(
     tiny_clip_dir: Path, tmp_path: Path, caplog
 ):
@@ -53,8 +80,11 @@ def test_onnx_text_tower_matches_torch_and_falls_back_when_broken(
         assert onnx_text.attach(clip, kind, tmp_path / "onnx") == kind
         assert clip.text_tower is not None
         ref = clip.embed_texts_torch(QUERIES)
-        for got in (clip.embed_texts(QUERIES), np.stack([clip.embed_texts([q])[0] for q in QUERIES])):
+        batched, alone = clip.embed_texts(QUERIES), np.stack([clip.embed_texts([q])[0] for q in QUERIES])
+        for got in (batched, alone):
             assert np.min(np.sum(ref * got, axis=1)) >= floor
+        if kind == "onnx":  # packed into one sequence, no query sees another's tokens
+            np.testing.assert_allclose(batched, alone, atol=2e-5)
     exported = sorted(p.name for p in (tmp_path / "onnx").iterdir())
     assert len(exported) == 3 and all(clip.info.fingerprint in name for name in exported)
     # int8 weights carry one scale per output channel (per-tensor scales moved real-weight vectors 5x further).
@@ -424,8 +454,9 @@ def test_the_traced_bf16_copy_gives_the_same_vectors_from_threads_side_by_side(t
 
 @pytest.mark.parametrize("legacy_eos", [False, True])
 def test_the_pooled_tower_gives_transformers_vectors(tiny_clip_dir: Path, legacy_eos: bool, monkeypatch):
-    """models/text_pooled.py skips the start token (its states are cached) and all but the end-of-text row of the
-    last layer: transformers' own forward pass must give the same vectors, at any length, padded or not, with the
+    """models/text_pooled.py skips the start token (its states are cached), packs a batch into its real tokens and
+    runs all but the end-of-text rows of the last layer: transformers' own forward pass must give the same vectors,
+    at any length, one query or a batch of different lengths, with the
     end-of-text token found by id or (legacy configs, eos_token_id 2) as the largest id."""
     from loupe.models import text_pooled
 

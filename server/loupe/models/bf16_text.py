@@ -184,6 +184,7 @@ def attach(clip: Any, mode: str, gain_needed: float | None = None, memory: Choic
             threads=clip.threads,
             gain=gain_needed,
             sizes=PROBE_SIZES,
+            graph=text_pooled.GRAPH,
         )
         entry = memory.get(key)
         if entry is not None and not isinstance(entry.get("start"), int):

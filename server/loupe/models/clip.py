@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from loupe.errors import ConfigError
-from loupe.models import torch_thread
+from loupe.models import text_pooled, torch_thread
 from loupe.models.tracing import trace_checked
 from loupe.models.vectors import normalize
 
@@ -229,12 +229,17 @@ class ClipModel:
         return n >= self.text_batch_min or (under_load and n >= SIDE_BY_SIDE_BATCH)
 
     def embed_texts(self, texts: list[str], threads: int | None = None) -> np.ndarray:
-        """Text queries: only their real tokens (padding to the batch's longest; the tower is causally masked
-        and pools the end-of-text token, so this equals full-context padding), on the bf16 copy from its batch
-        size, else on ONNX Runtime when attached, else torch. `threads`: torch threads (default `self.threads`;
-        ONNX Runtime keeps its own)."""
+        """Text queries: only their real tokens, packed into one sequence (models/text_pooled.py: the tower is
+        causally masked and pools the end-of-text token, so this equals full-context padding), at most
+        PACK_QUERIES at a time, on the bf16 copy from its batch size, else on ONNX Runtime when attached, else
+        torch. `threads`: torch threads (default `self.threads`; ONNX Runtime keeps its own)."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
+        if len(texts) > text_pooled.PACK_QUERIES and (self.text_batch_tower or self.text_tower) is not None:
+            step = text_pooled.PACK_QUERIES
+            return np.concatenate(
+                [self.embed_texts(texts[i : i + step], threads) for i in range(0, len(texts), step)]
+            )
         if self._bf16_takes(len(texts), threads):
             enc = self.tokenize(texts)
             tower = self.text_batch_tower

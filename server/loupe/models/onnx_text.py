@@ -54,11 +54,12 @@ COSINE_FLOOR = {"onnx": 0.9999, "onnx-w8": 0.999, "onnx-int8": 0.99}
 AUTO_GAIN = 1.2
 # MatMulNBits' block of input channels sharing a scale (32 kept MiniLM's vectors 2x closer to fp32 than 128).
 W8_BLOCK = 32
-# Export files: PREFIX-<fingerprint><SUFFIX>.onnx. The prefix names the exported graph ("text2": the pooled tower
-# of models/text_pooled.py; "text": transformers' whole forward pass), the suffix the quantization ("-int8c":
+# Export files: PREFIX-<fingerprint><SUFFIX>.onnx. The prefix names the exported graph ("text3": the pooled tower
+# of models/text_pooled.py, a batch packed into its real tokens; "text2": the pooled tower on the padded batch;
+# "text": transformers' whole forward pass), the suffix the quantization ("-int8c":
 # per-channel scales, which replaced per-tensor "-int8"; "-int8s": per-channel scales after smoothing, which
 # replaced "-int8c"; "-w8b32": 8-bit blocks of 32), so an export of another kind is never reused.
-PREFIX = "text2"
+PREFIX = "text3"
 SUFFIX = {"onnx": "", "onnx-w8": f"-w8b{W8_BLOCK}", "onnx-int8": "-int8s"}
 
 
@@ -118,7 +119,8 @@ class OnnxTextTower:
     def __init__(self, path: Path, threads: int = 0) -> None:
         self.session = cpu_session(path, threads)
         self.path = path
-        # The pooled tower's graph has no attention_mask input: right padding needs none (models/text_pooled.py).
+        # The pooled tower's graph packs the batch by its attention mask; transformers' whole forward pass took
+        # one too, the pooled tower on the padded batch (an earlier graph) none.
         self.takes_mask = "attention_mask" in {i.name for i in self.session.get_inputs()}
 
     def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
@@ -298,9 +300,10 @@ def attach(clip: Any, kind: str, cache_dir: Path, threads: int = 0) -> str:
         )
         return "torch"
     path = export_path(clip, cache_dir, kind)
-    # An export of this model's earlier graph (prefix "text") is never used again.
-    for old in cache_dir.glob(f"text-{clip.info.fingerprint}*.onnx"):
-        old.unlink(missing_ok=True)
+    # An export of this model's earlier graphs (prefixes "text", "text2") is never used again.
+    for old in cache_dir.glob(f"text*-{clip.info.fingerprint}*.onnx"):
+        if not old.name.startswith(f"{PREFIX}-"):
+            old.unlink(missing_ok=True)
     try:
         if not path.exists():
             log.info("exporting the text tower to ONNX (%s), once per model: %s", kind, path)
@@ -341,7 +344,12 @@ def attach_auto(clip: Any, cache_dir: Path, threads: int = 0, memory: ChoiceMemo
     key = None
     if memory is not None:
         key = memory.key(
-            "text-runtime", clip.info.fingerprint, threads=threads, gain=AUTO_GAIN, block=W8_BLOCK
+            "text-runtime",
+            clip.info.fingerprint,
+            threads=threads,
+            gain=AUTO_GAIN,
+            block=W8_BLOCK,
+            graph=text_pooled.GRAPH,
         )
         entry = memory.get(key)
         if entry is not None and entry.get("kind") in ("onnx", "onnx-w8"):
