@@ -79,7 +79,7 @@ def make(text_model: Any, projection: Any, bos_id: int | None) -> Any:
             return t.view(t.shape[0], t.shape[1], self.heads, self.head_dim).transpose(1, 2)
 
         def _attend(self, q: Any, k: Any, v: Any, mask: Any) -> Any:  # -> (B, Lq, D)
-            w = torch.matmul(q, k.transpose(-1, -2)) * self.scale + mask
+            w = torch.matmul(q * self.scale, k.transpose(-1, -2)) + mask
             w = torch.nn.functional.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
             out = torch.matmul(w, v).transpose(1, 2)
             return out.reshape(out.shape[0], out.shape[1], -1)
