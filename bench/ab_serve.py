@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, base_worktree, revisions, write_section
+from common import ROOT, base_worktree, command_line, revisions, write_section
 from fullsize import build as build_fullsize
 from search_bench import build_library, load, mixed_text, parse_scale, pct, rss_mb, serving
 from vectors import synthetic
@@ -124,7 +124,7 @@ def main() -> None:
     out = "\n".join(lines)
     print(out)
     if args.write:
-        write_section(args.name, out, "python bench/ab_serve.py " + " ".join(sys.argv[1:]))
+        write_section(args.name, out, command_line())
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import datetime as dt
 import os
 import platform
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -53,6 +54,12 @@ def timed(fn: Callable[[], object], repeat: int = 1) -> float:
         times.append(time.perf_counter() - t)
     times.sort()
     return times[len(times) // 2]
+
+
+def command_line() -> str:
+    """This process's command as a reader would type it again (arguments with spaces quoted)."""
+    script = Path(getattr(sys.modules["__main__"], "__file__", None) or sys.argv[0]).resolve()
+    return "python " + shlex.join([os.path.relpath(script, ROOT), *sys.argv[1:]])
 
 
 def write_section(name: str, body: str, command: str) -> None:

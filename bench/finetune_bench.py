@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import scratch_runtime, write_section
+from common import command_line, scratch_runtime, write_section
 from fullsize import build as build_fullsize
 from ingest_bench import make_jpegs
 
@@ -69,7 +69,7 @@ def main() -> None:
         write_section(
             "Fine-tuning throughput" + ("" if args.device == "cpu" else f" ({args.device})"),
             text,
-            "python bench/finetune_bench.py " + " ".join(sys.argv[1:]),
+            command_line(),
         )
 
 

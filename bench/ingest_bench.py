@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, base_worktree, revisions, write_section
+from common import ROOT, base_worktree, command_line, revisions, write_section
 from fullsize import build as build_fullsize
 
 from loupe.config import Settings
@@ -266,7 +266,7 @@ def main() -> None:
         return
     build_fullsize()
     sizes = [float(s) for s in (args.sizes or ("1" if args.base else "1,4,12")).split(",")]
-    command = "python bench/ingest_bench.py " + " ".join(sys.argv[1:])
+    command = command_line()
     if args.base:
         text = ab(args.base, sizes, args.rounds, args.images)
         print(text)

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_section
+from common import command_line, write_section
 from vectors import CACHE, debian_descriptions, minilm
 
 
@@ -201,7 +201,7 @@ def main() -> None:
         write_section(
             "int8 text encoder on real weights",
             text,
-            "python bench/int8_text_bench.py " + " ".join(sys.argv[1:]),
+            command_line(),
         )
 
 

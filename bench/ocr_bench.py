@@ -18,7 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import ROOT, tiny_model, write_section  # type: ignore[import-not-found]
+from common import ROOT, command_line, tiny_model, write_section  # type: ignore[import-not-found]
 from PIL import Image
 
 sys.path.insert(0, str(ROOT / "server"))
@@ -172,7 +172,7 @@ the CLIP pass): OCR off {off:.1f} images/s, OCR on {on:.1f} images/s, so the OCR
 {(1 - on / off) * 100:.0f}% of ingest throughput here ({off / on:.2f}x slower). With a full-size CLIP the CLIP pass
 itself dominates and the share is smaller (bench/ingest_bench.py measures the full-size pipeline with OCR off).
 """
-    write_section("OCR", body, "bench/ocr_bench.py " + " ".join(sys.argv[1:]))
+    write_section("OCR", body, command_line())
     print(body)
 
 

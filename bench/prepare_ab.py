@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_section
+from common import command_line, write_section
 from fullsize import build as build_fullsize
 from ingest_bench import SIZES, make_jpegs
 from PIL import Image
@@ -179,7 +179,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.write:
-        command = "python bench/prepare_ab.py " + " ".join(sys.argv[1:])
+        command = command_line()
         write_section("A/B: thumbnails and model inputs resampled by torch", text, command)
 
 

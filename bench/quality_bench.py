@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, scratch_runtime, tiny_model, write_section
+from common import command_line, machine, scratch_runtime, tiny_model, write_section
 from tests.fixtures.images import shape_set
 
 from loupe.models import tiny_clip
@@ -208,9 +208,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.write:
-        write_section(
-            "Quality: query expansion", text, "python bench/quality_bench.py " + " ".join(sys.argv[1:])
-        )
+        write_section("Quality: query expansion", text, command_line())
 
 
 if __name__ == "__main__":

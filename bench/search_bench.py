@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import faiss
-from common import ROOT, loupe_env, serve, write_section
+from common import ROOT, command_line, loupe_env, serve, write_section
 from fullsize import build as build_fullsize
 from ingest_bench import make_jpegs
 from vectors import CACHE, minilm, synthetic
@@ -551,7 +551,7 @@ def main() -> None:
     import tempfile
 
     model_dir = build_fullsize()
-    command = "python bench/search_bench.py " + " ".join(sys.argv[1:])
+    command = command_line()
     if not args.skip_minilm:
         corpus, queries = minilm()
         with tempfile.TemporaryDirectory() as tmp:

@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import loupe_env, serve, write_section
+from common import command_line, loupe_env, serve, write_section
 from fullsize import build as build_fullsize
 
 from loupe.models.runtime_choice import FILE
@@ -135,7 +135,7 @@ def main() -> None:
     )
     print(body)
     if args.write:
-        write_section("Start-up", body, "python bench/startup_bench.py --write")
+        write_section("Start-up", body, command_line())
 
 
 if __name__ == "__main__":

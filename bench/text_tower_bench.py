@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_section
+from common import command_line, write_section
 from fullsize import build as build_fullsize
 
 from loupe.models.smoothing import CALIBRATION
@@ -222,9 +222,7 @@ def measure(write: bool) -> None:
     text = "\n".join(lines)
     print(text)
     if write:
-        write_section(
-            "Text tower runtimes", text, "python bench/text_tower_bench.py " + " ".join(sys.argv[1:])
-        )
+        write_section("Text tower runtimes", text, command_line())
 
 
 if __name__ == "__main__":
