@@ -86,13 +86,17 @@ def main() -> None:
     anon: dict[str, list[float]] = {}
     with base_worktree(rev) as tree:
         for r in range(args.rounds):
+            # Both sides get the same requests in a round (each server starts with empty caches): new texts for one
+            # side only would give the two servers queries of different token counts.
+            warm = [vector(i) for i in range(30)] + [text(i) for i in range(20)]
+            bodies = {(label, conc): [make(i) for i in range(args.requests)] for label, make, conc in rows}
             for side, path in (("base", tree / "server"), ("this", ROOT / "server")):
                 env = dict(e.split("=", 1) for e in (args.this_env if side == "this" else args.base_env))
                 with serving(settings, PYTHONPATH=str(path), **env) as (url, pid):
-                    load(url, [vector(i) for i in range(30)] + [text(i) for i in range(20)], 1)  # warm
+                    load(url, warm, 1)
                     anon.setdefault(side, []).append(rss_mb(pid)["anon"])
-                    for label, make, conc in rows:
-                        lat, wall, errors, _ = load(url, [make(i) for i in range(args.requests)], conc)
+                    for label, _, conc in rows:
+                        lat, wall, errors, _ = load(url, bodies[(label, conc)], conc)
                         assert errors == 0, f"{side}: {errors} failed requests"
                         got.setdefault((side, label, conc), []).append((pct(lat, 50), len(lat) / wall))
                 print(f"round {r + 1}/{args.rounds}: {side} done", flush=True)
