@@ -14,9 +14,9 @@ No work on padding either: a batch's queries are packed into one sequence of the
 tokenizer adds on the right dropped), each token attending only to the earlier tokens of its own query and to the
 shared start-token column. Queries differ in length, so a micro-batch padded to its longest ran 1.45x (4 queries),
 1.67x (8) and 1.94x (16) the token rows it needs (random draws from the smoothing calibration set, ViT-B/32's
-tokenizer); the linear layers, nearly all of the work at these lengths, now run on the real rows only. The attention over the packed
-sequence grows with the square of its length, so callers pack at most PACK_QUERIES queries at a time.
-The attention is written out as in transformers' eager CLIP attention (softmax in float32).
+tokenizer); the linear layers, nearly all of the work at these lengths, now run on the real rows only. The
+attention over the packed sequence grows with the square of its length, so callers pack at most PACK_QUERIES
+queries at a time. The attention is written out as in transformers' eager CLIP attention (softmax in float32).
 The result is checked against transformers' own forward pass wherever it is used (the ONNX export's and the bf16
 copy's cosine floors) and in tests/integration/test_text_tower.py.
 """
@@ -26,10 +26,11 @@ from __future__ import annotations
 from typing import Any
 
 # Queries packed into one pass at most: at 16 queries of 10 tokens the packed attention is about 5% of the
-# pass's multiply-adds (a padded batch of 16 wastes half its rows); a longer list is encoded in chunks of this many.
+# pass's multiply-adds (a padded batch of 16 wastes half its rows); a longer list is encoded in chunks of this
+# many.
 PACK_QUERIES = 16
-# The graph's name in remembered runtime choices (models/runtime_choice.py): timings of an earlier graph (the padded
-# batch) are not reused.
+# The graph's name in remembered runtime choices (models/runtime_choice.py): timings of an earlier graph (the
+# padded batch) are not reused.
 GRAPH = "packed"
 
 
