@@ -140,11 +140,8 @@ def test_int8_text_tower_smooths_an_outlier_channel_that_one_activation_scale_lo
     # Smoothing alone changes nothing in fp32.
     from loupe.models import text_pooled
 
-    parts = torch.nn.ModuleDict({"text": clip.model.text_model, "projection": clip.model.text_projection})
+    parts, amax = onnx_text.calibrate_text_tower(clip)
     bos = text_pooled.bos_token_id(clip.tokenize)
-    calib = [clip.tokenize([q]) for q in smoothing.CALIBRATION]
-    tower = text_pooled.make(parts["text"], parts["projection"], bos)
-    amax = smoothing.calibrate(parts, lambda: [tower(e["input_ids"], e["attention_mask"]) for e in calib])
     assert amax and all(
         len(v) == m.in_features for name, v in amax.items() for m in [parts.get_submodule(name)]
     )

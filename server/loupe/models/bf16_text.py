@@ -114,8 +114,8 @@ class Bf16TextTower:
             self.traced = self._trace(tokenize)
 
     def _trace(self, tokenize: Callable[[list[str]], Any]) -> Any:
-        """Traced on two queries of different lengths (so padding is masked), checked on one query and on eight
-        padded to a third length."""
+        """Traced on two queries of different lengths (so the trace packs a padded batch), checked on one query and
+        on eight padded to a third length."""
 
         def differs(eager: Any, traced: Any) -> str | None:
             worst = float(

@@ -235,7 +235,8 @@ class ClipModel:
         torch. `threads`: torch threads (default `self.threads`; ONNX Runtime keeps its own)."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        if len(texts) > text_pooled.PACK_QUERIES and (self.text_batch_tower or self.text_tower) is not None:
+        packed = self.text_batch_tower is not None or self.text_tower is not None
+        if packed and len(texts) > text_pooled.PACK_QUERIES:
             step = text_pooled.PACK_QUERIES
             return np.concatenate(
                 [self.embed_texts(texts[i : i + step], threads) for i in range(0, len(texts), step)]

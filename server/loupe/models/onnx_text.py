@@ -119,14 +119,11 @@ class OnnxTextTower:
     def __init__(self, path: Path, threads: int = 0) -> None:
         self.session = cpu_session(path, threads)
         self.path = path
-        # The pooled tower's graph packs the batch by its attention mask; transformers' whole forward pass took
-        # one too, the pooled tower on the padded batch (an earlier graph) none.
-        self.takes_mask = "attention_mask" in {i.name for i in self.session.get_inputs()}
 
     def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        feed = {"input_ids": input_ids.astype(np.int64)}
-        if self.takes_mask:
-            feed["attention_mask"] = attention_mask.astype(np.int64)
+        # The pooled tower packs the batch by its attention mask (an export of the earlier graph, which took none,
+        # is deleted at attach).
+        feed = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64)}
         (out,) = self.session.run(None, feed)
         return normalize(out)
 
@@ -229,19 +226,26 @@ def export(clip: Any, target: Path, kind: str) -> Path:
     return target
 
 
-def export_smoothed(clip: Any, out: Path) -> None:
-    """The pooled text tower with every weight matmul's input smoothed (models/smoothing.py), calibrated on
-    smoothing.CALIBRATION, exported in fp32: what `onnx-int8` quantizes."""
+def calibrate_text_tower(clip: Any) -> tuple[Any, dict[str, Any]]:
+    """The text tower's parts ({"text", "projection"}: `clip`'s own modules) and max |x| per input channel of each
+    of their Linears over smoothing.CALIBRATION, in one pass of the pooled tower: it packs the queries into their
+    real tokens, so no padding token's activations count."""
     import torch
 
     from loupe.models import smoothing
 
     parts = torch.nn.ModuleDict({"text": clip.model.text_model, "projection": clip.model.text_projection})
     tower = text_pooled.make(parts["text"], parts["projection"], text_pooled.bos_token_id(clip.tokenize))
-    # One query per pass: no padding tokens among the activations calibrated on.
-    calib = [clip.tokenize([q]) for q in smoothing.CALIBRATION]
-    amax = smoothing.calibrate(parts, lambda: [tower(e["input_ids"], e["attention_mask"]) for e in calib])
-    smooth = smoothing.smoothed(parts, amax)
+    enc = clip.tokenize(smoothing.CALIBRATION)
+    return parts, smoothing.calibrate(parts, lambda: tower(enc["input_ids"], enc["attention_mask"]))
+
+
+def export_smoothed(clip: Any, out: Path) -> None:
+    """The pooled text tower with every weight matmul's input smoothed (models/smoothing.py), calibrated on
+    smoothing.CALIBRATION, exported in fp32: what `onnx-int8` quantizes."""
+    from loupe.models import smoothing
+
+    smooth = smoothing.smoothed(*calibrate_text_tower(clip))
     export_pooled(clip, smooth["text"], smooth["projection"], out)
 
 
