@@ -34,6 +34,9 @@ PKGS=(tesseract-ocr tesseract-ocr-eng)
 for lang in $(echo "${LOUPE_OCR__LANGUAGES:-eng}" | tr '+,' '  '); do
   PKGS+=("tesseract-ocr-${lang//_/-}")
 done
+# A C++ compiler (and Python's headers) for the compiled image lanes on CPUs where the bf16 image copy serves
+# (server/loupe/models/compiled_image.py); without them the trace serves.
+PKGS+=(g++ python3-dev)
 # The test suite drives the gallery in a real headless browser and renders text with DejaVu fonts.
 [[ $WITH_TEST -eq 1 ]] && PKGS+=(chromium fonts-dejavu-core fonts-dejavu-extra)
 apt_install "${PKGS[@]}"

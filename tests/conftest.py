@@ -99,8 +99,14 @@ def make_settings(tmp_path: Path, tiny_clip_dir: Path) -> Callable[..., Settings
         # torch pinned, so that no box's start-up timing (`auto`: ONNX Runtime or a bf16 copy where faster) changes
         # the image vectors that tests compare exactly; tests/integration/test_image_tower.py runs the others. The
         # text runtime likewise (`auto` times onnx-w8 at 0.98-1.18x onnx on the tiny model, around its 1.2x):
-        # tests/integration/test_text_tower.py runs auto and every kind.
-        model = {"image_runtime": "torch", "text_runtime": "onnx", **overrides.pop("model", {})}  # type: ignore[dict-item]
+        # tests/integration/test_text_tower.py runs auto and every kind. The compiled image lanes (seconds of
+        # compiling at a start on the bf16 copy) likewise: tests/integration/test_image_tower.py builds them.
+        model = {
+            "image_runtime": "torch",
+            "text_runtime": "onnx",
+            "image_compile": "off",
+            **overrides.pop("model", {}),  # type: ignore[dict-item]
+        }
         values.update(overrides, model=model)
         return Settings(**values)  # type: ignore[arg-type]
 

@@ -100,6 +100,15 @@ class ModelSettings(BaseModel):
         "faster on CPUs with bf16 matrix units); auto: timed at start, onnx from 1.1x torch's rate, bf16 from 1.25x "
         "the faster fp32 one's",
     )
+    image_compile: str = Field(
+        "auto",
+        pattern="^(auto|on|off)$",
+        description="where the bf16 image copy serves, ingest's single-threaded lanes on a torch.compile'd build "
+        "of it (inductor, frozen weights; 1.28-1.34x the trace's rate on an Intel AMX box), built on a thread of its "
+        "own (18-25 s of one core, +280 MB for ViT-B/32; needs a C++ compiler, else the trace serves); auto: built "
+        "once a start's lanes have embedded 1,000 pictures, and kept where timed at least 1.15x the trace "
+        "(remembered per machine); on: built at start, kept whenever its vectors match the trace's",
+    )
     text_threads_under_load: int = Field(
         0,
         ge=0,

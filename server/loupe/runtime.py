@@ -8,6 +8,7 @@ import fcntl
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import IO, Any
 
@@ -21,9 +22,10 @@ from loupe.ingest.bulk import BulkService, BulkWorker
 from loupe.ingest.service import IngestService, IngestWorker
 from loupe.ingest.switch import ModelSwitcher
 from loupe.ingest.text import TextIndexer
-from loupe.models import image_runtime, onnx_text, torch_thread
+from loupe.models import compiled_image, image_runtime, onnx_text, torch_thread
 from loupe.models.clip import DEMO_MODEL_NAME, ClipModel, demo_model_dir, load_clip, open_clip_for_settings
 from loupe.models.finetune import FinetuneRunner
+from loupe.models.runtime_choice import ChoiceMemory
 from loupe.models.text_encoder import SentenceEncoder
 from loupe.search.filters import PAYLOAD_INDEXES
 from loupe.search.service import SearchService
@@ -274,6 +276,7 @@ class Runtime:
         self.workers: list[IngestWorker | BulkWorker] = []
         self.closed = False
         self.switcher = ModelSwitcher(self)
+        self.lanes_built: threading.Thread | None = None
         self.finetuner = FinetuneRunner(self)
 
     @classmethod
@@ -405,6 +408,7 @@ class Runtime:
         # Wired after construction: both need the runtime itself (the mirror it syncs, the URLs it signs).
         ingest.on_indexed = rt.sync_mirror
         search.url_for = rt.url
+        rt.arm_image_lanes()
 
         # Loading shards, the mirror and the models frees far more than it keeps; glibc holds freed heap in its
         # arenas unless asked (Qdrant Edge at 100k: 312 MB anonymous after load, 127 MB after this).
@@ -425,6 +429,27 @@ class Runtime:
         self.ingest.retarget(clip, collection, int(version.id))  # type: ignore[arg-type]
         self.clip, self.model_version, self.collection, self.mirror = clip, version, collection, mirror
         self.search = search
+        self.arm_image_lanes()
+
+    def arm_image_lanes(self) -> None:
+        """Where the bf16 image copy serves ingest's single-threaded lanes, have their compiled build made
+        (models/compiled_image.py) on a thread of its own: at once with LOUPE_MODEL__IMAGE_COMPILE=on; with auto,
+        once the lanes have made COMPILE_AFTER pictures ready since this start (a library being imported, not a
+        trickle of uploads, repays the compile)."""
+        mode = self.settings.model.image_compile
+        if self.clip.image_runtime != "bf16" or mode == "off" or not self.ingest.lane_batch():
+            return
+        if mode == "on":
+            self.compile_image_lanes()
+        else:
+            self.ingest.when_lanes_busy(compiled_image.COMPILE_AFTER, self.compile_image_lanes)
+
+    def compile_image_lanes(self) -> None:
+        """Build the compiled image lanes now, on a thread of its own (`self.lanes_built`, for whoever must wait
+        for it), as LOUPE_MODEL__IMAGE_COMPILE says."""
+        memory = ChoiceMemory(self.settings.data_dir / "models")
+        mode, batch = self.settings.model.image_compile, self.ingest.lane_batch()
+        self.lanes_built = compiled_image.build_in_background(self.clip, mode, batch, memory)
 
     def search_service_for(
         self, clip: ClipModel, mirror: FaissMirror, collection: str, version_id: int, settings: Settings
@@ -477,6 +502,7 @@ class Runtime:
                 "device": info.device,
                 "demo": info.is_demo,
                 "image_runtime": self.clip.image_runtime,
+                "image_lanes": self.clip.image_lanes,
                 "text_runtime": self.clip.text_runtime,
                 "text_batches": self.clip.text_batches or None,
                 # How the `auto` runtimes were chosen: timed at this start or remembered (models/runtime_choice.py).

@@ -117,3 +117,88 @@ def test_a_library_ingested_on_another_runtime_finds_its_pictures(
     assert cos.min() >= image_runtime.FLOORS[runtime]
     if runtime == "bf16":
         assert np.abs(vectors["torch"] - vectors[runtime]).max() > 1e-6
+
+
+def test_ingest_lanes_on_the_compiled_bf16_copy(make_settings, runtime_factory, tmp_path):
+    """LOUPE_MODEL__IMAGE_COMPILE=on: after start, on a thread of its own, ingest's single-threaded lanes get a
+    torch.compile'd build of the bf16 copy. It serves only their passes (the lanes' batch size, one thread), within
+    its floor of the trace's vectors; every other pass stays on the trace, bit for bit; health names it; a library
+    ingested on it finds its pictures."""
+    from loupe.models import compiled_image
+
+    settings = make_settings(
+        model={"image_runtime": "bf16", "image_compile": "on", "torch_threads": 2}, ingest={"batch_size": 8}
+    )
+    rt = runtime_factory(settings)
+    assert rt.ingest.lane_batch() == 4 and rt.lanes_built is not None
+    rt.lanes_built.join(timeout=600)
+    assert rt.clip.image_lanes == "compiled" and rt.health()["model"]["image_lanes"] == "compiled"
+    tower = rt.clip.image_tower_bf16
+    for n, threads in ((4, 1), (3, 1), (4, 2)):
+        x = rt.clip.pixel_values(image_runtime.probe_pixels(rt.clip._sizes[1], n), "cpu")
+        with torch.inference_mode():
+            trace = tower.traced_or_eager(x).numpy()
+        got = rt.clip.embed_uint8(image_runtime.probe_pixels(rt.clip._sizes[1], n), threads)
+        if (n, threads) == (4, 1):
+            assert np.abs(got - normalize(trace)).max() > 1e-6  # the compiled build served it
+            assert np.sum(got * normalize(trace), axis=1).min() >= compiled_image.FLOOR
+        else:
+            assert np.array_equal(got, normalize(trace))
+    shapes = mk.shape_set(per_class=1, seed=7)[:8]
+    ids = [o.id for o in rt.ingest.upload([(s.name, s.data) for s in shapes])]
+    assert rt.ingest.drain() == len(shapes)
+    picture = decode_rgb(shapes[5].data, max_pixels=10**8)
+    query = rt.clip.embed_images([picture])[0]
+    req = SearchRequest.model_validate({"query": [{"vector": query.tolist()}], "limit": 3})
+    assert rt.search.search(req).hits[0].id == ids[5]
+
+
+def test_auto_compiles_the_lanes_once_they_have_been_busy_and_remembers_its_verdict(
+    make_settings, runtime_factory, monkeypatch, tmp_path
+):
+    """With `auto` nothing is compiled at start; once a start's lanes have made COMPILE_AFTER pictures ready the
+    build starts, is timed against the trace and the verdict is kept for the next start (which builds only what
+    was chosen, untimed). Either verdict can come out on the tiny model: what serves must match what health says."""
+    from loupe.models import compiled_image
+
+    monkeypatch.setattr(compiled_image, "COMPILE_AFTER", 6)
+    settings = make_settings(
+        model={"image_runtime": "bf16", "image_compile": "auto", "torch_threads": 2}, ingest={"batch_size": 8}
+    )
+    described = []
+    for start in range(2):
+        shapes = mk.shape_set(per_class=1, seed=7 + start)[:8]  # other pictures (the same would be duplicates)
+        rt = runtime_factory(settings)
+        rt.ingest.upload([(s.name, s.data) for s in shapes[:4]])
+        assert rt.ingest.drain() == 4 and rt.lanes_built is None  # 4 of 6: not yet
+        rt.ingest.upload([(s.name, s.data) for s in shapes[4:]])
+        assert rt.ingest.drain() == 4 and rt.lanes_built is not None
+        rt.lanes_built.join(timeout=600)
+        lanes = rt.clip.image_lanes
+        assert lanes in {"compiled", "trace"}
+        assert (rt.clip.image_tower_bf16.lanes is not None) == (lanes == "compiled")
+        described.append(rt.health()["model"]["runtime_choices"]["image_lanes"])
+        rt.close()
+    assert described[0].startswith("timed at start")
+    if described[0] == "timed at start":  # remembered (a quiet machine): the second start reused it
+        assert described[1].startswith("remembered from")
+
+
+def test_without_a_cpp_compiler_the_lanes_stay_on_the_trace(
+    make_settings, runtime_factory, monkeypatch, caplog, tmp_path
+):
+    """Inductor needs a C++ compiler: where there is none, the build says so in the log and the trace serves."""
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
+    rt = runtime_factory(
+        make_settings(
+            model={"image_runtime": "bf16", "image_compile": "on", "torch_threads": 2},
+            ingest={"batch_size": 8},
+        )
+    )
+    assert rt.lanes_built is not None
+    rt.lanes_built.join(timeout=600)
+    assert rt.clip.image_lanes == "trace" and rt.clip.image_tower_bf16.lanes is None
+    assert "no C++ compiler: " in caplog.text and "no-such-c++ is not on PATH" in caplog.text
+    shapes = mk.shape_set(per_class=1, seed=7)[:4]
+    rt.ingest.upload([(s.name, s.data) for s in shapes])
+    assert rt.ingest.drain() == len(shapes)

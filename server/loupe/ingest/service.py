@@ -210,6 +210,12 @@ class IngestService:
         # Held for each batch (and vector add): a model switch takes it to change models between batches.
         self.model_lock = ModelLock()
         self.shadow_collections: list[str] = []  # a model switch's new collection: edits and deletes reach it
+        self._lanes_busy: tuple[int, Callable[[], None]] | None = None  # when_lanes_busy's countdown
+
+    def when_lanes_busy(self, pictures: int, then: Callable[[], None]) -> None:
+        """Call `then` once, after `process_batches`' lanes have made `pictures` more pictures ready (the compiled
+        image lanes start there: models/compiled_image.py)."""
+        self._lanes_busy = (pictures, then)
 
     def retarget(self, clip: ClipModel, collection: str, model_version_id: int) -> None:
         """Embed with another model version from the next batch on (call with model_lock held)."""
@@ -311,6 +317,12 @@ class IngestService:
                 futures = [pool.submit(self._run_lane, run, finisher, share, threads) for _ in range(lanes)]
         done = [fut.result() for fut in futures]
         reports = [r for lane in done for r in lane if r.claimed]
+        if self._lanes_busy is not None:
+            left, then = self._lanes_busy
+            left -= sum(r.ready for r in reports)
+            self._lanes_busy = None if left <= 0 else (left, then)
+            if left <= 0:
+                then()
         if all(lane[-1].claimed == 0 for lane in done):  # nothing was due for any lane (or the store is down)
             reports.append(max((lane[-1] for lane in done), key=lambda r: r.unavailable))
         return reports
@@ -485,6 +497,12 @@ class IngestService:
         if report.ready and self.on_indexed:
             self.on_indexed()
         return report
+
+    def lane_batch(self) -> int:
+        """Pictures in a single-threaded pass of one of `process_batches`' lanes (0: no such lanes: a GPU, one
+        model on all threads, or lanes of several threads each)."""
+        lanes, threads = self._model_workers(self.settings.batch_size)
+        return -(-self.settings.batch_size // lanes) if lanes > 1 and threads == 1 else 0
 
     def _model_workers(self, pictures: int) -> tuple[int, int]:
         """How a batch of `pictures` is embedded: (model workers, torch threads each). One worker on a GPU."""

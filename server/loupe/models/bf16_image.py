@@ -50,5 +50,13 @@ class Bf16ImageTower:
 
         self.traced = trace_checked("bf16 image tower", self.tower, (example,), [(check,)], differs)
 
+        # Ingest's single-threaded passes of its lanes' batch size, where models/compiled_image.py built them.
+        self.lanes: Any = None
+
     def __call__(self, pixel_values: Any) -> Any:
+        if self.lanes is not None and (out := self.lanes(pixel_values)) is not None:
+            return out
+        return self.traced_or_eager(pixel_values)
+
+    def traced_or_eager(self, pixel_values: Any) -> Any:
         return (self.traced if self.traced is not None else self.tower)(pixel_values)

@@ -84,6 +84,9 @@ class ClipModel:
         self.image_tower_onnx: Any = None
         self.image_tower_bf16: Any = None
         self.image_runtime = "torch"
+        # What serves ingest's single-threaded lanes on the bf16 copy: "trace", or "compiled" once
+        # models/compiled_image.py has built it ("compiling" meanwhile).
+        self.image_lanes = "trace"
         # How each `auto` choice was made: "timed at start" (or "... on a busy machine: not remembered") or
         # "remembered from ..." (models/runtime_choice.py).
         self.runtime_choices: dict[str, str] = {}
