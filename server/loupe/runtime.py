@@ -437,6 +437,7 @@ class Runtime:
         once the lanes have made COMPILE_AFTER pictures ready since this start (a library being imported, not a
         trickle of uploads, repays the compile)."""
         mode = self.settings.model.image_compile
+        self.ingest.when_lanes_busy(0, None)  # a countdown armed for the model before a switch
         if self.clip.image_runtime != "bf16" or mode == "off" or not self.ingest.lane_batch():
             return
         if mode == "on":

@@ -212,10 +212,10 @@ class IngestService:
         self.shadow_collections: list[str] = []  # a model switch's new collection: edits and deletes reach it
         self._lanes_busy: tuple[int, Callable[[], None]] | None = None  # when_lanes_busy's countdown
 
-    def when_lanes_busy(self, pictures: int, then: Callable[[], None]) -> None:
+    def when_lanes_busy(self, pictures: int, then: Callable[[], None] | None) -> None:
         """Call `then` once, after `process_batches`' lanes have made `pictures` more pictures ready (the compiled
-        image lanes start there: models/compiled_image.py)."""
-        self._lanes_busy = (pictures, then)
+        image lanes start there: models/compiled_image.py); None forgets an earlier `then`."""
+        self._lanes_busy = None if then is None else (pictures, then)
 
     def retarget(self, clip: ClipModel, collection: str, model_version_id: int) -> None:
         """Embed with another model version from the next batch on (call with model_lock held)."""
