@@ -167,7 +167,8 @@ def test_auto_compiles_the_lanes_once_they_have_been_busy_and_remembers_its_verd
     )
     described = []
     for start in range(2):
-        shapes = mk.shape_set(per_class=1, seed=7 + start)[:8]  # other pictures (the same would be duplicates)
+        # Other pictures at each start: the same ones would be duplicates.
+        shapes = mk.shape_set(per_class=1, seed=7 + start)[:8]
         rt = runtime_factory(settings)
         rt.ingest.upload([(s.name, s.data) for s in shapes[:4]])
         assert rt.ingest.drain() == 4 and rt.lanes_built is None  # 4 of 6: not yet
