@@ -450,7 +450,9 @@ class Runtime:
         for it), as LOUPE_MODEL__IMAGE_COMPILE says."""
         memory = ChoiceMemory(self.settings.data_dir / "models")
         mode, batch = self.settings.model.image_compile, self.ingest.lane_batch()
-        self.lanes_built = compiled_image.build_in_background(self.clip, mode, batch, memory)
+        # The timing holds ingest's model lock: a run of batches ends after the batch in hand and waits meanwhile.
+        quiet = self.ingest.model_lock
+        self.lanes_built = compiled_image.build_in_background(self.clip, mode, batch, memory, quiet)
 
     def search_service_for(
         self, clip: ClipModel, mirror: FaissMirror, collection: str, version_id: int, settings: Settings

@@ -20,6 +20,7 @@ and machine (models/runtime_choice.py), so a machine where it loses never builds
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -117,10 +118,18 @@ def lane_rates(
     return {name: lanes * len(pixels) / took for name, took in best.items()}
 
 
-def build(clip: Any, mode: str, batch: int, memory: ChoiceMemory | None) -> str:
+def build(
+    clip: Any,
+    mode: str,
+    batch: int,
+    memory: ChoiceMemory | None,
+    quiet: contextlib.AbstractContextManager[Any] | None = None,
+) -> str:
     """Give `clip`'s bf16 image copy compiled lanes for passes of `batch` pictures as `mode` says (auto: where
     timed COMPILE_GAIN faster, or remembered so; on: whenever it builds and keeps FLOOR). Returns what serves the
-    lanes, for health: "compiled" or "trace"."""
+    lanes, for health: "compiled" or "trace". `quiet` is held while `auto` times: ingest's model lock, so that the
+    timing does not share the cores with the very lanes that started the build (TimingWindow sees other processes
+    only)."""
     from loupe.models.image_runtime import probe_pixels
 
     tower = clip.image_tower_bf16
@@ -161,7 +170,7 @@ def build(clip: Any, mode: str, batch: int, memory: ChoiceMemory | None) -> str:
     if mode == "auto" and entry is not None:
         clip.runtime_choices["image_lanes"] = described(entry)
     elif mode == "auto":
-        with TimingWindow(clip.threads) as window:
+        with quiet or contextlib.nullcontext(), TimingWindow(clip.threads) as window:
             rates = lane_rates(tower, compiled, clip.threads, pixels)
         chosen = "compiled" if rates["compiled"] >= COMPILE_GAIN * rates["trace"] else "trace"
         log.info(
@@ -178,14 +187,20 @@ def build(clip: Any, mode: str, batch: int, memory: ChoiceMemory | None) -> str:
     return chosen
 
 
-def build_in_background(clip: Any, mode: str, batch: int, memory: ChoiceMemory | None) -> threading.Thread:
+def build_in_background(
+    clip: Any,
+    mode: str,
+    batch: int,
+    memory: ChoiceMemory | None,
+    quiet: contextlib.AbstractContextManager[Any] | None = None,
+) -> threading.Thread:
     """`build` on a daemon thread of its own (minutes of CPU on a slow box; the server serves meanwhile and ingest
     runs on the trace until it is done); `clip.image_lanes` says what serves the lanes once it has finished."""
 
     def run() -> None:
         clip.image_lanes = "compiling"
         try:
-            clip.image_lanes = build(clip, mode, batch, memory)
+            clip.image_lanes = build(clip, mode, batch, memory, quiet)
         except Exception:  # never let a background build take anything down
             log.exception("building the compiled image lanes failed: the trace serves")
             clip.image_lanes = "trace"
