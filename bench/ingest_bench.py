@@ -10,7 +10,7 @@ threads and the default model workers, both with OCR off (OCR alone is measured 
 workers with OCR on, as the defaults have it, and the model workers with the image tower on torch (where the
 default takes ONNX Runtime or a bf16 copy, models/image_runtime.py), the torch baseline in the same run. On the
 bf16 copy the lanes' compiled build (models/compiled_image.py) is built before the run where `auto` keeps it, as
-it would be a thousand pictures into an import. The raw image tower is timed
+it would be in an import of 20,000 pictures or more. The raw image tower is timed
 on pre-decoded 224x224 tensors in batches of the ingest batch size, both ways. Overhead is the pipeline's time over the faster tower's.
 
 With --base, the default variant (model workers) of another git revision (checked out in a temporary worktree,
@@ -154,9 +154,9 @@ def run_variant(mp: float, variant: int, images: int, device: str = "cpu") -> tu
         )
         rt = Runtime.open(settings, start_workers=False)
         try:
-            # The steady state of a library's import: the compiled image lanes where `auto` builds them once the
-            # lanes have been busy (models/compiled_image.py), built (and, with auto, timed) now. A base revision
-            # has none.
+            # The steady state of a library's import: the compiled image lanes where `auto` builds them for a
+            # large backlog (models/compiled_image.py), built (and, with auto, timed) now. A base revision has
+            # none.
             lanes = hasattr(rt, "compile_image_lanes") and rt.ingest.lane_batch()
             if lanes and rt.clip.image_runtime == "bf16" and settings.model.image_compile != "off":
                 rt.compile_image_lanes()

@@ -106,8 +106,8 @@ class ModelSettings(BaseModel):
         description="where the bf16 image copy serves, ingest's single-threaded lanes on a torch.compile'd build "
         "of it (inductor, frozen weights; 1.28-1.34x the trace's rate on an Intel AMX box), built on a thread of its "
         "own (18-25 s of one core, +280 MB for ViT-B/32; needs a C++ compiler, else the trace serves); auto: built "
-        "once a start's lanes have embedded 1,000 pictures, and kept where timed at least 1.15x the trace "
-        "(remembered per machine); on: built at start, kept whenever its vectors match the trace's",
+        "once ingest finds 20,000 pictures pending (an import that repays the build), and kept where timed at least "
+        "1.15x the trace (remembered per machine); on: built at start, kept whenever its vectors match the trace's",
     )
     text_threads_under_load: int = Field(
         0,

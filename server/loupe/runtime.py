@@ -434,16 +434,15 @@ class Runtime:
     def arm_image_lanes(self) -> None:
         """Where the bf16 image copy serves ingest's single-threaded lanes, have their compiled build made
         (models/compiled_image.py) on a thread of its own: at once with LOUPE_MODEL__IMAGE_COMPILE=on; with auto,
-        once the lanes have made COMPILE_AFTER pictures ready since this start (a library being imported, not a
-        trickle of uploads, repays the compile)."""
+        once ingest finds COMPILE_BACKLOG pictures pending (an import large enough to repay the build)."""
         mode = self.settings.model.image_compile
-        self.ingest.when_lanes_busy(0, None)  # a countdown armed for the model before a switch
+        self.ingest.when_backlog(0, None)  # armed for the model before a switch
         if self.clip.image_runtime != "bf16" or mode == "off" or not self.ingest.lane_batch():
             return
         if mode == "on":
             self.compile_image_lanes()
         else:
-            self.ingest.when_lanes_busy(compiled_image.COMPILE_AFTER, self.compile_image_lanes)
+            self.ingest.when_backlog(compiled_image.COMPILE_BACKLOG, self.compile_image_lanes)
 
     def compile_image_lanes(self) -> None:
         """Build the compiled image lanes now, on a thread of its own (`self.lanes_built`, for whoever must wait

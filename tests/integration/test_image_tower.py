@@ -153,27 +153,28 @@ def test_ingest_lanes_on_the_compiled_bf16_copy(make_settings, runtime_factory, 
     assert rt.search.search(req).hits[0].id == ids[5]
 
 
-def test_auto_compiles_the_lanes_once_they_have_been_busy_and_remembers_its_verdict(
+def test_auto_compiles_the_lanes_for_a_backlog_and_remembers_its_verdict(
     make_settings, runtime_factory, monkeypatch, tmp_path
 ):
-    """With `auto` nothing is compiled at start; once a start's lanes have made COMPILE_AFTER pictures ready the
-    build starts, is timed against the trace and the verdict is kept for the next start (which builds only what
-    was chosen, untimed). Either verdict can come out on the tiny model: what serves must match what health says."""
+    """With `auto` nothing is compiled at start, nor for a backlog under COMPILE_BACKLOG; a run of the lanes that
+    starts with that many pictures pending starts the build, which is timed against the trace and its verdict kept
+    for the next start (which builds only what was chosen, untimed). Either verdict can come out on the tiny model:
+    what serves must match what health says."""
     from loupe.models import compiled_image
 
-    monkeypatch.setattr(compiled_image, "COMPILE_AFTER", 6)
+    monkeypatch.setattr(compiled_image, "COMPILE_BACKLOG", 6)
     settings = make_settings(
         model={"image_runtime": "bf16", "image_compile": "auto", "torch_threads": 2}, ingest={"batch_size": 8}
     )
     described = []
     for start in range(2):
         # Other pictures at each start: the same ones would be duplicates.
-        shapes = mk.shape_set(per_class=1, seed=7 + start)[:8]
+        shapes = mk.shape_set(per_class=1, seed=7 + start)[:12]
         rt = runtime_factory(settings)
         rt.ingest.upload([(s.name, s.data) for s in shapes[:4]])
-        assert rt.ingest.drain() == 4 and rt.lanes_built is None  # 4 of 6: not yet
+        assert rt.ingest.drain() == 4 and rt.lanes_built is None  # 4 pending: under 6
         rt.ingest.upload([(s.name, s.data) for s in shapes[4:]])
-        assert rt.ingest.drain() == 4 and rt.lanes_built is not None
+        assert rt.ingest.drain() == 8 and rt.lanes_built is not None
         rt.lanes_built.join(timeout=600)
         lanes = rt.clip.image_lanes
         assert lanes in {"compiled", "trace"}

@@ -74,6 +74,14 @@ def test_concurrent_claims_never_hand_out_the_same_image(repo: MetadataRepo):
     assert repo.counts_by_state()["processing"] == 60
 
 
+def test_pending_count_counts_only_what_waits(repo: MetadataRepo):
+    for i in range(1, 8):
+        repo.insert_image(new(i))
+    assert repo.pending_count() == 7
+    assert len(repo.claim_pending(3, lease_s=600)) == 3
+    assert repo.pending_count() == 4 == repo.counts_by_state()["pending"]
+
+
 def test_a_stale_claim_is_taken_back_after_the_lease(repo: MetadataRepo):
     image, _ = repo.insert_image(new(1))
     assert [i.id for i in repo.claim_pending(10, lease_s=600)] == [image.id]

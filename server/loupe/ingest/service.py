@@ -210,12 +210,12 @@ class IngestService:
         # Held for each batch (and vector add): a model switch takes it to change models between batches.
         self.model_lock = ModelLock()
         self.shadow_collections: list[str] = []  # a model switch's new collection: edits and deletes reach it
-        self._lanes_busy: tuple[int, Callable[[], None]] | None = None  # when_lanes_busy's countdown
+        self._backlog: tuple[int, Callable[[], None]] | None = None  # when_backlog's
 
-    def when_lanes_busy(self, pictures: int, then: Callable[[], None] | None) -> None:
-        """Call `then` once, after `process_batches`' lanes have made `pictures` more pictures ready (the compiled
-        image lanes start there: models/compiled_image.py); None forgets an earlier `then`."""
-        self._lanes_busy = None if then is None else (pictures, then)
+    def when_backlog(self, pictures: int, then: Callable[[], None] | None) -> None:
+        """Call `then` once, when a `process_batches` run of lanes starts with at least `pictures` pictures pending
+        (the compiled image lanes start there: models/compiled_image.py); None forgets an earlier `then`."""
+        self._backlog = None if then is None else (pictures, then)
 
     def retarget(self, clip: ClipModel, collection: str, model_version_id: int) -> None:
         """Embed with another model version from the next batch on (call with model_lock held)."""
@@ -312,17 +312,14 @@ class IngestService:
             if lanes == 1:
                 return self._run_lane(run, finisher, None, None)
             share = -(-self.settings.batch_size // lanes)
+            if self._backlog is not None and self.repo.pending_count() >= self._backlog[0]:
+                then, self._backlog = self._backlog[1], None
+                then()
             # Leaving the pool waits for every lane, so each finishes what it claimed before an error goes up.
             with ThreadPoolExecutor(lanes, thread_name_prefix="loupe-embed") as pool:
                 futures = [pool.submit(self._run_lane, run, finisher, share, threads) for _ in range(lanes)]
         done = [fut.result() for fut in futures]
         reports = [r for lane in done for r in lane if r.claimed]
-        if self._lanes_busy is not None:
-            left, then = self._lanes_busy
-            left -= sum(r.ready for r in reports)
-            self._lanes_busy = None if left <= 0 else (left, then)
-            if left <= 0:
-                then()
         if all(lane[-1].claimed == 0 for lane in done):  # nothing was due for any lane (or the store is down)
             reports.append(max((lane[-1] for lane in done), key=lambda r: r.unavailable))
         return reports

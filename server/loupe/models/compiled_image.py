@@ -10,10 +10,11 @@ the trace (1.28-1.34x). In one pass on two threads it gave nothing there (86 aga
 lanes' single-threaded passes of their batch size; every other pass stays on the trace.
 
 What it costs: a C++ compiler (where none is found the build says so in the log and the trace serves), 18-25 s
-of one core each time a process builds it (frozen weights are constants of the graph, so little of it comes from
-inductor's caches), and the packed weights (RSS +280 MB for ViT-B/32 after the build). So it is built on a thread
-of its own, ingest running on the trace meanwhile, and with `auto` only once a start's lanes have embedded
-COMPILE_AFTER pictures. Its vectors are checked against the trace's on the probe pictures before it serves.
+of one core each time a process builds it on an idle machine (frozen weights are constants of the graph, so
+little of it comes from inductor's caches), and the packed weights (RSS +280 MB for ViT-B/32 after the build). So
+it is built on a thread of its own at the lowest priority, ingest running on the trace meanwhile (slowed, since
+the build's Python holds the GIL), and with `auto` only once ingest finds COMPILE_BACKLOG pictures pending: an
+import that repays it. Its vectors are checked against the trace's on the probe pictures before it serves.
 `auto` then times it against the trace in lanes and keeps it from COMPILE_GAIN; the verdict is remembered per model
 and machine (models/runtime_choice.py), so a machine where it loses never builds it again.
 """
@@ -39,11 +40,12 @@ log = logging.getLogger(__name__)
 
 # The gain over the traced copy's lanes that makes the compile (CPU at every start, memory) worth it.
 COMPILE_GAIN = 1.15
-# Pictures the lanes make ready since a start before `auto` compiles (runtime.py, Runtime.arm_image_lanes): the
-# compile's ~20 s of one core against 1.4 ms of the two cores saved a picture (72 -> 80 pictures/s end to end on
-# an Intel AMX box) pays back over about 14,000 pictures; a batch of uploads never compiles, an import of a
-# library does, early on.
-COMPILE_AFTER = 1000
+# Pictures pending when a run of ingest's lanes starts that make `auto` build (runtime.py, Runtime.arm_image_lanes):
+# an import large enough to repay the build. Built in the middle of an import of 1 MP JPEGs on an Intel AMX box, it
+# slowed the lanes for its 34-64 s (from 63 to 27 pictures/s at normal priority, to 46 at the lowest), about 17-21 s
+# of the import lost, against 1.3-1.8 ms saved a picture afterwards (63 -> 69 pictures/s there; 67 -> 76 in the A/B):
+# repaid over 10,000-17,000 pictures.
+COMPILE_BACKLOG = 20_000
 # Worst cosine of the compiled build's vectors to the trace's (both bf16; measured 0.99994 on ViT-B/32).
 FLOOR = 0.9999
 
@@ -199,6 +201,11 @@ def build_in_background(
 
     def run() -> None:
         clip.image_lanes = "compiling"
+        # At the lowest priority (on Linux a thread's own; the compiler processes it starts and the threads of
+        # the timing inherit it), so that the build takes only what the import leaves idle: at normal priority
+        # an import's lanes fell from 63 to 27 pictures/s for the 34-37 s of the build.
+        with contextlib.suppress(AttributeError, OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         try:
             clip.image_lanes = build(clip, mode, batch, memory, quiet)
         except Exception:  # never let a background build take anything down

@@ -431,6 +431,12 @@ class MetadataRepo:
         with self.session() as s:
             return list(s.execute(stmt.limit(limit)).scalars().all())
 
+    def pending_count(self) -> int:
+        """Pictures waiting to be processed (an index range on `state`: cheap while the backlog is small)."""
+        with self.session() as s:
+            query = select(func.count()).select_from(Image).where(col(Image.state) == ImageState.pending)
+            return int(s.execute(query).scalar_one())
+
     def counts_by_state(self) -> dict[str, int]:
         with self.session() as s:
             rows = s.execute(select(col(Image.state), func.count()).group_by(col(Image.state))).all()
