@@ -1,8 +1,10 @@
 # Loupe server image. torch is pinned to the CPU build; for a GPU build, install torch for your CUDA first.
 FROM python:3.11-slim-bookworm
 
+# g++: the compiled image lanes on CPUs where the bf16 image copy serves (server/loupe/models/compiled_image.py;
+# without it the trace serves).
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends tesseract-ocr tesseract-ocr-eng \
+    && apt-get install -y --no-install-recommends tesseract-ocr tesseract-ocr-eng g++ \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app

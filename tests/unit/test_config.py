@@ -150,3 +150,4 @@ def test_docker_compose_wires_loupe_to_postgres_and_qdrant_with_valid_settings(
                 assert name in type(getattr(s, area)).model_fields, key
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "torch==2.13.0" in dockerfile and 'CMD ["loupe", "serve"]' in dockerfile
+    assert " g++ " in dockerfile  # the compiled image lanes' compiler (models/compiled_image.py)
