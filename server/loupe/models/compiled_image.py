@@ -27,7 +27,6 @@ import os
 import shutil
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -72,8 +71,8 @@ class CompiledLanes:
         self.batch = batch
         self._fn = torch.compile(module, dynamic=False)
         # The options apply when the first call compiles, set in this thread (a setting made on another thread did
-        # not reach a compile here; torch.compile's own `options` left the weights unfrozen: no gain). One thread: the lanes' passes,
-        # and no OpenMP team for this thread.
+        # not reach a compile here; torch.compile's own `options` left the weights unfrozen: no gain). One thread:
+        # the lanes' passes, and no OpenMP team for this thread.
         options = {"freezing": True, "cpp_wrapper": True, "cpp.cxx": (cxx(),)}
         torch_thread.use_threads(1)
         with inductor_config.patch(options), torch.inference_mode():
@@ -92,34 +91,6 @@ class CompiledLanes:
             return self._fn(pixel_values.to(torch.float32, memory_format=torch.contiguous_format, copy=True))
 
 
-def lane_rates(
-    tower: Any, compiled: CompiledLanes, lanes: int, pixels: Any, rounds: int = 3
-) -> dict[str, float]:
-    """Pictures/s of `lanes` single-threaded passes side by side on the trace and on the compiled build, the best
-    of `rounds` each, taking turns (as models/image_runtime.py times the runtimes)."""
-    import torch
-
-    best = {"trace": float("inf"), "compiled": float("inf")}
-
-    def one(name: str) -> None:
-        torch_thread.use_threads(1)
-        with torch.inference_mode():
-            if name == "compiled":
-                compiled(pixels)
-            else:
-                tower.traced_or_eager(pixels)
-
-    with ThreadPoolExecutor(lanes, thread_name_prefix="loupe-probe") as pool:
-        for name in best:
-            list(pool.map(one, [name] * lanes))  # warm
-        for _ in range(rounds):
-            for name in best:
-                t = time.perf_counter()
-                list(pool.map(one, [name] * lanes))
-                best[name] = min(best[name], time.perf_counter() - t)
-    return {name: lanes * len(pixels) / took for name, took in best.items()}
-
-
 def build(
     clip: Any,
     mode: str,
@@ -132,7 +103,9 @@ def build(
     lanes, for health: "compiled" or "trace". `quiet` is held while `auto` times: ingest's model lock, so that the
     timing does not share the cores with the very lanes that started the build (TimingWindow sees other processes
     only)."""
-    from loupe.models.image_runtime import probe_pixels
+    import torch
+
+    from loupe.models.image_runtime import probe_pixels, side_by_side_rates
 
     tower = clip.image_tower_bf16
     if tower is None or mode == "off" or batch < 1:
@@ -151,8 +124,6 @@ def build(
     try:
         compiled = CompiledLanes(tower.tower, batch, clip._sizes[1])
         pixels = clip.pixel_values(probe_pixels(clip._sizes[1], batch), "cpu")
-        import torch
-
         with torch.inference_mode():
             ref = normalize(tower.traced_or_eager(pixels).numpy())
             got = normalize(compiled(pixels).numpy())
@@ -172,8 +143,14 @@ def build(
     if mode == "auto" and entry is not None:
         clip.runtime_choices["image_lanes"] = described(entry)
     elif mode == "auto":
+
+        def one_pass(name: str) -> None:
+            torch_thread.use_threads(1)
+            with torch.inference_mode():
+                (compiled if name == "compiled" else tower.traced_or_eager)(pixels)
+
         with quiet or contextlib.nullcontext(), TimingWindow(clip.threads) as window:
-            rates = lane_rates(tower, compiled, clip.threads, pixels)
+            rates = side_by_side_rates(["trace", "compiled"], one_pass, clip.threads, batch)
         chosen = "compiled" if rates["compiled"] >= COMPILE_GAIN * rates["trace"] else "trace"
         log.info(
             "image lanes: trace %.1f, compiled %.1f pictures/s; serving the %s",

@@ -16,10 +16,12 @@ runtime chosen, without timing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -108,33 +110,61 @@ def _candidates(
     return out
 
 
-def _rates(clip: Any, towers: Mapping[str, Any], pixels: np.ndarray, rounds: int = 3) -> dict[str, float]:
-    """Pictures/s the whole machine embeds on each of `towers`, as ingest runs it: one single-threaded pass per
-    torch thread side by side for torch and bf16 (timed side by side: they share the memory bus), one pass at a
-    time on all of its threads for ONNX Runtime. The best of `rounds` passes each, the runtimes taking turns, so
-    that a box whose speed drifts (a shared host) does not favour the one timed first."""
-    lanes = clip.threads
-    best = dict.fromkeys(towers, float("inf"))
+def side_by_side_rates(
+    names: list[str],
+    run: Callable[[str], object],
+    lanes: int,
+    pictures: int,
+    alone: Collection[str] = (),
+    around: Callable[[str], AbstractContextManager[Any]] | None = None,
+    rounds: int = 3,
+) -> dict[str, float]:
+    """Pictures/s the whole machine embeds with each of `names`, where `run(name)` embeds `pictures` pictures once:
+    `lanes` runs side by side on as many threads, as ingest's lanes run (they share the memory bus), or one at a
+    time for those in `alone` (a runtime with a pool of all threads of its own). Each timed pass runs inside
+    `around(name)` (setting up and taking down what it times). The best of `rounds` passes each after a warm-up,
+    the names taking turns, so that a box whose speed drifts (a shared host) does not favour the one timed first."""
+    best = dict.fromkeys(names, float("inf"))
     with ThreadPoolExecutor(lanes, thread_name_prefix="loupe-probe") as pool:
 
         def one_pass(name: str) -> float:
-            _install(clip, name, towers[name])
-            try:
+            with around(name) if around is not None else contextlib.nullcontext():
                 t = time.perf_counter()
-                if name == "onnx":
-                    clip.embed_uint8(pixels)
+                if name in alone:
+                    run(name)
                 else:
-                    list(pool.map(lambda _: clip.embed_uint8(pixels, 1), range(lanes)))
+                    list(pool.map(lambda _: run(name), range(lanes)))
                 return time.perf_counter() - t
-            finally:
-                _install(clip, "torch", None)
 
-        for name in towers:
+        for name in names:
             one_pass(name)  # warm
         for _ in range(rounds):
-            for name in towers:
+            for name in names:
                 best[name] = min(best[name], one_pass(name))
-    return {name: (1 if name == "onnx" else lanes) * len(pixels) / took for name, took in best.items()}
+    return {name: (1 if name in alone else lanes) * pictures / took for name, took in best.items()}
+
+
+def _rates(clip: Any, towers: Mapping[str, Any], pixels: np.ndarray, rounds: int = 3) -> dict[str, float]:
+    """side_by_side_rates of each of `towers` installed in turn: torch and bf16 one single-threaded pass per torch
+    thread side by side, ONNX Runtime one pass at a time on all of its threads."""
+
+    @contextlib.contextmanager
+    def installed(name: str) -> Iterator[None]:
+        _install(clip, name, towers[name])
+        try:
+            yield
+        finally:
+            _install(clip, "torch", None)
+
+    return side_by_side_rates(
+        list(towers),
+        lambda name: clip.embed_uint8(pixels) if name == "onnx" else clip.embed_uint8(pixels, 1),
+        clip.threads,
+        len(pixels),
+        alone={"onnx"},
+        around=installed,
+        rounds=rounds,
+    )
 
 
 def attach(
