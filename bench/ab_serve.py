@@ -83,6 +83,7 @@ def main() -> None:
     rows += [("text, uncached", new_text, 1), ("text, uncached", new_text, 8)]
     rows += [("text, uncached, 1-12 words", mixed, 1), ("text, uncached, 1-12 words", mixed, 8)]
     got: dict[tuple[str, str, int], list[tuple[float, float]]] = {}
+    pooled: dict[tuple[str, str, int], list[float]] = {}  # every latency of a row over the rounds: its tail
     anon: dict[str, list[float]] = {}
     with base_worktree(rev) as tree:
         for r in range(args.rounds):
@@ -99,6 +100,7 @@ def main() -> None:
                         lat, wall, errors, _ = load(url, bodies[(label, conc)], conc)
                         assert errors == 0, f"{side}: {errors} failed requests"
                         got.setdefault((side, label, conc), []).append((pct(lat, 50), len(lat) / wall))
+                        pooled.setdefault((side, label, conc), []).extend(lat)
                 print(f"round {r + 1}/{args.rounds}: {side} done", flush=True)
 
     def med(side: str, label: str, conc: int, k: int) -> float:
@@ -107,18 +109,21 @@ def main() -> None:
     lines = [
         f"`loupe serve` from {base_label} (base) against {this} (this), on the same {n:,}-image library (embedded "
         f"defaults, full-size ViT-B/32), {args.rounds} interleaved rounds of {args.requests} requests per row; "
-        "medians over the rounds. The load generator shares the cores.",
+        "medians over the rounds; p99 and the slowest request over all the rounds' requests of a row. The load "
+        "generator shares the cores.",
         "",
         "| query | concurrency | base p50 ms | this p50 ms | p50 ratio | base searches/s | this searches/s | "
-        "throughput ratio |",
-        "|---|---|---|---|---|---|---|---|",
+        "throughput ratio | base p99 / slowest ms | this p99 / slowest ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, _, conc in rows:
         b50, t50 = med("base", label, conc, 0), med("this", label, conc, 0)
         bqps, tqps = med("base", label, conc, 1), med("this", label, conc, 1)
+        tails = [pooled[(side, label, conc)] for side in ("base", "this")]
+        b99, t99 = (f"{pct(t, 99):.0f} / {max(t):.0f}" for t in tails)
         lines.append(
             f"| {label} | {conc} | {b50:.1f} | {t50:.1f} | {t50 / b50:.2f}x | {bqps:.0f} | {tqps:.0f} | "
-            f"{tqps / bqps:.2f}x |"
+            f"{tqps / bqps:.2f}x | {b99} | {t99} |"
         )
     lines += [
         "",
