@@ -161,7 +161,10 @@ def run_variant(mp: float, variant: int, images: int, device: str = "cpu") -> tu
             if lanes and rt.clip.image_runtime == "bf16" and settings.model.image_compile != "off":
                 rt.compile_image_lanes()
                 rt.lanes_built.join()
-            rt.ingest.upload([(f"{k}.jpg", b) for k, b in enumerate(blobs)], tags=(), albums=())
+            step = settings.ingest.max_files_per_request  # one upload request holds at most this many
+            for start in range(0, n, step):
+                files = [(f"{k}.jpg", blobs[k]) for k in range(start, min(n, start + step))]
+                rt.ingest.upload(files, tags=(), albums=())
             reads: list = []  # type: ignore[type-arg]
             indexer = rt.ingest.text_indexer
             if indexer is not None:  # observe which pictures the presence check sent to Tesseract
