@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,7 +16,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin
 from litestar.static_files import create_static_files_router
 
-from loupe import __version__
+from loupe import __version__, heap
 from loupe.api.access import ACCESS_HANDLERS, access_guard
 from loupe.api.deps import provide_runtime
 from loupe.api.errors import EXCEPTION_HANDLERS
@@ -37,16 +36,6 @@ def frontend_dir() -> Path | None:
         if (d / "index.html").exists():
             return d
     return None
-
-
-def settle_heap() -> None:
-    """Take what start-up left on the Python heap out of the garbage collector's full passes: the imported
-    modules and the models' Python objects (about 570,000 with ViT-B/32 and its runtimes) live as long as the
-    server. Each full pass walked them all, holding the GIL, and so stalled every request in flight: 305-331 ms
-    each on an AMD Zen 4 box, about once every 1,500-2,000 searches at 1M (bench/RESULTS.md). Garbage is collected
-    first, so none of it is kept; objects made later are collected as before."""
-    gc.collect()
-    gc.freeze()
 
 
 def cors(settings: Settings) -> CORSConfig | None:
@@ -83,11 +72,11 @@ def create_app(settings: Settings, runtime: Runtime | None = None, *, owns_runti
         app.state.runtime = rt
         if rt.clip.info.is_demo:
             log.warning("Loupe is serving with the OFFLINE DEMO MODEL (see /api/health)")
-        settle_heap()
+        heap.settle()  # the start-up's objects out of full collections (heap.py)
         try:
             yield
         finally:
-            gc.unfreeze()
+            heap.release()
             if own:
                 await anyio.to_thread.run_sync(rt.close)
 

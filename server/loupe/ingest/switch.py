@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from loupe import heap
 from loupe.errors import BadRequest, ConfigError, Conflict, LoupeError
 from loupe.index.faiss_mirror import FaissMirror
 from loupe.ingest.validate import decode_rgb
@@ -207,6 +208,11 @@ class ModelSwitcher:
             shutil.rmtree(old_mirror.directory, ignore_errors=True)
         except LoupeError as exc:  # the switch happened; a leftover collection is only disk space
             log.warning("the old collection %s was not removed: %s", old_collection, exc.message)
+        # The old model's objects were frozen with the server's start-up heap, where their reference cycles are
+        # never collected: collected now (heap.py). Searches answered by the old version have finished by now (the
+        # swap was followed by dropping its collection).
+        del old_mirror
+        heap.resettle()
         st.state, st.finished_at = "done", time.time()
         if progress:
             progress(st)
