@@ -209,8 +209,8 @@ class ModelSwitcher:
         except LoupeError as exc:  # the switch happened; a leftover collection is only disk space
             log.warning("the old collection %s was not removed: %s", old_collection, exc.message)
         # The old model's objects were frozen with the server's start-up heap, where their reference cycles are
-        # never collected: collected now (heap.py). Searches answered by the old version have finished by now (the
-        # swap was followed by dropping its collection).
+        # never collected: collected now (heap.py). A search still running on the old version at this point (the
+        # old collection's removal came in between, so hardly any) would keep it until the next switch or shutdown.
         del old_mirror
         heap.resettle()
         st.state, st.finished_at = "done", time.time()
