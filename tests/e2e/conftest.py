@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 from litestar.testing import TestClient
 
 from loupe.app import create_app
@@ -75,3 +78,29 @@ def api(db_url: str, make_settings) -> Iterator[tuple[TestClient, Runtime]]:
     with TestClient(create_app(settings, runtime=rt), timeout=120) as client:
         yield client, rt
     rt.close()
+
+
+def perturbed_copy(src: Path, dst: Path, seed: int = 0, scale: float = 0.15) -> Path:
+    """Another checkpoint: the tiny model with noise on both projections (a different embedding space that still
+    knows colours and shapes)."""
+    from transformers import CLIPModel
+
+    shutil.copytree(src, dst)
+    model = CLIPModel.from_pretrained(src)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for proj in (model.visual_projection, model.text_projection):
+            w = proj.weight
+            w.add_(torch.randn(w.shape, generator=gen) * w.std() * scale)
+    model.save_pretrained(dst)
+    return dst
+
+
+def wait_switch(client: TestClient, timeout: float = 300) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = client.get("/api/models").json()["switch"]
+        if st["state"] in ("done", "failed"):
+            return st
+        time.sleep(0.05)
+    raise AssertionError("the switch did not finish")

@@ -4,14 +4,12 @@ atomically (every search is answered wholly by one version), the old collection 
 from __future__ import annotations
 
 import io
-import shutil
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from litestar.testing import TestClient
 from PIL import Image
 
@@ -20,34 +18,8 @@ from loupe.config import Settings
 from loupe.errors import ConfigError
 from loupe.runtime import Runtime
 from loupe.search.query import Term
-from tests.e2e.conftest import upload
+from tests.e2e.conftest import perturbed_copy, upload, wait_switch
 from tests.fixtures.images import shape_set
-
-
-def perturbed_copy(src: Path, dst: Path, seed: int = 0, scale: float = 0.15) -> Path:
-    """Another checkpoint: the tiny model with noise on both projections (a different embedding space that still
-    knows colours and shapes)."""
-    from transformers import CLIPModel
-
-    shutil.copytree(src, dst)
-    model = CLIPModel.from_pretrained(src)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for proj in (model.visual_projection, model.text_projection):
-            w = proj.weight
-            w.add_(torch.randn(w.shape, generator=gen) * w.std() * scale)
-    model.save_pretrained(dst)
-    return dst
-
-
-def wait_switch(client: TestClient, timeout: float = 300) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        st = client.get("/api/models").json()["switch"]
-        if st["state"] in ("done", "failed"):
-            return st
-        time.sleep(0.05)
-    raise AssertionError("the switch did not finish")
 
 
 def test_switch_under_concurrent_searches(tmp_path: Path, tiny_clip_dir: Path):

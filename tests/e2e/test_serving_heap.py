@@ -12,7 +12,7 @@ from litestar.testing import TestClient
 
 from loupe.app import create_app
 from loupe.runtime import Runtime
-from tests.e2e.test_model_switch import perturbed_copy, wait_switch
+from tests.e2e.conftest import perturbed_copy, wait_switch
 
 
 class _Node:

@@ -211,6 +211,7 @@ class ModelSwitcher:
         # The old model's objects were frozen with the server's start-up heap, where their reference cycles are
         # never collected: collected now (heap.py). A search still running on the old version at this point (the
         # old collection's removal came in between, so hardly any) would keep it until the next switch or shutdown.
+        # The old mirror is let go first, so that it is not frozen again with the rest.
         del old_mirror
         heap.resettle()
         st.state, st.finished_at = "done", time.time()
