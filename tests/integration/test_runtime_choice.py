@@ -133,7 +133,8 @@ def _spin(stop_at: float) -> None:
 
 def test_a_timing_window_sees_other_processes_take_the_cores(monkeypatch: pytest.MonkeyPatch):
     """Real CPU time from /proc/stat: while other processes spin on every core, a window that needs them all is
-    contended; the same window with nothing else running is not."""
+    contended; the same window with nothing else running is not (read up to three times: the machine's own
+    work, such as a CI runner's, can take a quarter of a core for a moment)."""
     import multiprocessing
 
     monkeypatch.undo()  # the real cpu_ticks
@@ -150,10 +151,16 @@ def test_a_timing_window_sees_other_processes_take_the_cores(monkeypatch: pytest
         for p in spinners:
             p.terminate()
             p.join()
-    with runtime_choice.TimingWindow(cores) as quiet:
-        time.sleep(0.6)
     assert busy.others > cores * 0.7 and busy.contended, busy.others
-    assert quiet.others < 0.5 and not quiet.contended, quiet.others
+    quiet_readings = []
+    for _ in range(3):  # a busy CI box's own work can take a quarter core for a moment: read again
+        with runtime_choice.TimingWindow(cores) as quiet:
+            time.sleep(0.6)
+        quiet_readings.append(round(quiet.others, 2))
+        if quiet.others < 0.5 and not quiet.contended:
+            break
+    else:
+        pytest.fail(f"a window with nothing of ours running read as contended every time: {quiet_readings}")
     # A timing on one core of a machine with others to spare is not contended by one busy neighbour.
     spare = runtime_choice.TimingWindow(1)
     spare.cores, spare.others = 4, 1.0
@@ -181,14 +188,10 @@ def test_a_verdict_timed_on_a_busy_machine_serves_but_is_not_remembered(
     assert entry["start"] == 1 and entry["busy_elsewhere"] == 0.0
 
 
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to pin on")
-def test_a_timing_window_counts_only_the_cpus_this_process_may_run_on(monkeypatch: pytest.MonkeyPatch):
-    """A container pinned to some of a host's CPUs: work on the other CPUs does not contend, work on its own
-    does. Pinned here with sched_setaffinity, a real spinner on one CPU or the other."""
+def _pinned_windows(mine: int, other: int) -> dict[int, runtime_choice.TimingWindow]:
+    """This process pinned to `mine`; a window timed with a spinner pinned to `other`, then one with it on `mine`."""
     import multiprocessing
 
-    monkeypatch.undo()  # the real cpu_ticks
-    mine, other = sorted(os.sched_getaffinity(0))[:2]
     saved = os.sched_getaffinity(0)
     ctx = multiprocessing.get_context("spawn")
     seen = {}
@@ -208,5 +211,27 @@ def test_a_timing_window_counts_only_the_cpus_this_process_may_run_on(monkeypatc
             seen[where] = window
     finally:
         os.sched_setaffinity(0, saved)
-    assert seen[other].cores == 1 and seen[other].others < 0.5 and not seen[other].contended
-    assert seen[mine].others > 0.7 and seen[mine].contended
+    return seen
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to pin on")
+def test_a_timing_window_counts_only_the_cpus_this_process_may_run_on(monkeypatch: pytest.MonkeyPatch):
+    """A container pinned to some of a host's CPUs: work on the other CPUs does not contend, work on its own
+    does. Pinned here with sched_setaffinity, a real spinner on one CPU or the other.
+
+    While the spinner holds the other CPU, whatever else the machine runs (a CI runner, a process an earlier test
+    left finishing) can only run on this one, and that is real contention: a CI box once read 0.28 of a core
+    there. So a pair of readings is taken again, up to three times, until one is clean; counting the other CPU
+    (the spinner: a whole core) fails every time."""
+    monkeypatch.undo()  # the real cpu_ticks
+    mine, other = sorted(os.sched_getaffinity(0))[:2]
+    readings = []
+    for _ in range(3):
+        seen = _pinned_windows(mine, other)
+        readings.append({"other": round(seen[other].others, 2), "mine": round(seen[mine].others, 2)})
+        assert seen[other].cores == 1
+        assert seen[mine].others > 0.7 and seen[mine].contended, readings
+        if seen[other].others < 0.5 and not seen[other].contended:
+            break
+    else:
+        pytest.fail(f"the spinner on another CPU read as contention every time: {readings}")
