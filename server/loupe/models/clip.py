@@ -213,7 +213,9 @@ class ClipModel:
         """Text passes that may run side by side, and the queries that must be waiting to start one beside a
         running pass (models/batching.py). On the CPU, where a pass under load runs on one thread: one per torch
         thread, each from a full batch (SIDE_BY_SIDE_BATCH queries). Otherwise one at a time: passes on more
-        threads run on the torch thread one after another anyway, and a GPU serializes them."""
+        threads run on the torch thread one after another anyway, and a GPU serializes them. Passes side by side
+        on ONNX Runtime share its session's pool: a second, one-thread session for them was tried twice on AMD
+        Zen 4 and rejected (no gain that held at 1M, 150 MB more memory: bench/RESULTS.md)."""
         if self.info.device != "cpu" or self.threads_under_load != 1:
             return 1, 1
         return self.threads, SIDE_BY_SIDE_BATCH
