@@ -133,8 +133,9 @@ def _spin(stop_at: float) -> None:
 
 def test_a_timing_window_sees_other_processes_take_the_cores(monkeypatch: pytest.MonkeyPatch):
     """Real CPU time from /proc/stat: while other processes spin on every core, a window that needs them all is
-    contended; the same window with nothing else running is not (read up to three times: the machine's own
-    work, such as a CI runner's, can take a quarter of a core for a moment)."""
+    contended; the same window with nothing of ours running reads far less. Whether it reads as contended too
+    depends on what else the machine runs (a CI box's own work once took 0.28 of a core for a while, a test run
+    under a half-core spinner 0.5-0.57), so that threshold is checked on set figures instead."""
     import multiprocessing
 
     monkeypatch.undo()  # the real cpu_ticks
@@ -152,15 +153,15 @@ def test_a_timing_window_sees_other_processes_take_the_cores(monkeypatch: pytest
             p.terminate()
             p.join()
     assert busy.others > cores * 0.7 and busy.contended, busy.others
-    quiet_readings = []
-    for _ in range(3):  # a busy CI box's own work can take a quarter core for a moment: read again
-        with runtime_choice.TimingWindow(cores) as quiet:
-            time.sleep(0.6)
-        quiet_readings.append(round(quiet.others, 2))
-        if quiet.others < 0.5 and not quiet.contended:
-            break
-    else:
-        pytest.fail(f"a window with nothing of ours running read as contended every time: {quiet_readings}")
+    with runtime_choice.TimingWindow(cores) as quiet:
+        time.sleep(0.6)
+    assert quiet.others < busy.others - cores * 0.35, (quiet.others, busy.others)
+    # Contended: the others took more than the cores the timing leaves free, plus SLACK_CORES.
+    window = runtime_choice.TimingWindow(2)
+    window.cores = 2
+    for others, contended in ((0.0, False), (0.2, False), (0.3, True), (2.0, True)):
+        window.others = others
+        assert window.contended is contended, others
     # A timing on one core of a machine with others to spare is not contended by one busy neighbour.
     spare = runtime_choice.TimingWindow(1)
     spare.cores, spare.others = 4, 1.0
@@ -221,8 +222,8 @@ def test_a_timing_window_counts_only_the_cpus_this_process_may_run_on(monkeypatc
 
     While the spinner holds the other CPU, whatever else the machine runs (a CI runner, a process an earlier test
     left finishing) can only run on this one, and that is real contention: a CI box once read 0.28 of a core
-    there. So a pair of readings is taken again, up to three times, until one is clean; counting the other CPU
-    (the spinner: a whole core) fails every time."""
+    there. So the spinner on the other CPU must read well under the spinner on this one (counting the other CPU
+    makes them equal), and a pair of readings is taken again, up to three times, until one shows it."""
     monkeypatch.undo()  # the real cpu_ticks
     mine, other = sorted(os.sched_getaffinity(0))[:2]
     readings = []
@@ -231,7 +232,7 @@ def test_a_timing_window_counts_only_the_cpus_this_process_may_run_on(monkeypatc
         readings.append({"other": round(seen[other].others, 2), "mine": round(seen[mine].others, 2)})
         assert seen[other].cores == 1
         assert seen[mine].others > 0.7 and seen[mine].contended, readings
-        if seen[other].others < 0.5 and not seen[other].contended:
+        if seen[other].others < seen[mine].others - 0.3:
             break
     else:
-        pytest.fail(f"the spinner on another CPU read as contention every time: {readings}")
+        pytest.fail(f"the spinner on another CPU read as this CPU's every time: {readings}")
