@@ -131,27 +131,37 @@ def _spin(stop_at: float) -> None:
         pass
 
 
+def _window_beside_spinners(where: list[set[int] | None], threads: int) -> runtime_choice.TimingWindow:
+    """A 0.6 s timing window that needs `threads` cores, taken while a real spinner process runs for each entry
+    of `where`, pinned to those CPUs (None: anywhere)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    spinners = [ctx.Process(target=_spin, args=(time.monotonic() + 30,)) for _ in where]
+    try:
+        for spinner, cpus in zip(spinners, where, strict=True):
+            spinner.start()
+            if cpus is not None:
+                os.sched_setaffinity(spinner.pid, cpus)  # type: ignore[arg-type]
+        time.sleep(1.0)  # started and spinning
+        with runtime_choice.TimingWindow(threads) as window:
+            time.sleep(0.6)
+    finally:
+        for spinner in spinners:
+            if spinner.pid is not None:
+                spinner.terminate()
+                spinner.join()
+    return window
+
+
 def test_a_timing_window_sees_other_processes_take_the_cores(monkeypatch: pytest.MonkeyPatch):
     """Real CPU time from /proc/stat: while other processes spin on every core, a window that needs them all is
     contended; the same window with nothing of ours running reads far less. Whether it reads as contended too
     depends on what else the machine runs (a CI box's own work once took 0.28 of a core for a while, a test run
     under a half-core spinner 0.5-0.57), so that threshold is checked on set figures instead."""
-    import multiprocessing
-
     monkeypatch.undo()  # the real cpu_ticks
     cores = os.cpu_count() or 1
-    ctx = multiprocessing.get_context("spawn")
-    spinners = [ctx.Process(target=_spin, args=(time.monotonic() + 30,)) for _ in range(cores)]
-    for p in spinners:
-        p.start()
-    try:
-        time.sleep(1.0)  # started and spinning
-        with runtime_choice.TimingWindow(cores) as busy:
-            time.sleep(0.6)
-    finally:
-        for p in spinners:
-            p.terminate()
-            p.join()
+    busy = _window_beside_spinners([None] * cores, cores)
     assert busy.others > cores * 0.7 and busy.contended, busy.others
     with runtime_choice.TimingWindow(cores) as quiet:
         time.sleep(0.6)
@@ -191,28 +201,12 @@ def test_a_verdict_timed_on_a_busy_machine_serves_but_is_not_remembered(
 
 def _pinned_windows(mine: int, other: int) -> dict[int, runtime_choice.TimingWindow]:
     """This process pinned to `mine`; a window timed with a spinner pinned to `other`, then one with it on `mine`."""
-    import multiprocessing
-
     saved = os.sched_getaffinity(0)
-    ctx = multiprocessing.get_context("spawn")
-    seen = {}
     try:
         os.sched_setaffinity(0, {mine})
-        for where in (other, mine):
-            spinner = ctx.Process(target=_spin, args=(time.monotonic() + 30,))
-            spinner.start()
-            os.sched_setaffinity(spinner.pid, {where})
-            try:
-                time.sleep(1.0)
-                with runtime_choice.TimingWindow(1) as window:
-                    time.sleep(0.6)
-            finally:
-                spinner.terminate()
-                spinner.join()
-            seen[where] = window
+        return {where: _window_beside_spinners([{where}], 1) for where in (other, mine)}
     finally:
         os.sched_setaffinity(0, saved)
-    return seen
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to pin on")
