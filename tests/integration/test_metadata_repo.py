@@ -131,6 +131,36 @@ def test_ready_and_delete_are_logged_in_order(repo: MetadataRepo):
     assert repo.get_image(a.id) is None and repo.tags_for([a.id]) == {a.id: []}
 
 
+def test_a_batch_is_claimed_in_id_order_and_marked_ready_with_each_pictures_own_metadata(repo: MetadataRepo):
+    images = [repo.insert_image(new(n))[0] for n in range(1, 5)]
+    claimed = repo.claim_pending(10, lease_s=600)
+    assert [i.id for i in claimed] == [i.id for i in images]
+    assert all(i.state == ImageState.processing and i.attempts == 1 for i in claimed)
+    a, b, c, gone = (int(i.id) for i in claimed)  # type: ignore[arg-type]
+    repo.delete_image(gone, model_version_id=None)  # deleted while its batch was being embedded
+    taken = utcnow().replace(microsecond=0) - timedelta(days=400)
+    updates = {
+        # Pictures of one batch write different columns (EXIF or none): each keeps its own.
+        a: {"phash": 1234567890123, "taken_at": taken, "camera_make": "Acme", "exif": {"Make": "Acme"}},
+        b: {"phash": -42},
+        gone: {"phash": 7},
+    }
+    repo.mark_ready([a, b, c, gone], model_version_id=3, updates=updates)
+    rows = {i: repo.get_image(i) for i in (a, b, c)}
+    assert all(r.state == ImageState.ready and r.ready_at and r.claimed_at is None for r in rows.values())
+    assert (rows[a].phash, rows[a].camera_make, rows[a].exif) == (1234567890123, "Acme", {"Make": "Acme"})
+    assert rows[a].taken_at is not None and rows[a].taken_at.timestamp() == taken.timestamp()
+    assert (rows[b].phash, rows[b].camera_make, rows[b].taken_at) == (-42, None, None)
+    assert rows[c].phash is None
+    assert repo.get_image(gone) is None
+    # Only the pictures that still exist are logged for the mirror.
+    assert [(ch.image_id, ch.op) for ch in repo.changes_since(3, 0, 100)] == [
+        (a, ChangeOp.upsert),
+        (b, ChangeOp.upsert),
+        (c, ChangeOp.upsert),
+    ]
+
+
 def test_first_model_is_recorded_once(repo: MetadataRepo):
     v1 = repo.activate_first_model("clip", "m1", "f1", 64, False)
     v2 = repo.activate_first_model("clip", "m2", "f2", 32, True)

