@@ -57,9 +57,16 @@ def timed(fn: Callable[[], object], repeat: int = 1) -> float:
 
 
 def command_line() -> str:
-    """This process's command as a reader would type it again (arguments with spaces quoted)."""
+    """This process's command as a reader would type it again (arguments with spaces quoted), led by the Loupe
+    settings its environment sets (LOUPE_..., not the test suite's LOUPE_TEST_...): a bench's in-process runtime
+    reads them, so a section measured under one says so."""
     script = Path(getattr(sys.modules["__main__"], "__file__", None) or sys.argv[0]).resolve()
-    return "python " + shlex.join([os.path.relpath(script, ROOT), *sys.argv[1:]])
+    settings = [
+        f"{k}={shlex.quote(v)}"
+        for k, v in sorted(os.environ.items())
+        if k.startswith("LOUPE_") and not k.startswith("LOUPE_TEST_")
+    ]
+    return " ".join([*settings, "python " + shlex.join([os.path.relpath(script, ROOT), *sys.argv[1:]])])
 
 
 def write_section(name: str, body: str, command: str) -> None:
