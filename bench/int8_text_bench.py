@@ -19,7 +19,11 @@ smoothing.py). Each weight matmul's input is divided per channel by s_j = max|x_
 from calibration queries disjoint from the measured ones) and the weight's input rows multiplied by it: the same
 function in fp32, but the activation outliers one scale per tensor cannot represent move into the per-channel
 weight scales. `onnx-int8` does this with a = 0.8 on every matmul. Rows with `fc2 in fp32` (not used) leave the
-feed-forward output matmul, whose input comes after the GELU, unquantized.
+feed-forward output matmul, whose input comes after the GELU, unquantized. Weights: int8 where the CPU has VNNI
+dot products; on x86 CPUs without VNNI ONNX Runtime's uint8 x int8 products saturate in int16 pairs (`vpmaddubsw`),
+so `onnx-int8` stores uint8 weights there (server/loupe/models/onnx_text.py: int8_unsigned_weights); the `7-bit
+weights` row (not used) is ONNX Runtime's own remedy, `reduce_range`. On a CPU with VNNI the three rows differ
+only by their rounding.
 """
 
 from __future__ import annotations
@@ -94,7 +98,7 @@ def main() -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from loupe.models import smoothing
-    from loupe.models.onnx_text import W8_BLOCK, quantize_w8
+    from loupe.models.onnx_text import W8_BLOCK, int8_unsigned_weights, quantize_w8
     from loupe.models.text_encoder import SentenceEncoder
 
     minilm()  # encodes and caches the corpus on first use
@@ -138,16 +142,27 @@ def main() -> None:
                     for n in graph.graph.node
                     if n.op_type == "MatMul" and "/output/dense" in n.name and "attention" not in n.name
                 ]
-                for suffix, exclude in (("", []), (", fc2 in fp32", fc2)):
-                    q = Path(tmp) / f"minilm-smooth{alpha}-q{len(exclude)}.onnx"
+                more = alpha == smoothing.ALPHA
+                for suffix, exclude, weights, reduce in (
+                    ("", [], QuantType.QInt8, False),
+                    (", fc2 in fp32", fc2, QuantType.QInt8, False),
+                    *([(", 7-bit weights", [], QuantType.QInt8, True)] if more else []),
+                    *([(", uint8 weights", [], QuantType.QUInt8, False)] if more else []),
+                ):
+                    q = Path(tmp) / f"minilm-smooth{alpha}-q{len(exclude)}-{weights.name}{int(reduce)}.onnx"
                     quantize_dynamic(
                         str(path),
                         str(q),
-                        weight_type=QuantType.QInt8,
+                        weight_type=weights,
                         per_channel=True,
+                        reduce_range=reduce,
                         nodes_to_exclude=exclude,
                     )
-                    used = "onnx-int8" if alpha == smoothing.ALPHA and not exclude else "not used"
+                    used = "not used"
+                    if alpha == smoothing.ALPHA and not exclude and not reduce:
+                        signed = weights == QuantType.QInt8
+                        used = "onnx-int8 " + ("where the CPU has VNNI" if signed else "on x86 without VNNI")
+                        used += ", this CPU" if signed != int8_unsigned_weights() else ""
                     variants[f"ONNX Runtime int8 per channel, smoothed a={alpha}{suffix} ({used})"] = (
                         run_onnx(q, enc.tokenizer, queries)
                     )

@@ -5,6 +5,7 @@ the full-size ViT-B/32 with the real 49,408-token tokenizer."""
 from __future__ import annotations
 
 import os
+import platform
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -165,6 +166,65 @@ def test_int8_text_tower_smooths_an_outlier_channel_that_one_activation_scale_lo
     after = np.sum(ref * clip.embed_texts(QUERIES), axis=1)
     assert after.min() > before.min() and 1 - after.mean() < (1 - before.mean()) / 2, (before, after)
     assert not list(tmp_path.glob("*.tmp")), "the smoothed fp32 graph is not left behind"
+
+
+def test_int8_weights_are_unsigned_exactly_where_signed_ones_saturate_on_this_cpu(tmp_path: Path):
+    """ONNX Runtime multiplies dynamically quantized uint8 activations by int8 weights; on x86 CPUs without VNNI
+    with `vpmaddubsw`, which saturates each pair of products at 32,767. A matmul of ones (activations 255, weights
+    127: each pair 64,770) shows it. uint8 weights are exact on every CPU, and `onnx-int8` takes them exactly
+    where this CPU saturates int8 ones."""
+    import onnx
+    from onnx import TensorProto, helper
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    k = 256
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [k, 4], np.ones(k * 4, np.float32))
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "ones",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [weight],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "fp32.onnx")
+    got = {}
+    for weights in (QuantType.QInt8, QuantType.QUInt8):
+        out = tmp_path / f"{weights.name}.onnx"
+        with onnx_text.quiet_quantizers():
+            quantize_dynamic(str(tmp_path / "fp32.onnx"), str(out), weight_type=weights, per_channel=True)
+        got[weights] = onnx_text.cpu_session(out, 1).run(None, {"x": np.ones((1, k), np.float32)})[0]
+    np.testing.assert_allclose(got[QuantType.QUInt8], k, rtol=0.01)
+    signed_exact = bool(np.allclose(got[QuantType.QInt8], k, rtol=0.01))
+    if onnx_text.int8_unsigned_weights():
+        assert not signed_exact, "this CPU needs no unsigned weights: VNNI_FLAGS misses its flag"
+    elif platform.machine().lower() in ("x86_64", "amd64"):  # with VNNI
+        assert signed_exact, f"int8 weights saturate on this CPU: {got[QuantType.QInt8].ravel()} for {k}"
+
+    assert onnx_text.int8_unsigned_weights(frozenset({"avx2", "fma"}), "x86_64")
+    assert not onnx_text.int8_unsigned_weights(frozenset({"avx2", "avx512f", "avx512_vnni"}), "x86_64")
+    assert not onnx_text.int8_unsigned_weights(frozenset({"avx2", "avx_vnni"}), "x86_64")
+    assert not onnx_text.int8_unsigned_weights(frozenset({"asimd", "asimddp"}), "aarch64")
+
+
+def test_int8_exports_with_signed_and_unsigned_weights_are_kept_apart(
+    tiny_clip_dir: Path, tmp_path: Path, monkeypatch
+):
+    """API nodes on different CPUs may share a data directory: each kind of int8 export has its own file, and each
+    stores the weights its CPU needs."""
+    import onnx
+
+    names = {}
+    for unsigned in (False, True):
+        monkeypatch.setattr(onnx_text, "int8_unsigned_weights", lambda unsigned=unsigned: unsigned)
+        clip = load_clip(str(tiny_clip_dir))
+        assert onnx_text.attach(clip, "onnx-int8", tmp_path) == "onnx-int8"
+        path = onnx_text.export_path(clip, tmp_path, "onnx-int8")
+        graph = onnx.load(str(path))
+        inits = {init.name: init.data_type for init in graph.graph.initializer}
+        types = {inits[n.input[1]] for n in graph.graph.node if n.op_type == "MatMulInteger"}
+        assert types == {onnx.TensorProto.UINT8 if unsigned else onnx.TensorProto.INT8}, types
+        names[unsigned] = path.name
+    assert names[False] != names[True] and all((tmp_path / n).exists() for n in names.values())
 
 
 def test_auto_text_runtime_times_w8_once_and_remembers_it(tiny_clip_dir: Path, tmp_path: Path, monkeypatch):

@@ -47,18 +47,30 @@ SLACK_CORES = 0.25
 
 
 @cache
-def machine() -> dict[str, str]:
-    """What makes one machine's timings another's: the CPU (model name and feature flags), its cores, the
-    versions of the runtimes timed."""
+def cpu_info() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo (empty where there is none: not Linux)."""
     info: dict[str, str] = {}
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
             info.setdefault(key.strip(), value.strip())  # the first processor's
-    flags = info.get("flags") or info.get("Features") or ""
+    return info
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as /proc/cpuinfo names them (x86: "avx2", "avx512_vnni", ...); empty if unknown."""
+    info = cpu_info()
+    return frozenset((info.get("flags") or info.get("Features") or "").split())
+
+
+@cache
+def machine() -> dict[str, str]:
+    """What makes one machine's timings another's: the CPU (model name and feature flags), its cores, the
+    versions of the runtimes timed."""
+    info = cpu_info()
     out = {
         "cpu": info.get("model name") or platform.processor() or platform.machine(),
-        "flags": hashlib.sha256(" ".join(sorted(flags.split())).encode()).hexdigest()[:16],
+        "flags": hashlib.sha256(" ".join(sorted(cpu_flags())).encode()).hexdigest()[:16],
         "cores": str(os.cpu_count()),
         "arch": platform.machine(),
     }
