@@ -207,17 +207,22 @@ def test_int8_weights_are_unsigned_exactly_where_signed_ones_saturate_on_this_cp
 
 
 def test_int8_exports_with_signed_and_unsigned_weights_are_kept_apart(
-    tiny_clip_dir: Path, tmp_path: Path, monkeypatch
+    tiny_clip_dir: Path, tmp_path: Path, monkeypatch, caplog
 ):
     """API nodes on different CPUs may share a data directory: each kind of int8 export has its own file, and each
-    stores the weights its CPU needs."""
+    stores the weights its CPU needs; the log names uint8 weights."""
+    import logging
+
     import onnx
 
     names = {}
     for unsigned in (False, True):
         monkeypatch.setattr(onnx_text, "int8_unsigned_weights", lambda unsigned=unsigned: unsigned)
         clip = load_clip(str(tiny_clip_dir))
-        assert onnx_text.attach(clip, "onnx-int8", tmp_path) == "onnx-int8"
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="loupe.models.onnx_text"):
+            assert onnx_text.attach(clip, "onnx-int8", tmp_path) == "onnx-int8"
+        assert ("uint8 weights: this CPU has no VNNI" in caplog.text) == unsigned, caplog.text
         path = onnx_text.export_path(clip, tmp_path, "onnx-int8")
         graph = onnx.load(str(path))
         inits = {init.name: init.data_type for init in graph.graph.initializer}

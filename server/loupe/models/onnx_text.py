@@ -359,7 +359,10 @@ def attach(clip: Any, kind: str, cache_dir: Path, threads: int = 0) -> str:
         )
         return "torch"
     clip.text_tower = tower
-    log.info("text queries run on ONNX Runtime (%s), worst cosine to torch %.6f", kind, worst)
+    weights = (
+        ", uint8 weights: this CPU has no VNNI" if kind == "onnx-int8" and int8_unsigned_weights() else ""
+    )
+    log.info("text queries run on ONNX Runtime (%s%s), worst cosine to torch %.6f", kind, weights, worst)
     return kind
 
 
