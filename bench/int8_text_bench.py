@@ -142,13 +142,14 @@ def main() -> None:
                     for n in graph.graph.node
                     if n.op_type == "MatMul" and "/output/dense" in n.name and "attention" not in n.name
                 ]
-                more = alpha == smoothing.ALPHA
-                for suffix, exclude, weights, reduce in (
-                    ("", [], QuantType.QInt8, False),
-                    (", fc2 in fp32", fc2, QuantType.QInt8, False),
-                    *([(", 7-bit weights", [], QuantType.QInt8, True)] if more else []),
-                    *([(", uint8 weights", [], QuantType.QUInt8, False)] if more else []),
-                ):
+                kinds = [("", [], QuantType.QInt8, False), (", fc2 in fp32", fc2, QuantType.QInt8, False)]
+                # What CPUs without VNNI could use instead: 7-bit weights (reduce_range) or uint8 ones.
+                if alpha == smoothing.ALPHA:
+                    kinds += [
+                        (", 7-bit weights", [], QuantType.QInt8, True),
+                        (", uint8 weights", [], QuantType.QUInt8, False),
+                    ]
+                for suffix, exclude, weights, reduce in kinds:
                     q = Path(tmp) / f"minilm-smooth{alpha}-q{len(exclude)}-{weights.name}{int(reduce)}.onnx"
                     quantize_dynamic(
                         str(path),

@@ -228,7 +228,8 @@ def export(clip: Any, target: Path, kind: str) -> Path:
     """Export (and for onnx-w8 and onnx-int8 quantize) the text tower of `clip` to `target`; atomic, cached by the
     caller."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fp32 = target.with_name(target.name.replace(suffix(kind), "")) if suffix(kind) else target
+    end = suffix(kind)
+    fp32 = target.with_name(target.name.replace(end, "")) if end else target
     with _export_lock:
         if kind != "onnx-int8" and not fp32.exists():  # onnx-int8 quantizes its own smoothed graph
             tmp = fp32.with_suffix(".tmp")
