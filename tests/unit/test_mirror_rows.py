@@ -9,6 +9,7 @@ import json
 import numpy as np
 
 from loupe.config import IndexSettings
+from loupe.index import faiss_mirror
 from loupe.index.faiss_mirror import FaissMirror
 
 DIM = 16
@@ -79,6 +80,36 @@ def test_rows_survive_upserts_deletes_saves_and_reloads(tmp_path):
     assert reloaded.load()
     check(reloaded, live, rng)
     assert reloaded.memory()["mapped_bytes"] == 380 * DIM * 4  # the vectors are file-backed, not in RAM
+
+
+def test_a_scattered_subset_is_scored_exactly_chunk_by_chunk_across_saved_and_new_rows(tmp_path):
+    """A filter's matches scored a cache-sized chunk at a time (_View.scores_of): a subset of several chunks that
+    spans the memory-mapped rows and the in-memory tail, with re-upserted and deleted ids among them."""
+    rng = np.random.default_rng(5)
+    m = mirror(tmp_path)
+    vecs = unit(rng, 4000)
+    m.upsert(np.arange(4000), vecs)
+    live = dict(zip(range(4000), vecs, strict=True))
+    m.save()  # rows 0..3999 memory-mapped
+    more = unit(rng, 1000)
+    m.upsert(np.arange(4000, 5000), more)  # the tail
+    live.update(zip(range(4000, 5000), more, strict=True))
+    again = unit(rng, 100)
+    # Re-upserted: the old rows are tombstones, the new ones in the tail.
+    m.upsert(np.arange(0, 200, 2), again)
+    live.update(zip(range(0, 200, 2), again, strict=True))
+    m.delete(list(range(1, 200, 4)))
+    for i in range(1, 200, 4):
+        del live[i]
+    among = set(rng.choice(5000, 1100, replace=False).tolist()) | set(range(200))
+    picked = np.asarray(sorted(among), dtype=np.int64)
+    sub = m.subset(picked)
+    # Several chunks, and under the share at which search_subset scores every row instead.
+    assert faiss_mirror._SCORE_CHUNK < len(sub.rows) < m.live_count // 4
+    for q in unit(rng, 4):
+        ids, scores = m.search_subset(q, 60, sub)
+        assert ids.tolist() == brute(live, q, 60, among)
+        assert np.allclose(scores, np.stack([live[int(i)] for i in ids]) @ q, atol=1e-6)
 
 
 def test_compaction_renumbers_rows_and_keeps_answers(tmp_path):

@@ -45,6 +45,10 @@ FORMAT_VERSION = (
     2  # 1: vectors.npy held in RAM, compacted at every save (still read, written as 2 at the next save)
 )
 _CHUNK = 65_536  # rows per chunk when copying or adding vectors in bulk
+# Rows gathered at a time when scoring a scattered set of them (a filter's matches): 1 MB of float32 x 512, which
+# the product reads back from the cache instead of from memory, and no copy of every matching row per query
+# (bench/RESULTS.md: 10,000 scattered rows of a 1M mirror 6.6-7.2 -> 5.6-5.8 ms, 50,000 rows 39 -> 23 ms).
+_SCORE_CHUNK = 512
 
 
 class _ChangeSource(Protocol):
@@ -105,6 +109,16 @@ class _View:
         low = rows < self.n_base
         out[low] = self.base[rows[low]]
         out[~low] = self.tail[rows[~low] - self.n_base]
+        return out
+
+    def scores_of(self, rows: np.ndarray, q: np.ndarray) -> np.ndarray:
+        """q against these rows, gathered a cache-sized chunk at a time (no copy of them all at once)."""
+        if len(rows) <= _SCORE_CHUNK:
+            return self.take(rows) @ q
+        out = np.empty(len(rows), dtype=np.float32)
+        for start in range(0, len(rows), _SCORE_CHUNK):
+            part = rows[start : start + _SCORE_CHUNK]
+            out[start : start + len(part)] = self.take(part) @ q
         return out
 
     def scores(self, q: np.ndarray) -> np.ndarray:
@@ -449,7 +463,7 @@ class FaissMirror:
             scores[rows] = full[rows]
             top = _top_rows(scores, min(k, len(rows)))
             return _ordered(view.ids[top], scores[top])
-        scores = view.take(rows) @ q
+        scores = view.scores_of(rows, q)
         top = _top_rows(scores, k)
         return _ordered(view.ids[rows[top]], scores[top])
 
