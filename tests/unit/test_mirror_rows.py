@@ -157,6 +157,12 @@ def test_approximate_index_through_saves_compaction_and_masks(tmp_path):
             assert set(got) <= among  # never outside the mask, never a deleted id
             hits += len(set(got) & set(brute(live, q, 10, among)))
         assert hits / 200 >= 0.9
+        # 60 results re-rank 600 candidates, more than one scoring chunk: each score is its id's exact one.
+        assert 60 * mm.settings.rerank_factor > faiss_mirror._SCORE_CHUNK
+        for q in unit(rng, 5):
+            for ids, scores in (mm.search(q, 60), mm.search_masked(q, 60, sub)):
+                assert len(ids) == 60 and np.all(np.diff(scores) <= 0)
+                assert np.allclose(scores, np.stack([live[int(i)] for i in ids]) @ q, atol=1e-6)
 
 
 def test_a_truncated_vectors_file_is_refused(tmp_path):
