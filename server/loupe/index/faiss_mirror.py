@@ -114,8 +114,6 @@ class _View:
 
     def scores_of(self, rows: np.ndarray, q: np.ndarray) -> np.ndarray:
         """q against these rows, gathered a cache-sized chunk at a time (no copy of them all at once)."""
-        if len(rows) <= _SCORE_CHUNK:
-            return self.take(rows) @ q
         out = np.empty(len(rows), dtype=np.float32)
         for start in range(0, len(rows), _SCORE_CHUNK):
             part = rows[start : start + _SCORE_CHUNK]

@@ -84,9 +84,12 @@ def int8_unsigned_weights(flags: frozenset[str] | None = None, arch: str | None 
     return arch.lower() in ("x86_64", "amd64", "i386", "i686") and not flags & VNNI_FLAGS
 
 
+UNSIGNED_SUFFIX = "-int8u"  # onnx-int8's export with uint8 weights
+
+
 def suffix(kind: str) -> str:
     """The export file's suffix for `kind` on this CPU."""
-    return "-int8u" if kind == "onnx-int8" and int8_unsigned_weights() else SUFFIX[kind]
+    return UNSIGNED_SUFFIX if kind == "onnx-int8" and int8_unsigned_weights() else SUFFIX[kind]
 
 
 # An export of another model (an earlier fingerprint, a fine-tuned version rolled back from, a model compared by
@@ -246,7 +249,8 @@ def export(clip: Any, target: Path, kind: str) -> Path:
                     with quiet_quantizers():
                         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-                        weights = QuantType.QUInt8 if int8_unsigned_weights() else QuantType.QInt8
+                        # The file's name says which weights it holds: one decision for both.
+                        weights = QuantType.QUInt8 if end == UNSIGNED_SUFFIX else QuantType.QInt8
                         quantize_dynamic(str(smooth), str(tmp), weight_type=weights, per_channel=True)
                 finally:
                     smooth.unlink(missing_ok=True)
