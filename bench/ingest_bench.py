@@ -12,6 +12,9 @@ default takes ONNX Runtime or a bf16 copy, models/image_runtime.py), the torch b
 bf16 copy the lanes' compiled build (models/compiled_image.py) is built before the run where `auto` keeps it, as
 it would be in an import of 20,000 pictures or more. The raw image tower is timed
 on pre-decoded 224x224 tensors in batches of the ingest batch size, both ways. Overhead is the pipeline's time over the faster tower's.
+The upload calls that store the library first (each file checked, its original written, its row inserted: what
+POST /api/images does) are timed too, on their own: each row also gives their time a picture and the rate and
+overhead of upload and pipeline together, what an import of a folder costs.
 
 With --base, the default variant (model workers) of another git revision (checked out in a temporary worktree,
 run with PYTHONPATH at its `server/`) and of this checkout run in interleaved rounds, each in a fresh process, and
@@ -161,10 +164,14 @@ def run_variant(mp: float, variant: int, images: int, device: str = "cpu") -> tu
             if lanes and rt.clip.image_runtime == "bf16" and settings.model.image_compile != "off":
                 rt.compile_image_lanes()
                 rt.lanes_built.join()
+            # The upload (each file checked, its original stored and its row written) is part of ingest too: timed
+            # on its own, before the workers start, as an import's requests run.
             step = settings.ingest.max_files_per_request  # one upload request holds at most this many
+            t = time.perf_counter()
             for start in range(0, n, step):
                 files = [(f"{k}.jpg", blobs[k]) for k in range(start, min(n, start + step))]
                 rt.ingest.upload(files, tags=(), albums=())
+            upload_ms = (time.perf_counter() - t) * 1000 / n
             reads: list = []  # type: ignore[type-arg]
             indexer = rt.ingest.text_indexer
             if indexer is not None:  # observe which pictures the presence check sent to Tesseract
@@ -189,7 +196,22 @@ def run_variant(mp: float, variant: int, images: int, device: str = "cpu") -> tu
     runtime = getattr(rt.clip, "image_runtime", "torch")  # a base revision's model may have no such attribute
     if getattr(rt.clip, "image_lanes", "trace") == "compiled":
         runtime += ", lanes compiled"
-    return (mp, w, h, f"{label}: {workers} x {each} threads, image tower {runtime}", n, e2e, raw, plain)
+    return (
+        mp,
+        w,
+        h,
+        f"{label}: {workers} x {each} threads, image tower {runtime}",
+        n,
+        e2e,
+        raw,
+        plain,
+        upload_ms,
+    )
+
+
+def with_upload(row: tuple) -> float:  # type: ignore[type-arg]
+    """A row's images/s over its upload and its pipeline together."""
+    return 1 / (1 / row[5] + row[8] / 1000)
 
 
 def variant_row(
@@ -234,27 +256,38 @@ def ab(base: str, sizes: list[float], rounds: int, images: int) -> str:
         f"init), OCR off, {rounds} interleaved rounds, each run in a fresh process with its own raw-tower baseline "
         "(timed before and after it); medians over the rounds.",
         "",
-        "| JPEG | images | base images/s | this images/s | ratio | base overhead vs its tower | this overhead vs its tower |",
-        "|---|---|---|---|---|---|---|",
+        "| JPEG | images | base images/s | this images/s | ratio | base overhead vs its tower | this overhead vs its tower | base upload ms a picture | this upload ms a picture | base with upload images/s | this with upload images/s | ratio with upload | base overhead with upload | this overhead with upload |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    sides = ("base", "this")
     for mp in sizes:
         w, h = SIZES[mp]
         n = got[("this", mp)][0][4]
-        rate = {side: statistics.median(row[5] for row in got[(side, mp)]) for side in ("base", "this")}
+        rate = {side: statistics.median(row[5] for row in got[(side, mp)]) for side in sides}
         over = {
             side: statistics.median(max(row[6], row[7]) / row[5] - 1 for row in got[(side, mp)])
-            for side in ("base", "this")
+            for side in sides
+        }
+        up = {side: statistics.median(row[8] for row in got[(side, mp)]) for side in sides}
+        both = {side: statistics.median(with_upload(row) for row in got[(side, mp)]) for side in sides}
+        over_both = {
+            side: statistics.median(max(row[6], row[7]) / with_upload(row) - 1 for row in got[(side, mp)])
+            for side in sides
         }
         lines.append(
             f"| {mp:g} MP ({w}x{h}) | {n} | {rate['base']:.1f} | {rate['this']:.1f} | "
-            f"{rate['this'] / rate['base']:.2f}x | {over['base']:+.0%} | {over['this']:+.0%} |"
+            f"{rate['this'] / rate['base']:.2f}x | {over['base']:+.0%} | {over['this']:+.0%} | {up['base']:.2f} | "
+            f"{up['this']:.2f} | {both['base']:.1f} | {both['this']:.1f} | {both['this'] / both['base']:.2f}x | "
+            f"{over_both['base']:+.0%} | {over_both['this']:+.0%} |"
         )
     lines.append("")
     for mp in sizes:
-        pairs = zip(got[("base", mp)], got[("this", mp)], strict=True)
+        pairs = list(zip(got[("base", mp)], got[("this", mp)], strict=True))
         lines.append(
             f"Rounds at {mp:g} MP (base -> this, images/s): "
             + ", ".join(f"{b[5]:.1f} -> {t[5]:.1f}" for b, t in pairs)
+            + "; with upload: "
+            + ", ".join(f"{with_upload(b):.1f} -> {with_upload(t):.1f}" for b, t in pairs)
             + "."
         )
     return "\n".join(lines)
@@ -314,15 +347,22 @@ def main() -> None:
             "same runtime (ClipModel.embed_uint8: uint8 to the GPU, normalized there, vectors back) on pre-decoded "
             "224x224 tensors in batches of the variant's batch size."
         )
+    preface += (
+        " Pipeline: the workers' drain of the uploaded library (decode to vectors, rows and thumbnails stored). Upload:"
+        " the upload calls before it (each file checked, its original stored, its row written), per picture; with"
+        " upload, the two together."
+    )
     lines = [
         preface,
         "",
-        "| JPEG | model | images | pipeline images/s | raw tower, same shape | raw tower, one model | pipeline overhead vs the faster tower |",
-        "|---|---|---|---|---|---|---|",
+        "| JPEG | model | images | pipeline images/s | raw tower, same shape | raw tower, one model | pipeline overhead vs the faster tower | upload ms a picture | with upload images/s | overhead with upload |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {mp:g} MP ({w}x{h}) | {label} | {n} | {e2e:.1f} | {raw:.1f} | {plain:.1f} | {max(raw, plain) / e2e - 1:+.0%} |"
-        for mp, w, h, label, n, e2e, raw, plain in rows
+        f"| {mp:g} MP ({w}x{h}) | {label} | {n} | {e2e:.1f} | {raw:.1f} | {plain:.1f} | {max(raw, plain) / e2e - 1:+.0%} "
+        f"| {up:.2f} | {with_upload(row):.1f} | {max(raw, plain) / with_upload(row) - 1:+.0%} |"
+        for row in rows
+        for mp, w, h, label, n, e2e, raw, plain, up in [row]
     ]
     text = "\n".join(lines)
     print(text)
