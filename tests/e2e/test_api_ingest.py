@@ -130,6 +130,24 @@ def test_what_only_the_full_decode_finds_ends_as_failed_with_a_code(api):
     assert rt.vectors.count(rt.collection) == 0
 
 
+def test_a_whole_jpeg_is_decoded_by_the_worker_alone_and_one_cut_short_at_upload(api):
+    """A JPEG that ends in its end-of-image marker is not decoded at upload (the worker's decode is the one that
+    counts): one that no decoder can read is accepted, then marked failed with a code and its original kept. The same
+    bytes cut short are refused at upload by the reduced decode, as any truncated JPEG is."""
+    client, rt = api
+    bad = mk.jpeg_bad_scan()
+    assert bad.endswith(b"\xff\xd9")
+    res = upload(client, [("whole.jpg", bad), ("cut.jpg", mk.truncated(bad, 0.6))])
+    whole, cut = res.json()["files"]
+    assert whole["status"] == "accepted"
+    assert (cut["status"], cut["error"]["code"]) == ("rejected", "corrupt_image")
+    rt.ingest.drain()
+    detail = client.get(f"/api/images/{whole['id']}").json()
+    assert (detail["state"], detail["error"]["code"]) == ("failed", "decode_error")
+    assert rt.blobs.original_path(rt.repo.get_image(whole["id"]).sha256).read_bytes() == bad
+    assert rt.vectors.count(rt.collection) == 0
+
+
 def test_embedding_failures_are_retried_with_backoff_then_fail(api, monkeypatch):
     client, rt = api
     image_id = upload(client, [("p.png", mk.noise_png(9, 48))]).json()["files"][0]["id"]
