@@ -486,14 +486,16 @@ def http_bench(settings: Settings, queries: np.ndarray, requests: int) -> tuple[
         pictures = make_jpegs(max(8, requests // 2), 1152, 864, seed=11)
         load(url, pictures[:3], 1)
         for conc in (1, 4):
-            rows.append(("image upload (1 MP JPEG)", conc, *timed_load(url, pictures, conc, pid)))
+            rows.append(("image query (a new 1 MP JPEG)", conc, *timed_load(url, pictures, conc, pid)))
             print(rows[-1], flush=True)
     if model.get("image_runtime") not in (None, "torch", "fp32"):
         # The same rows with the image tower on torch: the same run's baseline.
         with serving(settings, LOUPE_MODEL__IMAGE_RUNTIME="torch") as (url, pid):
             load(url, pictures[:3], 1)
             for conc in (1, 4):
-                label = "image upload (1 MP JPEG), image tower on torch (LOUPE_MODEL__IMAGE_RUNTIME=torch)"
+                label = (
+                    "image query (a new 1 MP JPEG), image tower on torch (LOUPE_MODEL__IMAGE_RUNTIME=torch)"
+                )
                 rows.append((label, conc, *timed_load(url, pictures, conc, pid)))
                 print(rows[-1], flush=True)
     # The same text rows with the int8 text tower (opt-in: LOUPE_MODEL__TEXT_RUNTIME=onnx-int8).
@@ -510,7 +512,7 @@ def http_bench(settings: Settings, queries: np.ndarray, requests: int) -> tuple[
         f"{model.get('text_runtime', 'torch')}"
         + (f", micro-batches: {model['text_batches']}" if model.get("text_batches") else "")
         + f"; image vectors by the {model.get('image_runtime', 'torch')} image tower), {requests} requests per "
-        "row (half that for the image uploads and at concurrency 1); the load generator shares the 2 cores. "
+        "row (half that for the image queries and at concurrency 1); the load generator shares the 2 cores. "
         "Server CPU: the server process's user + system CPU time over the row, per search (a spinning OpenMP "
         "worker counts too). Load generator CPU: the bench process's own over the row, per search (httpx in "
         "one Python thread per concurrent client, on the same 2 cores):",
