@@ -18,6 +18,7 @@ from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel
 
 from loupe.models.tiny_clip import COLOURS, SHAPES, all_classes
 from tests.e2e.conftest import Library
+from tests.fixtures import images as mk
 from tests.fixtures.images import shape_set
 
 
@@ -209,6 +210,15 @@ def test_unknown_image_id_is_404_and_bad_json_is_400(library: Library):
     assert res.status_code == 400
     res = library.client.post("/api/search/image", files=[("image", ("x.txt", b"text", "text/plain"))])
     assert res.status_code == 400 and res.json()["error"]["detail"]["field"] == "image[0]"
+    # A whole JPEG is first decoded for the query itself: what no decoder can read is refused there, by name.
+    res = library.client.post(
+        "/api/search/image", files=[("image", ("x.jpg", mk.jpeg_bad_scan(), "image/jpeg"))]
+    )
+    error = res.json()["error"]
+    assert res.status_code == 400 and (error["code"], error["detail"]["field"]) == (
+        "decode_error",
+        "image[0]",
+    )
     res = library.client.post(
         "/api/search/image",
         files=[("image", ("x.png", library.shapes[next(iter(library.shapes))].data, "image/png"))],
