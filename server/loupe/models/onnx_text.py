@@ -14,8 +14,9 @@ length dynamic so a query runs only its real tokens. Two quantized kinds are mad
   batches of 8), but 0.9950-0.9981 and 96.3% of the top 10 on MiniLM (without smoothing 0.9883-0.9936 and
   93.8%). The weights are int8 where the CPU has VNNI and uint8 on x86 CPUs without it, where int8 ones
   saturate (int8_unsigned_weights).
-`auto` (the default) serves `onnx-w8` where it passes its cosine floor and times at least AUTO_GAIN faster than
-`onnx` on one query, else `onnx`; the verdict is remembered per model and machine (models/runtime_choice.py).
+`auto` (the default) serves `onnx-w8` where it passes its cosine floor, times at least AUTO_GAIN faster than `onnx`
+on one query and gains there more than it loses on a pass of several queries (w8_wins), else `onnx`; the verdict
+is remembered per model and machine (models/runtime_choice.py).
 Every export is checked against torch on probe queries before it is used: below the cosine floor it is refused and
 torch keeps serving (the log says why). Image vectors come from the image runtime (models/image_runtime.py), never
 from this choice.
@@ -54,6 +55,19 @@ PROBES = [
 COSINE_FLOOR = {"onnx": 0.9999, "onnx-w8": 0.999, "onnx-int8": 0.99}
 # The single-query speed-up over `onnx` that makes `auto` take `onnx-w8` (ViT-B/32 on an AMD EPYC Zen 5: 1.7-1.9x).
 AUTO_GAIN = 1.2
+
+
+def w8_wins(one: float, together: float) -> bool:
+    """Whether `auto` takes `onnx-w8` from its speed-ups over `onnx`: `one` on single queries (a lone search's
+    latency), `together` on one pass of several (what micro-batches hold under load). It must run one query at
+    least AUTO_GAIN faster, and gain more there than it loses together (one * together >= 1). On an AVX2-only AMD
+    Zen 3, whose int8 dot products have no VNNI, it ran one query 1.04-1.27x faster but a pass of the six probes
+    0.65-0.95x as fast (bench/RESULTS.md): timed on one query alone, `auto` took it in one start of two, and the
+    server then answered 58 uncached searches/s at concurrency 8 where `onnx` had answered 85-105. Where it is
+    faster in both (AVX-512 CPUs: 1.5-1.9x alone, about 1.2x together) nothing changes."""
+    return one >= AUTO_GAIN and one * together >= 1.0
+
+
 # MatMulNBits' block of input channels sharing a scale (32 kept MiniLM's vectors 2x closer to fp32 than 128).
 W8_BLOCK = 32
 # Export files: PREFIX-<fingerprint><SUFFIX>.onnx. The prefix names the exported graph ("text3": the pooled tower
@@ -372,9 +386,9 @@ def attach(clip: Any, kind: str, cache_dir: Path, threads: int = 0) -> str:
 
 
 def attach_auto(clip: Any, cache_dir: Path, threads: int = 0, memory: ChoiceMemory | None = None) -> str:
-    """`auto`: `onnx-w8` where it passes its cosine floor and runs one query at least AUTO_GAIN times faster than
-    `onnx` (timed on the probes, one at a time, as searches run), else `onnx` (torch where ONNX Runtime cannot
-    serve). With a `memory`, the verdict an earlier start timed for this model and machine is reused (its export
+    """`auto`: `onnx-w8` where it passes its cosine floor and w8_wins from its speed-ups over `onnx` on the probes,
+    timed one at a time (as a lone search runs) and all in one pass (as a micro-batch under load), else `onnx`
+    (torch where ONNX Runtime cannot serve). With a `memory`, the verdict an earlier start timed for this model and machine is reused (its export
     still checked against torch) and a new one is recorded."""
     from loupe.models.bf16_text import best_of
 
@@ -389,6 +403,7 @@ def attach_auto(clip: Any, cache_dir: Path, threads: int = 0, memory: ChoiceMemo
             gain=AUTO_GAIN,
             block=W8_BLOCK,
             graph=text_pooled.GRAPH,
+            together=len(PROBES),  # verdicts timed on single queries alone are not reused
         )
         entry = memory.get(key)
         if entry is not None and entry.get("kind") in ("onnx", "onnx-w8"):
@@ -406,15 +421,20 @@ def attach_auto(clip: Any, cache_dir: Path, threads: int = 0, memory: ChoiceMemo
     if attach(clip, "onnx-w8", cache_dir, threads) == "onnx-w8":
         w8 = clip.text_tower
         probes = [clip.tokenize([q], "np") for q in PROBES]
+        batch = clip.tokenize(PROBES, "np")
 
         def one_by_one(tower: Any) -> None:
             for enc in probes:
                 tower(enc["input_ids"], enc["attention_mask"])
 
+        def together(tower: Any) -> None:
+            tower(batch["input_ids"], batch["attention_mask"])
+
         with TimingWindow(clip.threads) as window:
-            gain = best_of(lambda: one_by_one(fp32)) / best_of(lambda: one_by_one(w8))
-        why = f"{gain:.2f}x onnx on one query"
-        if gain >= AUTO_GAIN:
+            one = best_of(lambda: one_by_one(fp32)) / best_of(lambda: one_by_one(w8))
+            many = best_of(lambda: together(fp32)) / best_of(lambda: together(w8))
+        why = f"{one:.2f}x onnx on one query, {many:.2f}x on {len(PROBES)} in one pass"
+        if w8_wins(one, many):
             chosen = "onnx-w8"
     if chosen == "onnx":
         clip.text_tower = fp32
