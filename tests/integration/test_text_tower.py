@@ -252,6 +252,7 @@ def test_auto_text_runtime_times_w8_once_and_remembers_it(tiny_clip_dir: Path, t
         raise AssertionError("timed again")
 
     monkeypatch.setattr("loupe.models.bf16_text.best_of", untimed)
+    monkeypatch.setattr(onnx_text, "fastest_interleaved", untimed)
     again = load_clip(str(tiny_clip_dir))
     assert onnx_text.attach_auto(again, tmp_path / "onnx", 0, memory) == chosen
     assert again.runtime_choices["text_runtime"].startswith("remembered from")
@@ -282,13 +283,18 @@ def test_auto_text_runtime_decides_on_one_query_and_on_a_pass_together(
 ):
     from loupe.models.runtime_choice import ChoiceMemory
 
-    # The four timings in the order attach_auto takes them: onnx and onnx-w8 one query at a time, then together.
-    took = iter(times)
-    monkeypatch.setattr("loupe.models.bf16_text.best_of", lambda fn: next(took))
+    # The four timings: onnx and onnx-w8 one query at a time, then the probes together.
+    timed = []
+
+    def fastest(runs, rounds=5):
+        timed.append(list(runs))
+        return dict(zip(runs, times, strict=True))
+
+    monkeypatch.setattr(onnx_text, "fastest_interleaved", fastest)
     memory = ChoiceMemory(tmp_path / "models")
     clip = load_clip(str(tiny_clip_dir))
     assert onnx_text.attach_auto(clip, tmp_path / "onnx", 0, memory) == kind
-    assert next(took, None) is None  # all four were taken
+    assert timed == [["onnx", "onnx-w8", "onnx together", "onnx-w8 together"]]  # one interleaved timing
     (entry,) = memory._read().values()
     one, together = times[0] / times[1], times[2] / times[3]
     assert entry["kind"] == kind

@@ -39,7 +39,7 @@ import numpy as np
 
 from loupe.config import Settings
 from loupe.models import runtime_choice, text_pooled
-from loupe.models.runtime_choice import ChoiceMemory, TimingWindow, described, timed
+from loupe.models.runtime_choice import ChoiceMemory, TimingWindow, described, fastest_interleaved, timed
 from loupe.models.vectors import normalize
 
 log = logging.getLogger(__name__)
@@ -387,11 +387,10 @@ def attach(clip: Any, kind: str, cache_dir: Path, threads: int = 0) -> str:
 
 def attach_auto(clip: Any, cache_dir: Path, threads: int = 0, memory: ChoiceMemory | None = None) -> str:
     """`auto`: `onnx-w8` where it passes its cosine floor and w8_wins from its speed-ups over `onnx` on the probes,
-    timed one at a time (as a lone search runs) and all in one pass (as a micro-batch under load), else `onnx`
-    (torch where ONNX Runtime cannot serve). With a `memory`, the verdict an earlier start timed for this model and machine is reused (its export
-    still checked against torch) and a new one is recorded."""
-    from loupe.models.bf16_text import best_of
-
+    timed one at a time (as a lone search runs) and all in one pass (as a micro-batch under load), the four runs
+    interleaved (runtime_choice.fastest_interleaved), else `onnx` (torch where ONNX Runtime cannot serve). With a
+    `memory`, the verdict an earlier start timed for this model and machine is reused (its export still checked
+    against torch) and a new one is recorded."""
     if clip.info.device != "cpu":
         return "torch"
     key = None
@@ -403,7 +402,9 @@ def attach_auto(clip: Any, cache_dir: Path, threads: int = 0, memory: ChoiceMemo
             gain=AUTO_GAIN,
             block=W8_BLOCK,
             graph=text_pooled.GRAPH,
-            together=len(PROBES),  # verdicts timed on single queries alone are not reused
+            # Not the verdicts timed on single queries alone, nor those timed one runtime after the other.
+            together=len(PROBES),
+            timing="interleaved",
         )
         entry = memory.get(key)
         if entry is not None and entry.get("kind") in ("onnx", "onnx-w8"):
@@ -431,8 +432,16 @@ def attach_auto(clip: Any, cache_dir: Path, threads: int = 0, memory: ChoiceMemo
             tower(batch["input_ids"], batch["attention_mask"])
 
         with TimingWindow(clip.threads) as window:
-            one = best_of(lambda: one_by_one(fp32)) / best_of(lambda: one_by_one(w8))
-            many = best_of(lambda: together(fp32)) / best_of(lambda: together(w8))
+            took = fastest_interleaved(
+                {
+                    "onnx": lambda: one_by_one(fp32),
+                    "onnx-w8": lambda: one_by_one(w8),
+                    "onnx together": lambda: together(fp32),
+                    "onnx-w8 together": lambda: together(w8),
+                }
+            )
+        one = took["onnx"] / took["onnx-w8"]
+        many = took["onnx together"] / took["onnx-w8 together"]
         why = f"{one:.2f}x onnx on one query, {many:.2f}x on {len(PROBES)} in one pass"
         if w8_wins(one, many):
             chosen = "onnx-w8"

@@ -30,7 +30,7 @@ import logging
 import os
 import platform
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Mapping
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -205,3 +205,20 @@ def timed(window: TimingWindow | None) -> str:
     """How a choice timed at this start (inside `window`) is described in health."""
     busy = window is not None and window.contended
     return "timed at start on a busy machine: not remembered" if busy else "timed at start"
+
+
+def fastest_interleaved(runs: Mapping[str, Callable[[], object]], rounds: int = 5) -> dict[str, float]:
+    """Seconds of the fastest of `rounds` runs of each of `runs`, taken in turn round after round (after one
+    warm-up each). Interleaved, a slow spell of the machine (a neighbour's burst, a page-cache flush) slows every
+    contender of a round alike; timed one after the other, it fell on one side: on an AVX2-only AMD Zen 3 whose
+    onnx-w8 runs one query 1.04-1.27x faster than onnx in interleaved probes, a start that timed the two one
+    after the other read 1.56x."""
+    for fn in runs.values():
+        fn()
+    best = dict.fromkeys(runs, float("inf"))
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            t = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t)
+    return best
