@@ -61,10 +61,11 @@ def w8_wins(one: float, together: float) -> bool:
     """Whether `auto` takes `onnx-w8` from its speed-ups over `onnx`: `one` on single queries (a lone search's
     latency), `together` on one pass of several (what micro-batches hold under load). It must run one query at
     least AUTO_GAIN faster, and gain more there than it loses together (one * together >= 1). On an AVX2-only AMD
-    Zen 3, whose int8 dot products have no VNNI, it ran one query 1.04-1.27x faster but a pass of the six probes
-    0.65-0.95x as fast (bench/RESULTS.md): timed on one query alone, `auto` took it in one start of two, and the
-    server then answered 58 uncached searches/s at concurrency 8 where `onnx` had answered 85-105. Where it is
-    faster in both (AVX-512 CPUs: 1.5-1.9x alone, about 1.2x together) nothing changes."""
+    Zen 3, whose int8 dot products have no VNNI, it ran one query 1.04-1.33x faster but the six probes in one pass
+    0.65-0.95x as fast; served at 1M (bench/RESULTS.md, "A/B at 1M, AVX2: onnx-w8 (auto's remembered choice)
+    against onnx") a lone search took 25.3 against 27.1 ms on `onnx`, but concurrency 8 served 62 against 66
+    searches/s (62 against 78 for queries of 1-12 words). Where it is faster both ways (AVX-512 CPUs: 1.5-1.9x
+    alone, about 1.2x together) nothing changes."""
     return one >= AUTO_GAIN and one * together >= 1.0
 
 
