@@ -55,20 +55,6 @@ PROBES = [
 COSINE_FLOOR = {"onnx": 0.9999, "onnx-w8": 0.999, "onnx-int8": 0.99}
 # The single-query speed-up over `onnx` that makes `auto` take `onnx-w8` (ViT-B/32 on an AMD EPYC Zen 5: 1.7-1.9x).
 AUTO_GAIN = 1.2
-
-
-def w8_wins(one: float, together: float) -> bool:
-    """Whether `auto` takes `onnx-w8` from its speed-ups over `onnx`: `one` on single queries (a lone search's
-    latency), `together` on one pass of several (what micro-batches hold under load). It must run one query at
-    least AUTO_GAIN faster, and gain more there than it loses together (one * together >= 1). On an AVX2-only AMD
-    Zen 3, whose int8 dot products have no VNNI, it ran one query 1.04-1.33x faster but the six probes in one pass
-    0.65-0.95x as fast; served at 1M (bench/RESULTS.md, "A/B at 1M, AVX2: onnx-w8 (auto's remembered choice)
-    against onnx") a lone search took 25.3 against 27.1 ms on `onnx`, but concurrency 8 served 62 against 66
-    searches/s (62 against 78 for queries of 1-12 words). Where it is faster both ways (AVX-512 CPUs: 1.5-1.9x
-    alone, about 1.2x together) nothing changes."""
-    return one >= AUTO_GAIN and one * together >= 1.0
-
-
 # MatMulNBits' block of input channels sharing a scale (32 kept MiniLM's vectors 2x closer to fp32 than 128).
 W8_BLOCK = 32
 # Export files: PREFIX-<fingerprint><SUFFIX>.onnx. The prefix names the exported graph ("text3": the pooled tower
@@ -384,6 +370,18 @@ def attach(clip: Any, kind: str, cache_dir: Path, threads: int = 0) -> str:
     )
     log.info("text queries run on ONNX Runtime (%s%s), worst cosine to torch %.6f", kind, weights, worst)
     return kind
+
+
+def w8_wins(one: float, together: float) -> bool:
+    """Whether `auto` takes `onnx-w8` from its speed-ups over `onnx`: `one` on single queries (a lone search's
+    latency), `together` on one pass of several (what micro-batches hold under load). It must run one query at
+    least AUTO_GAIN faster, and gain more there than it loses together (one * together >= 1). On an AVX2-only AMD
+    Zen 3, whose int8 dot products have no VNNI, it ran one query 1.04-1.33x faster but the six probes in one pass
+    0.65-0.95x as fast; served at 1M (bench/RESULTS.md, "A/B at 1M, AVX2: onnx-w8 (auto's remembered choice)
+    against onnx") a lone search took 25.3 against 27.1 ms on `onnx`, but concurrency 8 served 62 against 66
+    searches/s (62 against 78 for queries of 1-12 words). Where it is faster both ways (AVX-512 CPUs: 1.5-1.9x
+    alone, about 1.2x together) nothing changes."""
+    return one >= AUTO_GAIN and one * together >= 1.0
 
 
 def attach_auto(clip: Any, cache_dir: Path, threads: int = 0, memory: ChoiceMemory | None = None) -> str:
