@@ -266,8 +266,9 @@ def main() -> None:
         "",
         "`LOUPE_MODEL__TEXT_RUNTIME=auto` (the default) serves the 8-bit blocks of 32 (`onnx-w8`: ONNX Runtime's "
         "MatMulNBits, activations quantized per block at run time) where they time at least 1.2x faster than fp32 "
-        "on one query at start and gain there more than they lose on a pass of several; `onnx-int8` (one scale per output channel and one per activation tensor, the "
-        "inputs smoothed) stays opt-in: faster still, but its vectors move several times further. Real CLIP "
+        "on one query at start and gain there more than they lose on a pass of several; `onnx-int8` (one scale "
+        "per output channel and one per activation tensor, the inputs smoothed) stays opt-in: faster still, but "
+        "its vectors move several times further. Real CLIP "
         "weights are not reachable here to measure their retrieval effect; each kind's cosine check against torch on probe queries (onnx-w8 "
         ">= 0.999, onnx-int8 >= 0.99, else the next runtime serves) runs on the real weights wherever it is used.",
     ]

@@ -19,7 +19,6 @@ import contextlib
 import copy
 import logging
 import threading
-import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -27,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from loupe.models import text_pooled
-from loupe.models.runtime_choice import ChoiceMemory, TimingWindow, described, timed
+from loupe.models.runtime_choice import ChoiceMemory, TimingWindow, described, fastest_interleaved, timed
 from loupe.models.tracing import trace_checked
 from loupe.models.vectors import normalize
 
@@ -156,13 +155,8 @@ def cpu_has_bf16() -> bool:
 
 
 def best_of(fn: Callable[[], Any], repeat: int = 3) -> float:
-    fn()  # warm
-    took = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        took.append(time.perf_counter() - t)
-    return min(took)
+    """Seconds of the fastest of `repeat` runs of `fn`, after one to warm up."""
+    return fastest_interleaved({"run": fn}, repeat)["run"]
 
 
 def attach(clip: Any, mode: str, gain_needed: float | None = None, memory: ChoiceMemory | None = None) -> str:
