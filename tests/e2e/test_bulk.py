@@ -88,6 +88,68 @@ def test_many_files_as_a_job(api):
     assert client.get("/api/jobs/nope").status_code == 404
 
 
+def test_a_step_that_fails_in_its_bookkeeping_records_none_of_its_files(api, monkeypatch):
+    """A step's image rows and the job's progress commit together: a failure between them (here the job's
+    update) leaves neither, so the retry accepts every file once instead of counting some as duplicates."""
+    client, rt = api
+    shapes = shape_set(per_class=1, seed=44)[:20]
+    job_id = post_zip(client, make_zip([(s.name, s.data) for s in shapes])).json()["job_id"]
+    import loupe.ingest.bulk as bulk_module
+
+    def broken() -> None:
+        raise RuntimeError("the database went away")
+
+    with monkeypatch.context() as m:
+        m.setattr(bulk_module, "utcnow", broken)
+        with pytest.raises(RuntimeError):
+            rt.bulk.step(batch=8)
+    job, files = rt.bulk.get(job_id)
+    assert job.processed == 0 and {f.status for f in files} == {"queued"}
+    assert sum(rt.repo.counts_by_state().values()) == 0
+    rt.bulk.drain()
+    job, files = rt.bulk.get(job_id)
+    assert (job.state, job.processed, job.accepted, job.duplicates) == ("done", 20, 20, 0)
+    assert len({f.image_id for f in files}) == 20 and rt.repo.pending_count() == 20
+
+
+def test_a_step_holds_its_files_in_memory_up_to_a_budget(api, monkeypatch):
+    client, rt = api
+    import loupe.ingest.bulk as bulk_module
+
+    files = [("file", (f"b{i}.png", mk.noise_png(60 + i, 64), "image/png")) for i in range(5)]
+    job_id = client.post("/api/images/bulk", files=files).json()["job_id"]
+    monkeypatch.setattr(bulk_module, "STEP_BYTES", len(mk.noise_png(60, 64)) + 1)  # a little over one file
+    assert [rt.bulk.step(batch=16) for _ in range(4)] == [2, 2, 1, 0]
+    job, _ = rt.bulk.get(job_id)
+    assert (job.state, job.accepted) == ("done", 5)
+
+
+def test_a_disk_error_in_a_bulk_step_is_retried_not_blamed_on_the_file(api, monkeypatch):
+    """Writing an original can fail for reasons of the machine (a full disk): the step fails whole and the
+    next one takes its files again, none of them rejected as a corrupt entry."""
+    client, rt = api
+    shapes = shape_set(per_class=1, seed=45)[:12]
+    job_id = post_zip(client, make_zip([(s.name, s.data) for s in shapes])).json()["job_id"]
+    put = rt.ingest.blobs.put_original
+    calls = 0
+
+    def full_disk(sha256: str, data: bytes):
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise OSError(28, "No space left on device")
+        return put(sha256, data)
+
+    monkeypatch.setattr(rt.ingest.blobs, "put_original", full_disk)
+    with pytest.raises(OSError):
+        rt.bulk.step(batch=8)
+    job, _ = rt.bulk.get(job_id)
+    assert job.processed == 0 and sum(rt.repo.counts_by_state().values()) == 0
+    rt.bulk.drain()
+    job, _ = rt.bulk.get(job_id)
+    assert (job.state, job.accepted, job.duplicates, job.rejected) == ("done", 12, 0, 0)
+
+
 @pytest.mark.parametrize(
     ("name", "archive", "status", "code"),
     [

@@ -42,6 +42,56 @@ def test_same_bytes_twice_are_one_image(repo: MetadataRepo):
     assert repo.tags_for([first.id]) == {first.id: ["a", "b"]}
 
 
+def test_many_images_in_one_transaction_answer_in_order_with_duplicates(repo: MetadataRepo):
+    [(stored, _)] = repo.insert_images([new(1)])
+    batch = [new(2, ("x",)), new(1, ("ignored",)), new(3), new(2, ("y",))]
+    result = repo.insert_images(batch)
+    assert [created for _, created in result] == [True, False, True, False]
+    assert result[1][0] == stored and result[3][0] == result[0][0]
+    assert len({i for i, _ in result}) == 3
+    # Tags come with the first copy of new bytes only; a duplicate leaves the stored row as it was.
+    assert repo.tags_for([stored, result[0][0]]) == {stored: [], result[0][0]: ["x"]}
+    assert repo.pending_count() == 3
+
+
+def test_what_runs_in_the_insert_transaction_lands_with_it_or_neither_does(repo: MetadataRepo):
+    seen: list[list[tuple[int, bool]]] = []
+
+    def fail(_s, result):
+        seen.append(result)
+        raise RuntimeError("the caller's own bookkeeping failed")
+
+    with pytest.raises(RuntimeError):
+        repo.insert_images([new(5), new(6)], then=fail)
+    assert [created for _, created in seen[0]] == [True, True]
+    assert repo.existing_hashes([new(5).sha256, new(6).sha256]) == {} and repo.pending_count() == 0
+    result = repo.insert_images([new(5), new(6)], then=lambda s, r: seen.append(r))
+    assert seen[-1] == result and [c for _, c in result] == [True, True]
+
+
+def test_racing_inserts_of_the_same_bytes_make_one_row(repo: MetadataRepo):
+    barrier = threading.Barrier(4)
+    results: dict[int, list[tuple[int, bool]]] = {}
+
+    def worker(k: int) -> None:
+        barrier.wait()
+        files = [new(100 + k), new(200), new(300)]  # two of them shared, in opposite orders
+        results[k] = repo.insert_images(files if k % 2 else files[::-1])
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 4
+    names: dict[int, tuple[object, ...]] = {0: (300, 200, "own"), 1: ("own", 200, 300)}
+    by_sha = [dict(zip(names[k % 2], r, strict=True)) for k, r in results.items()]
+    for shared in (200, 300):
+        assert len({r[shared][0] for r in by_sha}) == 1  # every caller got the one row's id
+        assert sum(r[shared][1] for r in by_sha) == 1  # and exactly one of them created it
+    assert all(r["own"][1] for r in by_sha) and repo.pending_count() == 6
+
+
 def test_ids_are_increasing_integers_and_browse_is_newest_first(repo: MetadataRepo):
     ids = [repo.insert_image(new(i))[0].id for i in range(1, 8)]
     assert ids == sorted(ids)

@@ -10,16 +10,17 @@ import shutil
 import threading
 import uuid
 import zipfile
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from sqlalchemy import select, update
-from sqlmodel import col
+from sqlmodel import Session, col
 
 from loupe.config import IngestSettings
 from loupe.errors import BadRequest, NotFound, TooLarge
-from loupe.ingest.service import IngestService
+from loupe.ingest.service import IngestService, UploadOutcome
 from loupe.storage.metadata.repo import MetadataRepo
 from loupe.storage.metadata.tables import Job, JobFile, JobState, utcnow
 
@@ -27,6 +28,12 @@ log = logging.getLogger(__name__)
 
 CHUNK = 1024 * 1024
 IGNORED_PREFIXES = ("__MACOSX/",)
+# A file's outcome -> the job's counter of it.
+COUNTER = {"accepted": "accepted", "duplicate": "duplicates", "rejected": "rejected"}
+# A step reads its files into memory until they hold this much (at least one file).
+STEP_BYTES = 64 * 1024 * 1024
+# What reading a damaged member raises.
+DAMAGED = (zipfile.BadZipFile, OSError, EOFError, RuntimeError, ValueError)
 
 
 def copy_stream(src: IO[bytes], dest: Path, max_bytes: int) -> int:
@@ -174,7 +181,10 @@ class BulkService:
         return data
 
     def step(self, batch: int = 16) -> int:
-        """Ingest up to `batch` queued files of the oldest unfinished job. Returns how many were handled."""
+        """Ingest up to `batch` queued files of the oldest unfinished job, as one upload: their rows and the job's
+        progress commit together, so a restart resumes at the first file not recorded. Returns how many were
+        handled."""
+        batch = min(batch, self.settings.max_files_per_request)
         with self.repo.session() as s:
             job = (
                 s.execute(
@@ -201,48 +211,57 @@ class BulkService:
         if not pending:
             self._finish(job, JobState.done, None)
             return 0
+        unreadable: dict[int, UploadOutcome] = {}
+        readable: list[tuple[JobFile, bytes]] = []
+        held = 0
         for jf in pending:
-            self._ingest_one(job, jf)
-        return len(pending)
-
-    def _ingest_one(self, job: Job, jf: JobFile) -> None:
-        code = message = None
-        image_id = None
-        try:
-            data = self._member(job, jf)
-            outcome = self.ingest.upload([(PurePosixPath(jf.name).name, data)], job.tags, job.albums)[0]
-            status, image_id = outcome.status, outcome.id
-            if outcome.error:
-                code, message = outcome.error["code"], outcome.error["message"]
-        except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, ValueError) as exc:  # a damaged member
-            status, code, message = (
-                "rejected",
-                "corrupt_entry",
-                f"cannot read this entry: {type(exc).__name__}",
-            )
-        counter = {"accepted": "accepted", "duplicate": "duplicates", "rejected": "rejected"}[status]
-        with self.repo.session() as s:
-            s.execute(
-                update(JobFile)
-                .where(col(JobFile.job_id) == job.id, col(JobFile.seq) == jf.seq)
-                .values(
-                    status=status,
-                    image_id=image_id,
-                    error_code=code,
-                    error_message=(message or "")[:1000] or None,
+            if held >= STEP_BYTES:  # large pictures: the rest wait for the next step
+                break
+            try:
+                readable.append((jf, self._member(job, jf)))
+                held += len(readable[-1][1])
+            except DAMAGED as exc:
+                unreadable[jf.seq] = UploadOutcome(
+                    jf.name,
+                    "rejected",
+                    error={
+                        "code": "corrupt_entry",
+                        "message": f"cannot read this entry: {type(exc).__name__}",
+                    },
                 )
+
+        def record(s: Session, outcomes: list[UploadOutcome]) -> None:
+            by_seq = unreadable | {jf.seq: o for (jf, _), o in zip(readable, outcomes, strict=True)}
+            s.execute(  # the ORM's bulk UPDATE by primary key: one executemany
+                update(JobFile),
+                [
+                    {
+                        "job_id": job.id,
+                        "seq": seq,
+                        "status": o.status,
+                        "image_id": o.id,
+                        "error_code": o.error["code"] if o.error else None,
+                        "error_message": o.error["message"][:1000] if o.error else None,
+                    }
+                    for seq, o in by_seq.items()
+                ],
             )
+            counts = Counter(COUNTER[o.status] for o in by_seq.values())
             s.execute(
                 update(Job)
                 .where(col(Job.id) == job.id)
                 .values(
                     state=JobState.running,
-                    processed=col(Job.processed) + 1,
+                    processed=col(Job.processed) + len(by_seq),
                     updated_at=utcnow(),
-                    **{counter: getattr(Job, counter) + 1},
+                    **{name: getattr(Job, name) + n for name, n in counts.items()},
                 )
             )
-            s.commit()
+
+        self.ingest.upload(
+            [(PurePosixPath(jf.name).name, data) for jf, data in readable], job.tags, job.albums, then=record
+        )
+        return len(readable) + len(unreadable)
 
     def _finish(self, job: Job, state: JobState, error: str | None) -> None:
         zf = self._zips.pop(job.id, None)

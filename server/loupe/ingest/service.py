@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 from PIL.Image import Image as PILImage
+from sqlmodel import Session
 
 from loupe.config import IngestSettings
 from loupe.errors import LoupeError, NotFound, TooLarge, Unavailable
@@ -236,40 +237,40 @@ class IngestService:
     # ------------------------------------------------------------ upload
 
     def upload(
-        self, files: Sequence[tuple[str | None, bytes]], tags: Sequence[str] = (), albums: Sequence[str] = ()
+        self,
+        files: Sequence[tuple[str | None, bytes]],
+        tags: Sequence[str] = (),
+        albums: Sequence[str] = (),
+        then: Callable[[Session, list[UploadOutcome]], None] | None = None,
     ) -> list[UploadOutcome]:
-        """Check, store and record each file; answers per file. Nothing half-written on a rejection."""
+        """Check, store and record each file; answers per file. A rejected file leaves nothing behind and does
+        not stop the others. The accepted files' rows go in as one transaction; `then(session, outcomes)` runs
+        in it before it commits (a bulk job records its progress there), so an error there, or in the database,
+        records none of the request's files and they can be sent again."""
         if len(files) > self.settings.max_files_per_request:
             raise TooLarge(
                 f"{len(files)} files in one request, over the limit of {self.settings.max_files_per_request} "
                 "(use POST /api/images/bulk, or LOUPE_INGEST__MAX_FILES_PER_REQUEST)",
                 code="too_many_files",
             )
-        outcomes = [self._upload_one(name, data, tuple(tags), tuple(albums)) for name, data in files]
-        if any(o.status == "accepted" for o in outcomes):
-            self.work_available.set()
-        return outcomes
-
-    def _upload_one(
-        self, name: str | None, data: bytes, tags: tuple[str, ...], albums: tuple[str, ...] = ()
-    ) -> UploadOutcome:
-        filename = clean_name(name)
-        try:
-            facts = inspect_upload(
-                data, max_bytes=self.settings.max_file_mb * 1024 * 1024, max_pixels=self.settings.max_pixels
-            )
-        except LoupeError as exc:
-            return UploadOutcome(filename, "rejected", error={"code": exc.code, "message": exc.message})
-        sha = hashlib.sha256(data).hexdigest()
-        existing = self.repo.get_by_sha(sha)
-        if existing is not None:
-            return UploadOutcome(filename, "duplicate", id=existing.id)
-        # The blob goes first: a row never points at a missing file. A crash between the two leaves only an
-        # unreferenced blob, which `loupe reindex --repair` removes.
-        self.blobs.put_original(sha, data)
-        image, created = self.repo.insert_image(
-            NewImage(
-                sha256=sha,
+        outcomes: list[UploadOutcome] = []
+        # (position, row, bytes) of the files that passed the check
+        news: list[tuple[int, NewImage, bytes]] = []
+        for name, data in files:
+            filename = clean_name(name)
+            try:
+                facts = inspect_upload(
+                    data,
+                    max_bytes=self.settings.max_file_mb * 1024 * 1024,
+                    max_pixels=self.settings.max_pixels,
+                )
+            except LoupeError as exc:
+                outcomes.append(
+                    UploadOutcome(filename, "rejected", error={"code": exc.code, "message": exc.message})
+                )
+                continue
+            new = NewImage(
+                sha256=hashlib.sha256(data).hexdigest(),
                 original_name=filename,
                 format=facts.format,
                 mime=facts.mime,
@@ -277,11 +278,34 @@ class IngestService:
                 width=facts.width,
                 height=facts.height,
                 frames=facts.frames,
-                tags=tags,
-                albums=albums,
+                tags=tuple(tags),
+                albums=tuple(albums),
             )
-        )
-        return UploadOutcome(filename, "accepted" if created else "duplicate", id=image.id)
+            news.append((len(outcomes), new, data))
+            outcomes.append(UploadOutcome(filename, "duplicate"))  # until the insert says otherwise
+        stored = self.repo.existing_hashes(n.sha256 for _, n, _ in news)
+        todo = [(k, n) for k, n, data in news if n.sha256 not in stored]
+        for k, n, data in news:
+            if n.sha256 in stored:
+                outcomes[k] = UploadOutcome(n.original_name, "duplicate", id=stored[n.sha256])
+            else:
+                # The blob goes first, written durably: a row never points at a missing file. A crash before the
+                # rows commit leaves only unreferenced blobs, which `loupe reindex --repair` removes.
+                self.blobs.put_original(n.sha256, data)
+
+        def record(s: Session, result: list[tuple[int, bool]]) -> None:
+            for (k, n), (image_id, created) in zip(todo, result, strict=True):
+                outcomes[k] = UploadOutcome(
+                    n.original_name, "accepted" if created else "duplicate", id=image_id
+                )
+            if then is not None:
+                then(s, outcomes)
+
+        if todo or then is not None:
+            self.repo.insert_images([n for _, n in todo], then=record)
+        if any(o.status == "accepted" for o in outcomes):
+            self.work_available.set()
+        return outcomes
 
     # ------------------------------------------------------------ the worker's step
 

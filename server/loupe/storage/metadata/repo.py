@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 import numpy as np
 from sqlalchemy import Engine, bindparam, delete, event, func, insert, or_, select, text, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session, col
 
 from loupe.storage.metadata.engine import is_sqlite
@@ -38,6 +39,25 @@ class NewImage:
     frames: int
     tags: tuple[str, ...] = ()
     albums: tuple[str, ...] = ()
+
+
+def _image_row(n: NewImage, now: datetime) -> dict[str, Any]:
+    """A pending image's column values for a Core INSERT (the ORM's defaults do not apply there)."""
+    return {
+        "sha256": n.sha256,
+        "original_name": n.original_name,
+        "format": n.format,
+        "mime": n.mime,
+        "size_bytes": n.size_bytes,
+        "width": n.width,
+        "height": n.height,
+        "frames": n.frames,
+        "state": ImageState.pending,
+        "attempts": 0,
+        "starred": False,
+        "created_at": now,
+        "updated_at": now,
+    }
 
 
 class HitRow(NamedTuple):
@@ -81,37 +101,65 @@ class MetadataRepo:
 
     def insert_image(self, new: NewImage) -> tuple[Image, bool]:
         """Insert a pending image. Returns (image, created); the same bytes twice return the existing row."""
+        [(image_id, created)] = self.insert_images([new])
+        image = self.get_image(image_id)
+        assert image is not None
+        return image, created
+
+    def insert_images(
+        self,
+        news: Sequence[NewImage],
+        then: Callable[[Session, list[tuple[int, bool]]], None] | None = None,
+    ) -> list[tuple[int, bool]]:
+        """Insert pending images in one transaction (an upload request's files, a bulk job's step). Returns
+        (id, created) in the order of `news`: bytes already stored, by an earlier upload or one racing this,
+        or given twice in `news`, answer the stored row's id and False. `then(session, result)` runs in the
+        same transaction before it commits (a bulk job's progress), so both land or neither does."""
+        firsts: dict[str, NewImage] = {}
+        for n in news:
+            firsts.setdefault(n.sha256, n)
+        now = utcnow()
         with self.session() as s:
-            existing = s.execute(select(Image).where(col(Image.sha256) == new.sha256)).scalars().first()
-            if existing is not None:
-                return existing, False
-            image = Image(
-                sha256=new.sha256,
-                original_name=new.original_name,
-                format=new.format,
-                mime=new.mime,
-                size_bytes=new.size_bytes,
-                width=new.width,
-                height=new.height,
-                frames=new.frames,
-                state=ImageState.pending,
-            )
-            s.add(image)
-            try:
-                s.flush()
-                for tag in dict.fromkeys(new.tags):
-                    s.add(ImageTag(image_id=int(image.id), tag=tag))  # type: ignore[arg-type]
-                for album in dict.fromkeys(new.albums):
-                    s.add(ImageAlbum(image_id=int(image.id), album=album))  # type: ignore[arg-type]
-                s.commit()
-            except IntegrityError:
-                # Lost a race with a concurrent upload of the same bytes.
-                s.rollback()
-                row = s.execute(select(Image).where(col(Image.sha256) == new.sha256)).scalars().first()
-                if row is None:
-                    raise
-                return row, False
-            return image, True
+            ids: dict[str, int] = {}
+            created: set[str] = set()
+            if firsts:
+                # ON CONFLICT DO NOTHING: a row another upload of the same bytes committed first is not an error
+                # (its id is read below), and the rest of the request still goes in.
+                stmt = (
+                    (sqlite_insert if self._sqlite else pg_insert)(Image)
+                    .on_conflict_do_nothing(index_elements=["sha256"])
+                    .returning(col(Image.id), col(Image.sha256))
+                )
+                # In SHA-256 order: two requests that share new files take their row locks in the same order
+                # (on Postgres, opposite orders could deadlock), so a request's ids follow its files' hashes.
+                rows = [_image_row(firsts[sha], now) for sha in sorted(firsts)]
+                for image_id, sha in s.execute(stmt, rows).all():
+                    ids[sha] = int(image_id)
+                created = set(ids)
+                if missing := [sha for sha in firsts if sha not in ids]:
+                    found = s.execute(
+                        select(col(Image.sha256), col(Image.id)).where(col(Image.sha256).in_(missing))
+                    ).all()
+                    ids.update((sha, int(i)) for sha, i in found)
+                self._add_labels(s, [(ids[sha], firsts[sha]) for sha in firsts if sha in created])
+            result: list[tuple[int, bool]] = []
+            for n in news:
+                result.append((ids[n.sha256], n.sha256 in created))
+                created.discard(n.sha256)  # the same bytes again in this call: a duplicate of the first
+            if then is not None:
+                then(s, result)
+            s.commit()
+            return result
+
+    @staticmethod
+    def _add_labels(s: Session, rows: Sequence[tuple[int, NewImage]]) -> None:
+        """The tags and albums of newly inserted images (each once, in the order given)."""
+        tags = [{"image_id": i, "tag": t} for i, n in rows for t in dict.fromkeys(n.tags)]
+        albums = [{"image_id": i, "album": a} for i, n in rows for a in dict.fromkeys(n.albums)]
+        if tags:
+            s.execute(insert(ImageTag), tags)
+        if albums:
+            s.execute(insert(ImageAlbum), albums)
 
     def insert_images_bulk(self, news: Sequence[NewImage]) -> list[int]:
         """Insert many new images in one transaction (vectors without pictures: tests, benchmarks). Core
@@ -119,41 +167,13 @@ class MetadataRepo:
         if not news:
             return []
         now = utcnow()
-        rows = [
-            {
-                "sha256": n.sha256,
-                "original_name": n.original_name,
-                "format": n.format,
-                "mime": n.mime,
-                "size_bytes": n.size_bytes,
-                "width": n.width,
-                "height": n.height,
-                "frames": n.frames,
-                "state": ImageState.pending,
-                "attempts": 0,
-                "starred": False,
-                "created_at": now,
-                "updated_at": now,
-            }
-            for n in news
-        ]
         with self.session() as s:
-            result = s.execute(insert(Image).returning(col(Image.id), sort_by_parameter_order=True), rows)
+            result = s.execute(
+                insert(Image).returning(col(Image.id), sort_by_parameter_order=True),
+                [_image_row(n, now) for n in news],
+            )
             ids = [int(r[0]) for r in result.all()]
-            tags = [
-                {"image_id": i, "tag": t}
-                for i, n in zip(ids, news, strict=True)
-                for t in dict.fromkeys(n.tags)
-            ]
-            albums = [
-                {"image_id": i, "album": a}
-                for i, n in zip(ids, news, strict=True)
-                for a in dict.fromkeys(n.albums)
-            ]
-            if tags:
-                s.execute(insert(ImageTag), tags)
-            if albums:
-                s.execute(insert(ImageAlbum), albums)
+            self._add_labels(s, list(zip(ids, news, strict=True)))
             s.commit()
             return ids
 
@@ -188,10 +208,6 @@ class MetadataRepo:
                 )
             ).all()
             return {r[0] for r in rows}
-
-    def get_by_sha(self, sha256: str) -> Image | None:
-        with self.session() as s:
-            return s.execute(select(Image).where(col(Image.sha256) == sha256)).scalars().first()
 
     def existing_hashes(self, hashes: Iterable[str]) -> dict[str, int]:
         hs = list(dict.fromkeys(hashes))
