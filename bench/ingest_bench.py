@@ -13,8 +13,9 @@ bf16 copy the lanes' compiled build (models/compiled_image.py) is built before t
 it would be in an import of 20,000 pictures or more. The raw image tower is timed
 on pre-decoded 224x224 tensors in batches of the ingest batch size, both ways. Overhead is the pipeline's time over the faster tower's.
 The upload calls that store the library first (each file checked, its original written, its row inserted: what
-POST /api/images does) are timed too, on their own: each row also gives their time a picture and the rate and
-overhead of upload and pipeline together, what an import of a folder costs.
+POST /api/images does, in requests of 32 files as `loupe import` sends them) are timed too, on their own: each
+row also gives their time a picture and the rate and overhead of upload and pipeline together, what an import of
+a folder costs.
 
 With --base, the default variant (model workers) of another git revision (checked out in a temporary worktree,
 run with PYTHONPATH at its `server/`) and of this checkout run in interleaved rounds, each in a fresh process, and
@@ -43,6 +44,9 @@ from fullsize import build as build_fullsize
 from loupe.config import Settings
 
 SIZES = {0.5: (816, 612), 1: (1152, 864), 4: (2304, 1728), 12: (4000, 3000)}  # megapixels: width, height
+# Files in one upload request, as `loupe import` sends them (the web UI sends 20, a bulk job's step 16); until
+# 5afec5e each file was its own transaction whatever the request's size, since then a request is one.
+UPLOAD_REQUEST = 32
 
 
 def make_jpegs(n: int, width: int, height: int, seed: int) -> list[bytes]:
@@ -166,7 +170,7 @@ def run_variant(mp: float, variant: int, images: int, device: str = "cpu") -> tu
                 rt.lanes_built.join()
             # The upload (each file checked, its original stored and its row written) is part of ingest too: timed
             # on its own, before the workers start, as an import's requests run.
-            step = settings.ingest.max_files_per_request  # one upload request holds at most this many
+            step = UPLOAD_REQUEST
             t = time.perf_counter()
             for start in range(0, n, step):
                 files = [(f"{k}.jpg", blobs[k]) for k in range(start, min(n, start + step))]
