@@ -277,7 +277,8 @@ def test_kill_9_during_a_bulk_job_loses_nothing_acknowledged_and_leaves_no_orpha
                 break
             time.sleep(0.5)
         assert job["state"] == "done" and job["processed"] == 40
-        assert job["accepted"] + job["duplicates"] == 40 and job["rejected"] == 0
+        # A step's rows commit with the job's progress: no file the kill interrupted comes back as a duplicate.
+        assert (job["accepted"], job["duplicates"], job["rejected"]) == (40, 0, 0)
         assert counts == {"pending": 0, "processing": 0, "ready": 40, "failed": 0}
     finally:
         server.stop()
