@@ -141,7 +141,8 @@ class ImageController(Controller):
         description=(
             "multipart/form-data with one or more `file` parts and optional `tags` (comma-separated, repeatable). "
             "Answers per file: accepted, duplicate (with the existing id) or rejected (with a code). "
-            "A request whose files are all rejected answers 4xx with the error envelope."
+            "A request whose files are all rejected answers 4xx with the error envelope. The accepted files are "
+            "recorded in one transaction: after a 5xx none of them is, and the request can be sent again."
         ),
         responses={},
     )
