@@ -353,8 +353,8 @@ def main() -> None:
         )
     preface += (
         " Pipeline: the workers' drain of the uploaded library (decode to vectors, rows and thumbnails stored). Upload:"
-        " the upload calls before it (each file checked, its original stored, its row written), per picture; with"
-        " upload, the two together."
+        " the upload calls before it (each file checked, its original stored, its row written), in requests of"
+        f" {UPLOAD_REQUEST} files, per picture; with upload, the two together."
     )
     lines = [
         preface,
