@@ -9,6 +9,7 @@ import zipfile
 import pytest
 from litestar.testing import TestClient
 
+import loupe.ingest.bulk as bulk_module
 from loupe.runtime import Runtime
 from tests.fixtures import images as mk
 from tests.fixtures.images import shape_set
@@ -94,7 +95,6 @@ def test_a_step_that_fails_in_its_bookkeeping_records_none_of_its_files(api, mon
     client, rt = api
     shapes = shape_set(per_class=1, seed=44)[:20]
     job_id = post_zip(client, make_zip([(s.name, s.data) for s in shapes])).json()["job_id"]
-    import loupe.ingest.bulk as bulk_module
 
     def broken() -> None:
         raise RuntimeError("the database went away")
@@ -114,8 +114,6 @@ def test_a_step_that_fails_in_its_bookkeeping_records_none_of_its_files(api, mon
 
 def test_a_step_holds_its_files_in_memory_up_to_a_budget(api, monkeypatch):
     client, rt = api
-    import loupe.ingest.bulk as bulk_module
-
     files = [("file", (f"b{i}.png", mk.noise_png(60 + i, 64), "image/png")) for i in range(5)]
     job_id = client.post("/api/images/bulk", files=files).json()["job_id"]
     monkeypatch.setattr(bulk_module, "STEP_BYTES", len(mk.noise_png(60, 64)) + 1)  # a little over one file
