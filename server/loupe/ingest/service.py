@@ -256,6 +256,7 @@ class IngestService:
         outcomes: list[UploadOutcome] = []
         # (position, row, bytes) of the files that passed the check
         news: list[tuple[int, NewImage, bytes]] = []
+        tags, albums = tuple(tags), tuple(albums)
         for name, data in files:
             filename = clean_name(name)
             try:
@@ -278,20 +279,21 @@ class IngestService:
                 width=facts.width,
                 height=facts.height,
                 frames=facts.frames,
-                tags=tuple(tags),
-                albums=tuple(albums),
+                tags=tags,
+                albums=albums,
             )
             news.append((len(outcomes), new, data))
             outcomes.append(UploadOutcome(filename, "duplicate"))  # until the insert says otherwise
         stored = self.repo.existing_hashes(n.sha256 for _, n, _ in news)
-        todo = [(k, n) for k, n, data in news if n.sha256 not in stored]
+        todo: list[tuple[int, NewImage]] = []  # (position, row) of the files to insert
         for k, n, data in news:
             if n.sha256 in stored:
                 outcomes[k] = UploadOutcome(n.original_name, "duplicate", id=stored[n.sha256])
-            else:
-                # The blob goes first, written durably: a row never points at a missing file. A crash before the
-                # rows commit leaves only unreferenced blobs, which `loupe reindex --repair` removes.
-                self.blobs.put_original(n.sha256, data)
+                continue
+            # The blob goes first, written durably: a row never points at a missing file. A crash before the rows
+            # commit leaves only unreferenced blobs, which `loupe reindex --repair` removes.
+            self.blobs.put_original(n.sha256, data)
+            todo.append((k, n))
 
         def record(s: Session, result: list[tuple[int, bool]]) -> None:
             for (k, n), (image_id, created) in zip(todo, result, strict=True):
