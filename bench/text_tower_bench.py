@@ -4,8 +4,9 @@ latency) and batches of 8 (what micro-batching forms under load), with each runt
     python bench/text_tower_bench.py [--write]
 
 Full-size ViT-B/32 text tower (random weights, real tokenizer: bench/fullsize.py). Runtimes: torch fp32 (the
-reference), ONNX Runtime fp32 (`onnx`), ONNX Runtime with 8-bit weights in blocks of 32 (`onnx-w8`; `auto`, the
-default, serves it where it times 1.2x faster than `onnx` on one query, else `onnx`), ONNX Runtime int8 with
+reference), ONNX Runtime fp32 (`onnx`), ONNX Runtime with 8-bit weights in blocks (`onnx-w8`: smoothed, blocks
+of 128 where the CPU has VNNI, else 32; `auto`, the default, serves it where it times 1.2x faster than `onnx` on one
+query and gains more there than it loses on a pass of several, else `onnx`), ONNX Runtime int8 with
 per-channel weight scales after smoothing its inputs (`onnx-int8`, opt-in), all exported by Loupe's own code (server/loupe/models/onnx_text.py), torch
 bf16 in eager mode (a plain bfloat16 copy of the model) and Loupe's bf16 copy of the text tower as a TorchScript trace
 (server/loupe/models/bf16_text.py, what `LOUPE_MODEL__TEXT_BATCHES_BF16` serves). Loupe's ONNX export and bf16 copy

@@ -79,7 +79,7 @@ class ModelSettings(BaseModel):
         "auto",
         pattern="^(auto|torch|onnx|onnx-w8|onnx-int8)$",
         description="text queries on the CPU: torch, onnx (ONNX Runtime, same vectors, about 2x faster), onnx-w8 "
-        "(8-bit weights in blocks of 32: about 2x onnx for one query, cosine >= 0.999 to torch), onnx-int8 (int8 "
+        "(8-bit weights in blocks, smoothed: 1.5-2x onnx for one query, cosine >= 0.999 to torch), onnx-int8 (int8 "
         "weights per channel, inputs smoothed: faster still, cosine >= 0.99) or auto (onnx-w8 where it checks out, "
         "times 1.2x faster than onnx on one query at start and gains there more than it loses on a pass of several, "
         "else onnx; remembered per model and machine); exported once per model",

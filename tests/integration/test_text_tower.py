@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import platform
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -96,11 +97,15 @@ def test_onnx_text_tower_matches_torch_and_falls_back_when_broken(
     weights = [n.input[1] for n in int8.graph.node if n.op_type == "MatMulInteger"]
     scales = [inits[w.replace("_quantized", "_scale")] for w in weights]
     assert weights and all(len(dims) == 1 and dims[0] > 1 for dims in scales), scales
-    # onnx-w8: every weight matmul as 8-bit MatMulNBits in blocks of 32 with int8 dot products; none left in fp32.
-    w8 = onnx.load(str(tmp_path / "onnx" / next(n for n in exported if "-w8b32" in n)))
+    # onnx-w8: every weight matmul as 8-bit MatMulNBits in this CPU's blocks with int8 dot products; none left in
+    # fp32.
+    block = onnx_text.w8_block()
+    w8 = onnx.load(str(tmp_path / "onnx" / next(n for n in exported if f"-w8s{block}" in n)))
     nbits = [n for n in w8.graph.node if n.op_type == "MatMulNBits"]
     attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in nbits]
-    assert nbits and all(a["bits"] == 8 and a["block_size"] == 32 and a["accuracy_level"] == 4 for a in attrs)
+    assert nbits and all(
+        a["bits"] == 8 and a["block_size"] == block and a["accuracy_level"] == 4 for a in attrs
+    )
     w8_inits = {init.name for init in w8.graph.initializer}
     assert not [n.name for n in w8.graph.node if n.op_type == "MatMul" and n.input[1] in w8_inits]
 
@@ -117,25 +122,14 @@ def test_onnx_text_tower_matches_torch_and_falls_back_when_broken(
 def test_int8_text_tower_smooths_an_outlier_channel_that_one_activation_scale_loses(
     tiny_clip_dir: Path, tmp_path: Path
 ):
-    """One channel of every layer's normalized input 40x the rest (the function unchanged: the layer norm's gain
-    scaled up, the weights reading that channel scaled down), as trained transformers have them. One int8 scale per
-    activation tensor then leaves the other channels a few steps; `onnx-int8`'s smoothing (models/smoothing.py)
-    moves the outlier into the per-channel weight scales and keeps the vectors."""
+    """One channel of every layer's normalized input 40x the rest (outlier_channel), as trained transformers have
+    them. One int8 scale per activation tensor then leaves the other channels a few steps; `onnx-int8`'s
+    smoothing (models/smoothing.py) moves the outlier into the per-channel weight scales and keeps the vectors."""
     from loupe.models import smoothing
 
     clip = load_clip(str(tiny_clip_dir))
     ref = clip.embed_texts_torch(QUERIES)
-    with torch.no_grad():
-        for layer in clip.model.text_model.encoder.layers:
-            a = layer.self_attn
-            for norm, readers in (
-                (layer.layer_norm1, (a.q_proj, a.k_proj, a.v_proj)),
-                (layer.layer_norm2, (layer.mlp.fc1,)),
-            ):
-                norm.weight[0] *= 40
-                norm.bias[0] *= 40
-                for lin in readers:
-                    lin.weight[:, 0] /= 40
+    outlier_channel(clip)
     assert np.min(np.sum(ref * clip.embed_texts_torch(QUERIES), axis=1)) > 0.99999  # the same function
 
     # Smoothing alone changes nothing in fp32.
@@ -166,6 +160,76 @@ def test_int8_text_tower_smooths_an_outlier_channel_that_one_activation_scale_lo
     after = np.sum(ref * clip.embed_texts(QUERIES), axis=1)
     assert after.min() > before.min() and 1 - after.mean() < (1 - before.mean()) / 2, (before, after)
     assert not list(tmp_path.glob("*.tmp")), "the smoothed fp32 graph is not left behind"
+
+
+def outlier_channel(clip) -> None:
+    """One channel of every layer's normalized input 40x the rest (the function unchanged: the layer norm's gain
+    scaled up, the weights reading that channel scaled down), as trained transformers have them."""
+    with torch.no_grad():
+        for layer in clip.model.text_model.encoder.layers:
+            a = layer.self_attn
+            for norm, readers in (
+                (layer.layer_norm1, (a.q_proj, a.k_proj, a.v_proj)),
+                (layer.layer_norm2, (layer.mlp.fc1,)),
+            ):
+                norm.weight[0] *= 40
+                norm.bias[0] *= 40
+                for lin in readers:
+                    lin.weight[:, 0] /= 40
+
+
+def test_w8_text_tower_folds_its_smoothing_and_keeps_an_outlier_channel_closer(
+    tiny_clip_dir: Path, tmp_path: Path
+):
+    """`onnx-w8` quantizes activations per block of input channels; an outlier channel leaves the rest of its
+    block a few steps. Its smoothing is folded into the layer norms and the value projection (models/smoothing.py:
+    folded): the same function in fp32, and the vectors closer to torch than the same blocks without it."""
+    import onnx
+
+    from loupe.models import smoothing, text_pooled
+
+    clip = load_clip(str(tiny_clip_dir))
+    ref = clip.embed_texts_torch(QUERIES)
+    outlier_channel(clip)
+    assert np.min(np.sum(ref * clip.embed_texts_torch(QUERIES), axis=1)) > 0.99999  # the same function
+
+    parts, amax = onnx_text.calibrate_text_tower(clip)
+    folded = smoothing.folded(parts, amax)
+    enc = clip.tokenize(QUERIES)
+    bos = text_pooled.bos_token_id(clip.tokenize)
+    with torch.inference_mode():
+        fp32 = normalize(text_pooled.make(folded["text"], folded["projection"], bos)(**enc).numpy())
+    assert np.min(np.sum(ref * fp32, axis=1)) > 0.99999
+    # The outlier moved into the weights.
+    gain = [p["text"].encoder.layers[0].layer_norm1.weight[0] for p in (folded, parts)]
+    assert gain[0] < gain[1] / 4
+
+    plain = onnx_text.export(clip, onnx_text.export_path(clip, tmp_path, "onnx"), "onnx")
+    onnx_text.quantize_w8(plain, tmp_path / "plain-w8.onnx", onnx_text.w8_block())
+    np_enc = clip.tokenize(QUERIES, "np")
+    before = np.sum(ref * onnx_text.OnnxTextTower(tmp_path / "plain-w8.onnx")(**np_enc), axis=1)
+    assert onnx_text.attach(clip, "onnx-w8", tmp_path) == "onnx-w8"
+    after = np.sum(ref * clip.embed_texts(QUERIES), axis=1)
+    assert after.min() > before.min() and 1 - after.mean() < (1 - before.mean()) / 2, (before, after)
+    assert not list(tmp_path.glob("*.tmp")), "the smoothed fp32 graph is not left behind"
+    # Folded: the quantized graph has no operation the plain fp32 graph lacks.
+    w8, fp32 = onnx.load(str(onnx_text.export_path(clip, tmp_path, "onnx-w8"))), onnx.load(str(plain))
+    weights = {init.name for init in fp32.graph.initializer}
+    others = Counter(n.op_type for n in fp32.graph.node if n.op_type != "MatMul" or n.input[1] not in weights)
+    assert Counter(n.op_type for n in w8.graph.node if n.op_type != "MatMulNBits") == others
+
+    # An unsmoothed export of earlier versions is deleted, not kept beside the new one.
+    legacy = tmp_path / f"{onnx_text.PREFIX}-{clip.info.fingerprint}-w8b32.onnx"
+    legacy.write_bytes(b"old")
+    assert onnx_text.attach(load_clip(str(tiny_clip_dir)), "onnx-w8", tmp_path) == "onnx-w8"
+    assert not legacy.exists()
+
+
+def test_w8_blocks_follow_the_cpus_vnni():
+    assert onnx_text.w8_block(frozenset({"avx2", "avx512f", "avx512_vnni"})) == 128
+    assert onnx_text.w8_block(frozenset({"avx2", "avx_vnni"})) == 128
+    assert onnx_text.w8_block(frozenset({"avx2", "fma"})) == 32
+    assert onnx_text.w8_block(frozenset()) == 32
 
 
 def test_int8_weights_are_unsigned_exactly_where_signed_ones_saturate_on_this_cpu(tmp_path: Path):
@@ -630,4 +694,4 @@ def test_quantizing_leaves_the_host_process_logging_as_it_was(tiny_clip_dir: Pat
     assert out.stdout.startswith("True"), out.stdout
     assert "a request" not in out.stderr
     names = [p.name for p in (tmp_path / "onnx").iterdir()]
-    assert any("-w8b32" in n for n in names) and any("int8" in n for n in names), names  # both were quantized
+    assert any("-w8s" in n for n in names) and any("int8" in n for n in names), names  # both were quantized

@@ -3,11 +3,12 @@
 The text tower (transformer + projection, computing only what the pooled embedding depends on:
 models/text_pooled.py) is exported once per model fingerprint into the data directory, with the batch and sequence
 length dynamic so a query runs only its real tokens. Two quantized kinds are made from that export:
-- `onnx-w8`: 8-bit weights with one scale per block of 32 input channels (ONNX Runtime's MatMulNBits), the
-  activations quantized per block too at run time (accuracy level 4: int8 dot products). On a real-weights text
-  encoder (MiniLM, bench/int8_text_bench.py) query vectors keep cosine 0.9994-0.9997 to fp32 and 98.7% of the
-  top 10 (bf16 rounding: 0.9999 and 99.7%); ViT-B/32's text tower runs one query 1.9x faster than on fp32
-  (batches of 8: 1.2x).
+- `onnx-w8`: 8-bit weights with one scale per block of input channels (ONNX Runtime's MatMulNBits), the
+  activations quantized per block too at run time (accuracy level 4: int8 dot products), smoothed first where
+  the smoothing folds into the graph (models/smoothing.py: folded). Blocks of 128 where the CPU has VNNI, 32
+  elsewhere (w8_block). On a real-weights text encoder (MiniLM, bench/int8_text_bench.py) query vectors keep a
+  mean cosine of 0.9997 to fp32 and about 98.7% of the top 10 with blocks of 128 (bf16 rounding: 0.9999 and
+  99.5%); ViT-B/32's text tower runs one query 1.5-1.9x faster than on fp32.
 - `onnx-int8`: 8-bit weights with one scale per output channel and one activation scale per tensor
   (`quantize_dynamic`), each matmul's input smoothed first (models/smoothing.py: the activation outliers one
   scale per tensor cannot represent move into the per-channel weight scales): faster still (2.0x one query, 2.2x
@@ -55,18 +56,30 @@ PROBES = [
 COSINE_FLOOR = {"onnx": 0.9999, "onnx-w8": 0.999, "onnx-int8": 0.99}
 # The single-query speed-up over `onnx` that makes `auto` take `onnx-w8` (ViT-B/32 on an AMD EPYC Zen 5: 1.7-1.9x).
 AUTO_GAIN = 1.2
-# MatMulNBits' block of input channels sharing a scale (32 kept MiniLM's vectors 2x closer to fp32 than 128).
-W8_BLOCK = 32
+# MatMulNBits' block of input channels sharing a scale, on CPUs with VNNI and without (w8_block).
+W8_BLOCK_VNNI, W8_BLOCK_PLAIN = 128, 32
 # Export files: PREFIX-<fingerprint><SUFFIX>.onnx. The prefix names the exported graph ("text3": the pooled tower
 # of models/text_pooled.py, a batch packed into its real tokens; "text2": the pooled tower on the padded batch;
 # "text": transformers' whole forward pass), the suffix the quantization ("-int8c":
 # per-channel scales, which replaced per-tensor "-int8"; "-int8s": per-channel scales after smoothing, which
-# replaced "-int8c"; "-int8u": the same with unsigned weights, see int8_unsigned_weights; "-w8b32": 8-bit blocks
-# of 32), so an export of another kind is never reused.
+# replaced "-int8c"; "-int8u": the same with unsigned weights, see int8_unsigned_weights; "-w8s<block>": 8-bit
+# blocks after folded smoothing, which replaced unsmoothed blocks of 32, "-w8b32"), so an export of another kind
+# is never reused.
 PREFIX = "text3"
-SUFFIX = {"onnx": "", "onnx-w8": f"-w8b{W8_BLOCK}", "onnx-int8": "-int8s"}
+SUFFIX = {"onnx": "", "onnx-int8": "-int8s"}
+LEGACY_W8 = "-w8b"  # unsmoothed onnx-w8 exports: deleted at attach
 # x86 CPU flags with which ONNX Runtime's int8 matmuls (MLAS) take VNNI dot products, exact for signed weights.
 VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def w8_block(flags: frozenset[str] | None = None) -> int:
+    """`onnx-w8`'s block of input channels: 128 where ONNX Runtime's blocked int8 products have VNNI, else 32.
+    On an AMD EPYC Zen 4 (AVX512-VNNI; bench/RESULTS.md, "Kept on 2026-12-07, twenty-eighth box") ViT-B/32's text
+    tower ran passes of 4 queries on one thread 1.23x faster with blocks of 128 than of 32 and one query about
+    1.2x faster; on an AVX2-only Zen 3 blocks of 128 ran one MiniLM query slower (4.12 against 3.50 ms). Larger
+    blocks quantize the activations more coarsely: the folded smoothing (models/smoothing.py) pays for that."""
+    flags = runtime_choice.cpu_flags() if flags is None else flags
+    return W8_BLOCK_VNNI if flags & VNNI_FLAGS else W8_BLOCK_PLAIN
 
 
 def int8_unsigned_weights(flags: frozenset[str] | None = None, arch: str | None = None) -> bool:
@@ -90,6 +103,8 @@ UNSIGNED_SUFFIX = "-int8u"  # onnx-int8's export with uint8 weights
 
 def suffix(kind: str) -> str:
     """The export file's suffix for `kind` on this CPU."""
+    if kind == "onnx-w8":
+        return f"-w8s{w8_block()}"
     return UNSIGNED_SUFFIX if kind == "onnx-int8" and int8_unsigned_weights() else SUFFIX[kind]
 
 
@@ -213,7 +228,7 @@ def quiet_quantizers() -> Iterator[None]:
         root.setLevel(level)
 
 
-def quantize_w8(src: Path, dst: Path, block: int = W8_BLOCK) -> None:
+def quantize_w8(src: Path, dst: Path, block: int) -> None:
     """`onnx-w8`: every MatMul with constant weights as MatMulNBits, 8-bit symmetric weights in blocks of `block`
     input channels, int8 dot products (accuracy level 4)."""
     import onnx
@@ -233,29 +248,27 @@ def export(clip: Any, target: Path, kind: str) -> Path:
     caller."""
     target.parent.mkdir(parents=True, exist_ok=True)
     end = suffix(kind)
-    fp32 = target.with_name(target.name.replace(end, "")) if end else target
     with _export_lock:
-        if kind != "onnx-int8" and not fp32.exists():  # onnx-int8 quantizes its own smoothed graph
-            tmp = fp32.with_suffix(".tmp")
+        if target.exists():
+            return target
+        tmp, smooth = target.with_suffix(".tmp"), target.with_suffix(".smooth.tmp")
+        if kind == "onnx":
             export_pooled(clip, clip.model.text_model, clip.model.text_projection, tmp)
-            tmp.replace(fp32)
-        if kind != "onnx" and not target.exists():
-            tmp = target.with_suffix(".tmp")
-            if kind == "onnx-w8":
-                quantize_w8(fp32, tmp)  # quiets its quantizer itself
-            else:
-                smooth = target.with_suffix(".smooth.tmp")
-                try:
-                    export_smoothed(clip, smooth)
+        else:  # the quantized kinds quantize their own smoothed graphs
+            try:
+                export_smoothed(clip, smooth, folded=kind == "onnx-w8")
+                if kind == "onnx-w8":
+                    quantize_w8(smooth, tmp, int(end.removeprefix("-w8s")))  # quiets its quantizer itself
+                else:
                     with quiet_quantizers():
                         from onnxruntime.quantization import QuantType, quantize_dynamic
 
                         # The file's name says which weights it holds: one decision for both.
                         weights = QuantType.QUInt8 if end == UNSIGNED_SUFFIX else QuantType.QInt8
                         quantize_dynamic(str(smooth), str(tmp), weight_type=weights, per_channel=True)
-                finally:
-                    smooth.unlink(missing_ok=True)
-            tmp.replace(target)
+            finally:
+                smooth.unlink(missing_ok=True)
+        tmp.replace(target)
     return target
 
 
@@ -273,12 +286,14 @@ def calibrate_text_tower(clip: Any) -> tuple[Any, dict[str, Any]]:
     return parts, smoothing.calibrate(parts, lambda: tower(enc["input_ids"], enc["attention_mask"]))
 
 
-def export_smoothed(clip: Any, out: Path) -> None:
-    """The pooled text tower with every weight matmul's input smoothed (models/smoothing.py), calibrated on
-    smoothing.CALIBRATION, exported in fp32: what `onnx-int8` quantizes."""
+def export_smoothed(clip: Any, out: Path, folded: bool = False) -> None:
+    """The pooled text tower smoothed (models/smoothing.py), calibrated on smoothing.CALIBRATION, exported in fp32:
+    every weight matmul's input divided by its factors (what `onnx-int8` quantizes), or with `folded` the factors
+    folded into the operations before the matmuls (what `onnx-w8` quantizes)."""
     from loupe.models import smoothing
 
-    smooth = smoothing.smoothed(*calibrate_text_tower(clip))
+    parts, amax = calibrate_text_tower(clip)
+    smooth = smoothing.folded(parts, amax) if folded else smoothing.smoothed(parts, amax)
     export_pooled(clip, smooth["text"], smooth["projection"], out)
 
 
@@ -337,9 +352,9 @@ def attach(clip: Any, kind: str, cache_dir: Path, threads: int = 0) -> str:
         )
         return "torch"
     path = export_path(clip, cache_dir, kind)
-    # An export of this model's earlier graphs (prefixes "text", "text2") is never used again.
+    # An export of this model's earlier graphs (prefixes "text", "text2") or unsmoothed onnx-w8 is never used again.
     for old in cache_dir.glob(f"text*-{clip.info.fingerprint}*.onnx"):
-        if not old.name.startswith(f"{PREFIX}-"):
+        if not old.name.startswith(f"{PREFIX}-") or LEGACY_W8 in old.name:
             old.unlink(missing_ok=True)
     try:
         if not path.exists():
@@ -399,7 +414,8 @@ def attach_auto(clip: Any, cache_dir: Path, threads: int = 0, memory: ChoiceMemo
             clip.info.fingerprint,
             threads=threads,
             gain=AUTO_GAIN,
-            block=W8_BLOCK,
+            block=w8_block(),
+            w8="folded",  # not the verdicts timed on unsmoothed blocks
             graph=text_pooled.GRAPH,
             # Not the verdicts timed on single queries alone, nor those timed one runtime after the other.
             together=len(PROBES),
