@@ -395,7 +395,7 @@ def w8_wins(one: float, together: float) -> bool:
     0.65-0.95x as fast; served at 1M (bench/RESULTS.md, "A/B at 1M, AVX2: onnx-w8 (auto's remembered choice)
     against onnx") a lone search took 25.3 against 27.1 ms on `onnx`, but concurrency 8 served 62 against 66
     searches/s (62 against 78 for queries of 1-12 words). Where it is faster both ways (AVX-512 CPUs: 1.5-1.9x
-    alone, about 1.2x together) nothing changes."""
+    alone, about 1.2x together in blocks of 32; a Zen 4 in blocks of 128: 1.91x and 1.54x) nothing changes."""
     return one >= AUTO_GAIN and one * together >= 1.0
 
 
