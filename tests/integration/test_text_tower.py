@@ -229,6 +229,24 @@ def test_w8_text_tower_folds_its_smoothing_and_keeps_an_outlier_channel_closer(
     assert not legacy.exists()
 
 
+def test_folded_smoothing_keeps_a_tower_without_layer_norm_or_value_biases_the_same(tiny_clip_dir: Path):
+    """Some text towers have no bias in their layer norms or value projections: folding scales what is there."""
+    from loupe.models import smoothing, text_pooled
+
+    clip = load_clip(str(tiny_clip_dir))
+    outlier_channel(clip)
+    for layer in clip.model.text_model.encoder.layers:
+        for module in (layer.layer_norm1, layer.layer_norm2, layer.self_attn.v_proj):
+            module.register_parameter("bias", None)
+    parts, amax = onnx_text.calibrate_text_tower(clip)
+    enc, bos = clip.tokenize(QUERIES), text_pooled.bos_token_id(clip.tokenize)
+    with torch.inference_mode():
+        before = text_pooled.make(parts["text"], parts["projection"], bos)(**enc).numpy()
+        folded = smoothing.folded(parts, amax)
+        after = text_pooled.make(folded["text"], folded["projection"], bos)(**enc).numpy()
+    assert np.min(np.sum(normalize(before) * normalize(after), axis=1)) > 0.99999
+
+
 def test_w8_blocks_follow_the_cpus_vnni():
     assert onnx_text.w8_block(frozenset({"avx2", "avx512f", "avx512_vnni"})) == 128
     assert onnx_text.w8_block(frozenset({"avx2", "avx_vnni"})) == 128

@@ -144,7 +144,8 @@ def folded(parts: Any, amax: dict[str, Any], alpha: float = FOLD_ALPHA) -> Any:
     def into_norm(norm: Any, readers: list[Any], key: str) -> None:
         s = factors(amax[key], [r.weight for r in readers], alpha)
         norm.weight.div_(s.to(norm.weight.dtype))
-        norm.bias.div_(s.to(norm.bias.dtype))
+        if norm.bias is not None:  # a layer norm without a bias (not CLIP's) scales the same way
+            norm.bias.div_(s.to(norm.bias.dtype))
         for r in readers:
             r.weight.mul_(s[None, :].to(r.weight.dtype))
 
@@ -155,7 +156,8 @@ def folded(parts: Any, amax: dict[str, Any], alpha: float = FOLD_ALPHA) -> Any:
             into_norm(layer.layer_norm2, [layer.mlp.fc1], at + "mlp.fc1")
             s = factors(amax[at + "self_attn.out_proj"], [a.out_proj.weight], alpha)
             a.v_proj.weight.div_(s[:, None].to(a.v_proj.weight.dtype))
-            a.v_proj.bias.div_(s.to(a.v_proj.bias.dtype))
+            if a.v_proj.bias is not None:
+                a.v_proj.bias.div_(s.to(a.v_proj.bias.dtype))
             a.out_proj.weight.mul_(s[None, :].to(a.out_proj.weight.dtype))
         into_norm(text.final_layer_norm, [proj], "projection")
     return out
