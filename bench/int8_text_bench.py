@@ -118,20 +118,7 @@ def w8_smoothed(model: Any, amax: dict[str, Any]) -> Any:
     BERT's layer norms come after its residual adds, so their outputs also carry the residual and the factors
     cannot fold into them: here they run as one division before each matmul (the same function, and the same
     rounding as folded; only the time column pays for the divisions)."""
-    import torch
-
     from loupe.models import smoothing
-
-    class Divided(torch.nn.Module):
-        def __init__(self, lin: Any, s: Any) -> None:
-            super().__init__()
-            self.register_buffer("inv", 1.0 / s)
-            with torch.no_grad():
-                lin.weight.mul_(s[None, :])
-            self.lin = lin
-
-        def forward(self, x: Any) -> Any:
-            return self.lin(x * self.inv)
 
     out = copy.deepcopy(model)
     for i, layer in enumerate(out.encoder.layer):
@@ -145,7 +132,7 @@ def w8_smoothed(model: Any, amax: dict[str, Any]) -> Any:
             lins = [getattr(parent, n) for n in names]
             s = smoothing.factors(amax[key], [lin.weight for lin in lins], smoothing.FOLD_ALPHA)
             for n, lin in zip(names, lins, strict=True):
-                setattr(parent, n, Divided(lin, s))
+                setattr(parent, n, smoothing.divided(lin, s))
     return out
 
 

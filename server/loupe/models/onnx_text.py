@@ -67,6 +67,7 @@ W8_BLOCK_VNNI, W8_BLOCK_PLAIN = 128, 32
 # is never reused.
 PREFIX = "text3"
 SUFFIX = {"onnx": "", "onnx-int8": "-int8s"}
+W8_SUFFIX = "-w8s"  # onnx-w8's, followed by its block (suffix)
 LEGACY_W8 = "-w8b"  # unsmoothed onnx-w8 exports: deleted at attach
 # x86 CPU flags with which ONNX Runtime's int8 matmuls (MLAS) take VNNI dot products, exact for signed weights.
 VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
@@ -104,7 +105,7 @@ UNSIGNED_SUFFIX = "-int8u"  # onnx-int8's export with uint8 weights
 def suffix(kind: str) -> str:
     """The export file's suffix for `kind` on this CPU."""
     if kind == "onnx-w8":
-        return f"-w8s{w8_block()}"
+        return f"{W8_SUFFIX}{w8_block()}"
     return UNSIGNED_SUFFIX if kind == "onnx-int8" and int8_unsigned_weights() else SUFFIX[kind]
 
 
@@ -258,7 +259,8 @@ def export(clip: Any, target: Path, kind: str) -> Path:
             try:
                 export_smoothed(clip, smooth, folded=kind == "onnx-w8")
                 if kind == "onnx-w8":
-                    quantize_w8(smooth, tmp, int(end.removeprefix("-w8s")))  # quiets its quantizer itself
+                    # The file's name says its block: one decision for both. quantize_w8 quiets its quantizer itself.
+                    quantize_w8(smooth, tmp, int(end.removeprefix(W8_SUFFIX)))
                 else:
                     with quiet_quantizers():
                         from onnxruntime.quantization import QuantType, quantize_dynamic

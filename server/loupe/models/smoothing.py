@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from functools import cache
 from typing import Any
 
 ALPHA = 0.8
@@ -103,7 +104,20 @@ def smoothed(model: Any, amax: dict[str, Any], alpha: float = ALPHA) -> Any:
     its per-channel input outliers moved into the weights. Exported, the division is a Mul before the MatMul."""
     import torch
 
-    class Smoothed(torch.nn.Module):
+    out = copy.deepcopy(model)
+    for name, m in list(out.named_modules()):
+        for child_name, child in list(m.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if isinstance(child, torch.nn.Linear) and full in amax:
+                setattr(m, child_name, divided(child, factors(amax[full], [child.weight], alpha)))
+    return out
+
+
+@cache
+def _divided_class() -> Any:
+    import torch
+
+    class Divided(torch.nn.Module):
         def __init__(self, lin: Any, s: Any) -> None:  # `lin`: the copy's own Linear, scaled in place
             super().__init__()
             self.register_buffer("inv", (1.0 / s).to(lin.weight.dtype))
@@ -114,13 +128,13 @@ def smoothed(model: Any, amax: dict[str, Any], alpha: float = ALPHA) -> Any:
         def forward(self, x: Any) -> Any:
             return self.lin(x * self.inv)
 
-    out = copy.deepcopy(model)
-    for name, m in list(out.named_modules()):
-        for child_name, child in list(m.named_children()):
-            full = f"{name}.{child_name}" if name else child_name
-            if isinstance(child, torch.nn.Linear) and full in amax:
-                setattr(m, child_name, Smoothed(child, factors(amax[full], [child.weight], alpha)))
-    return out
+    return Divided
+
+
+def divided(lin: Any, s: Any) -> Any:
+    """`lin` (a Linear, its weight's input rows multiplied by `s` in place) computing (W diag(s)) (x / s): the same
+    function in fp32. Exported, the division is a Mul before the MatMul."""
+    return _divided_class()(lin, s)
 
 
 def factors(amax: Any, weights: list[Any], alpha: float) -> Any:
