@@ -178,6 +178,24 @@ def test_a_timing_window_sees_other_processes_take_the_cores(monkeypatch: pytest
     assert not spare.contended
 
 
+def test_a_window_too_short_for_the_clock_ticks_reads_quiet(monkeypatch: pytest.MonkeyPatch):
+    """/proc/stat counts whole clock ticks: a window of a millisecond across which each CPU's count and this
+    process's own stepped on by one tick is no sign of others' work (such a window once read 29 cores busy
+    elsewhere on a quiet 2-core box); both cores held by others over a window of 0.1 s still read as contended."""
+    tick = 1 / os.sysconf("SC_CLK_TCK")
+    monkeypatch.setattr(runtime_choice, "_own_cpu_s", lambda: 0.0)
+    for wall, others_ticks, contended in ((0.001, 0, False), (0.1, round(2 * 0.1 / tick), True)):
+        ticks = iter((1000, 1003 + others_ticks))  # two CPUs a tick each, and one more, and the others' work
+        monkeypatch.setattr(runtime_choice, "cpu_ticks", lambda *_, it=ticks: next(it))
+        clock = iter((0.0, wall))
+        monkeypatch.setattr(runtime_choice.time, "monotonic", lambda it=clock: next(it))
+        window = runtime_choice.TimingWindow(2)
+        window.cpus, window.cores = [0, 1], 2
+        with window:
+            pass
+        assert window.contended is contended, (wall, window.others)
+
+
 def test_a_verdict_timed_on_a_busy_machine_serves_but_is_not_remembered(
     tiny_clip_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):

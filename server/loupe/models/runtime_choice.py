@@ -129,8 +129,13 @@ class TimingWindow:
         wall, ticks = time.monotonic() - self._t, cpu_ticks(self.cpus)
         if self._ticks is None or ticks is None or wall <= 0:
             return
-        busy_s = (ticks - self._ticks) / os.sysconf("SC_CLK_TCK")
-        self.others = max(0.0, (busy_s - (_own_cpu_s() - self._own)) / wall)
+        tick = 1 / os.sysconf("SC_CLK_TCK")
+        # Both counters move in whole clock ticks: at each end of the window every CPU's count, and this
+        # process's, may be a part of a tick ahead. That much is not others' work (a window of a millisecond once
+        # read 29 cores busy elsewhere on a quiet 2-core box).
+        grain = (len(self.cpus) or self.cores) * tick + tick
+        busy_s = (ticks - self._ticks) * tick
+        self.others = max(0.0, (busy_s - (_own_cpu_s() - self._own) - grain) / wall)
 
     @property
     def contended(self) -> bool:
