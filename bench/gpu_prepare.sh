@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 PKGS="litestar msgspec polyfactory litestar-htmx multipart rich-click uvicorn sqlmodel sqlalchemy greenlet alembic
 mako qdrant-client qdrant-edge-py faiss-cpu pytesseract pydantic pydantic-core pydantic-settings python-dotenv
-annotated-types typing-inspection sniffio typing-extensions"
+annotated-types typing-inspection sniffio typing-extensions rich markdown-it-py mdurl pygments"
 mkdir -p .git/info .whl .gpu/model
 for d in /.whl/ /.gpu/; do grep -qx "$d" .git/info/exclude 2>/dev/null || echo "$d" >>.git/info/exclude; done
 for p in $PKGS; do

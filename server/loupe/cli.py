@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from loupe.config import Settings
 from loupe.errors import ConfigError, LoupeError
@@ -134,14 +135,15 @@ def _collect(paths: list[str], include: list[str], exclude: list[str]) -> list[t
 
 def cmd_import(args: argparse.Namespace) -> int:
     """Add every picture under PATHS: directly into the data directory (taking its lock: refused while a server
-    runs) or, with --server, through a running server's API. Files already stored (same SHA-256) are skipped
-    before they are sent, so an interrupted import simply runs again."""
-    import hashlib
-
+    runs; the model embeds what is stored while the rest is read and stored) or, with --server, through a running
+    server's API. Files already stored (same SHA-256) are skipped before they are sent, so an interrupted import
+    simply runs again."""
+    from rich.console import Console
     from rich.progress import Progress
 
+    from loupe.ingest.importer import import_direct, send_groups
+
     files = _collect(args.paths, args.include or [], args.exclude or [])
-    counts = {"accepted": 0, "duplicate": 0, "rejected": 0, "skipped": 0}
 
     def album_for(f: Path, root: Path) -> list[str]:
         albums = list(args.album or [])
@@ -153,64 +155,34 @@ def cmd_import(args: argparse.Namespace) -> int:
     for f, root in files:
         groups.setdefault(tuple(album_for(f, root)), []).append(f)
 
-    if args.server:
-        import httpx
+    with Progress(console=Console(stderr=True)) as progress:  # stdout: the JSON result
+        if args.server:
+            import httpx
 
-        client = httpx.Client(base_url=args.server.rstrip("/"), timeout=300)
+            client = httpx.Client(base_url=args.server.rstrip("/"), timeout=300)
 
-        def existing_of(hashes: list[str]) -> dict[str, int]:
-            res = client.post("/api/images/exists", json={"sha256": hashes}).raise_for_status()
-            return dict(res.json()["existing"])
+            def existing_of(hashes: list[str]) -> dict[str, int]:
+                res = client.post("/api/images/exists", json={"sha256": hashes}).raise_for_status()
+                return dict(res.json()["existing"])
 
-        def send(batch: list[tuple[str, bytes]], albums: tuple[str, ...]) -> list[dict[str, object]]:
-            res = client.post(
-                "/api/images",
-                files=[("file", (n, d, "application/octet-stream")) for n, d in batch],
-                data={"tags": ",".join(args.tag or []), "albums": ",".join(albums)},
-            )
-            body = res.json()
-            return body["files"] if "files" in body else body["error"]["detail"]["files"]
+            def send(batch: list[tuple[str, bytes]], albums: tuple[str, ...]) -> list[dict[str, Any]]:
+                res = client.post(
+                    "/api/images",
+                    files=[("file", (n, d, "application/octet-stream")) for n, d in batch],
+                    data={"tags": ",".join(args.tag or []), "albums": ",".join(albums)},
+                )
+                body = res.json()
+                return body["files"] if "files" in body else body["error"]["detail"]["files"]  # type: ignore[no-any-return]
 
-        runtime = None
-    else:
-        from loupe.runtime import Runtime
+            counts = send_groups(groups, existing_of, send, progress)
+        else:
+            from loupe.runtime import Runtime
 
-        runtime = Runtime.open(_load_settings())
-        existing_of = runtime.repo.existing_hashes
-
-        def send(batch: list[tuple[str, bytes]], albums: tuple[str, ...]) -> list[dict[str, object]]:
-            outcomes = runtime.ingest.upload(batch, args.tag or [], albums)  # type: ignore[union-attr]
-            return [{"status": o.status, "error": o.error} for o in outcomes]
-
-    try:
-        with Progress() as progress:
-            task = progress.add_task("importing", total=len(files))
-            for albums, group in groups.items():
-                for start in range(0, len(group), 32):
-                    chunk = group[start : start + 32]
-                    blobs = [(p, p.read_bytes()) for p in chunk]
-                    hashes = [hashlib.sha256(d).hexdigest() for _, d in blobs]
-                    stored = existing_of(hashes)
-                    todo = [(p.name, d) for (p, d), h in zip(blobs, hashes, strict=True) if h not in stored]
-                    counts["skipped"] += len(chunk) - len(todo)
-                    if todo:
-                        for (name, _), o in zip(todo, send(todo, albums), strict=True):
-                            counts[str(o["status"])] += 1
-                            if o["status"] == "rejected" and o.get("error"):
-                                progress.console.print(f"[yellow]rejected[/] {name}: {o['error']['message']}")  # type: ignore[index]
-                    progress.advance(task, len(chunk))
-            if runtime is not None:
-                pending = runtime.repo.counts_by_state()["pending"]
-                task2 = progress.add_task("embedding", total=pending)
-                while True:
-                    reports = runtime.ingest.process_batches(max_batches=8)
-                    progress.advance(task2, sum(r.ready + r.failed for r in reports))
-                    if reports[-1].claimed == 0:
-                        break
-                runtime.sync_mirror()
-    finally:
-        if runtime is not None:
-            runtime.close()
+            runtime = Runtime.open(_load_settings())
+            try:
+                counts = import_direct(runtime, groups, args.tag or [], progress)
+            finally:
+                runtime.close()
     print(json.dumps(counts))
     return 0
 

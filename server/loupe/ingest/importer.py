@@ -1,0 +1,113 @@
+"""`loupe import`: the files of a folder sent in requests of IMPORT_REQUEST, those already stored (same SHA-256)
+skipped before they are sent, so an interrupted import simply runs again; either through a running server's API
+or straight into an open runtime, whose model then embeds what is stored while the rest is still being read and
+stored (import_direct)."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.progress import Progress
+
+from loupe.ingest.service import BatchReport
+
+if TYPE_CHECKING:
+    from loupe.runtime import Runtime
+
+# Files in one upload request (the web UI sends 20, a bulk job's step 16).
+IMPORT_REQUEST = 32
+
+# (file name, bytes) of a request's files, its albums -> each file's outcome ({"status", "error"})
+Send = Callable[[list[tuple[str, bytes]], tuple[str, ...]], list[dict[str, Any]]]
+
+
+def send_groups(
+    groups: Mapping[tuple[str, ...], Sequence[Path]],
+    existing_of: Callable[[list[str]], Mapping[str, int]],
+    send: Send,
+    progress: Progress,
+    on_accepted: Callable[[int], None] | None = None,
+) -> dict[str, int]:
+    """Send each group's files (keyed by their albums) in requests of IMPORT_REQUEST, skipping the stored ones;
+    counts by outcome, and rejected files named on the progress console."""
+    counts = {"accepted": 0, "duplicate": 0, "rejected": 0, "skipped": 0}
+    task = progress.add_task("importing", total=sum(len(g) for g in groups.values()))
+    for albums, group in groups.items():
+        for start in range(0, len(group), IMPORT_REQUEST):
+            chunk = group[start : start + IMPORT_REQUEST]
+            blobs = [(p, p.read_bytes()) for p in chunk]
+            hashes = [hashlib.sha256(d).hexdigest() for _, d in blobs]
+            stored = existing_of(hashes)
+            todo = [(p.name, d) for (p, d), h in zip(blobs, hashes, strict=True) if h not in stored]
+            counts["skipped"] += len(chunk) - len(todo)
+            if todo:
+                outcomes = send(todo, albums)
+                for (name, _), o in zip(todo, outcomes, strict=True):
+                    counts[str(o["status"])] += 1
+                    if o["status"] == "rejected" and o.get("error"):
+                        progress.console.print(f"[yellow]rejected[/] {name}: {o['error']['message']}")
+                if on_accepted is not None:
+                    on_accepted(sum(o["status"] == "accepted" for o in outcomes))
+            progress.advance(task, len(chunk))
+    return counts
+
+
+def import_direct(
+    runtime: Runtime,
+    groups: Mapping[tuple[str, ...], Sequence[Path]],
+    tags: Sequence[str],
+    progress: Progress,
+) -> dict[str, int]:
+    """Import into an open runtime: the files are read, checked and stored on this thread while the model embeds
+    what is stored on another (IngestService.drain beside the uploads), so reading the folder and writing the
+    originals (their fsyncs wait on the disk) overlap the model instead of preceding it; on a GPU, whose model
+    outruns the uploads, the import takes the uploads' time rather than the sum of both. Returns the counts once
+    every stored picture is embedded (or failed) and the FAISS mirror has caught up.
+
+    An error in the uploads stops the embedding after the batches in hand and is raised; what was stored stays
+    pending for the next import or server start. An error in the embedding is raised after the uploads end."""
+    service = runtime.ingest
+    embedding = progress.add_task("embedding", total=runtime.repo.counts_by_state().get("pending", 0))
+
+    def embedded(reports: list[BatchReport]) -> None:
+        progress.advance(embedding, sum(r.ready + r.failed for r in reports))
+
+    def accepted(n: int) -> None:
+        progress.update(embedding, total=(progress.tasks[embedding].total or 0) + n)
+
+    feeding, stop = threading.Event(), threading.Event()
+    feeding.set()
+    with ThreadPoolExecutor(1, thread_name_prefix="loupe-import-embed") as pool:
+        drained = pool.submit(
+            service.drain,
+            None,
+            feeding=feeding,
+            coming=sum(len(g) for g in groups.values()),
+            stop=stop,
+            on_reports=embedded,
+            max_batches=16,
+        )
+        try:
+            counts = send_groups(
+                groups,
+                runtime.repo.existing_hashes,
+                lambda files, albums: [
+                    {"status": o.status, "error": o.error} for o in service.upload(files, tags, albums)
+                ],
+                progress,
+                accepted,
+            )
+        except BaseException:
+            stop.set()
+            raise
+        finally:
+            feeding.clear()
+            service.work_available.set()
+        drained.result()
+    runtime.sync_mirror()
+    return counts
