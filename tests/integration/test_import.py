@@ -136,3 +136,22 @@ def test_lanes_wait_for_an_imports_uploads_instead_of_ending(make_settings, runt
     assert not runner.is_alive()
     assert sum(r.ready for r in got["reports"]) == 16 and got["reports"][-1].claimed == 0
     assert len(set(claimed_by)) == 2, claimed_by  # both lanes embedded
+
+
+def test_a_drain_beside_uploads_ends_as_soon_as_they_end(make_settings, runtime_factory):
+    """Once the uploads have ended during a run, the drain looks once more and returns: it does not wait for a
+    wake-up (here up to 30 s, poll_s) that no upload will send (an import lost 1 s at its end that way)."""
+    rt = runtime_factory(make_settings(ingest={"batch_size": 4, "model_workers": 2, "poll_s": 30}))
+    shapes = mk.shape_set(per_class=1, seed=11)[:3]
+    feeding = threading.Event()
+    feeding.set()
+    got: list[int] = []
+    runner = threading.Thread(target=lambda: got.append(rt.ingest.drain(None, feeding=feeding)))
+    runner.start()
+    rt.ingest.upload([(s.name, s.data) for s in shapes])
+    deadline = time.monotonic() + 60
+    while rt.repo.counts_by_state().get("ready", 0) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    feeding.clear()  # and no upload sets work_available after it
+    runner.join(10)
+    assert not runner.is_alive() and got == [3]

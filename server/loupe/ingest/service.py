@@ -659,8 +659,11 @@ class IngestService:
                 if reports[-1].claimed == 0:
                     if not fed:
                         break
-                    self.work_available.wait(self.settings.poll_s)
-                    self.work_available.clear()
+                    # Uploads ended during the run: look once more at once (waiting for a wake-up that no upload
+                    # would send cost an import 1 s at its end), else wait for the next one.
+                    if feeding is not None and feeding.is_set():
+                        self.work_available.wait(self.settings.poll_s)
+                        self.work_available.clear()
         finally:
             self._coming = 0
         return ready
