@@ -25,6 +25,7 @@ the section "A/B: ingest pipeline" gets the medians.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -266,23 +267,35 @@ def variant_row(
     return tuple(json.loads(out.split("ROW ", 1)[1]))
 
 
-def ab(base: str, sizes: list[float], rounds: int, images: int) -> str:
-    """The default variant of `base` and of this checkout, rounds interleaved; medians."""
-    rev, this = revisions(base)
+def ab(base: str | None, sizes: list[float], rounds: int, images: int) -> str:
+    """The default variant of `base` and of this checkout, rounds interleaved; medians. Without `base`: this
+    checkout's default variant (its upload timed, then its drain) against its `loupe import` (both at once)."""
+    rev, this = revisions(base or "HEAD")
     got: dict[tuple[str, int], list[tuple]] = {}  # type: ignore[type-arg]
-    with base_worktree(rev) as tree:
+    with base_worktree(rev) if base else contextlib.nullcontext() as tree:
+        plan = (
+            (("base", tree / "server", DEFAULT), ("this", None, DEFAULT))
+            if tree is not None
+            else (("base", None, DEFAULT), ("this", None, len(VARIANTS) - 1))
+        )
         for r in range(rounds):
             for mp in sizes:
-                for side, server in (("base", tree / "server"), ("this", None)):
-                    got.setdefault((side, mp), []).append(variant_row(mp, DEFAULT, images, server))
+                for side, server, variant in plan:
+                    got.setdefault((side, mp), []).append(variant_row(mp, variant, images, server))
                     print(
                         f"round {r + 1}/{rounds}, {mp:g} MP: {side} {got[(side, mp)][-1][5]:.1f} images/s",
                         flush=True,
                     )
+    what = (
+        f"The default ingest (model workers) of {rev} (base) against {this} (this)"
+        if base
+        else f"The default ingest (model workers) of {this}, its upload calls timed and then its drain (base), against "
+        "`loupe import` of a folder of the same pictures, its uploads beside the drain, timed from the first file "
+        "read to the last picture ready (this; ingest/importer.py)"
+    )
     lines = [
-        f"The default ingest (model workers) of {rev} (base) against {this} (this): full-size ViT-B/32 (random "
-        f"init), OCR off, {rounds} interleaved rounds, each run in a fresh process with its own raw-tower baseline "
-        "(timed before and after it); medians over the rounds.",
+        f"{what}: full-size ViT-B/32 (random init), OCR off, {rounds} interleaved rounds, each run in a fresh process "
+        "with its own raw-tower baseline (timed before and after it); medians over the rounds.",
         "",
         "| JPEG | images | base images/s | this images/s | ratio | base overhead vs its tower | this overhead vs its tower | base upload ms a picture | this upload ms a picture | base with upload images/s | this with upload images/s | ratio with upload | base overhead with upload | this overhead with upload |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -296,7 +309,12 @@ def ab(base: str, sizes: list[float], rounds: int, images: int) -> str:
             side: statistics.median(max(row[6], row[7]) / row[5] - 1 for row in got[(side, mp)])
             for side in sides
         }
-        up = {side: statistics.median(row[8] for row in got[(side, mp)]) for side in sides}
+        up = {
+            side: "beside"
+            if IMPORT in got[(side, mp)][0][3]
+            else f"{statistics.median(r[8] for r in got[(side, mp)]):.2f}"
+            for side in sides
+        }
         both = {side: statistics.median(with_upload(row) for row in got[(side, mp)]) for side in sides}
         over_both = {
             side: statistics.median(max(row[6], row[7]) / with_upload(row) - 1 for row in got[(side, mp)])
@@ -304,8 +322,8 @@ def ab(base: str, sizes: list[float], rounds: int, images: int) -> str:
         }
         lines.append(
             f"| {mp:g} MP ({w}x{h}) | {n} | {rate['base']:.1f} | {rate['this']:.1f} | "
-            f"{rate['this'] / rate['base']:.2f}x | {over['base']:+.0%} | {over['this']:+.0%} | {up['base']:.2f} | "
-            f"{up['this']:.2f} | {both['base']:.1f} | {both['this']:.1f} | {both['this'] / both['base']:.2f}x | "
+            f"{rate['this'] / rate['base']:.2f}x | {over['base']:+.0%} | {over['this']:+.0%} | {up['base']} | "
+            f"{up['this']} | {both['base']:.1f} | {both['this']:.1f} | {both['this'] / both['base']:.2f}x | "
             f"{over_both['base']:+.0%} | {over_both['this']:+.0%} |"
         )
     lines.append("")
@@ -328,6 +346,11 @@ def main() -> None:
     )
     ap.add_argument("--images", type=int, default=96)
     ap.add_argument("--base", help="git revision to compare this checkout's default ingest against")
+    ap.add_argument(
+        "--import-ab",
+        action="store_true",
+        help="compare this checkout's default ingest (upload, then drain) with its `loupe import` (both at once)",
+    )
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--name", default="A/B: ingest pipeline", help="the RESULTS.md section an A/B writes")
     ap.add_argument("--write", action="store_true")
@@ -340,9 +363,9 @@ def main() -> None:
         print("ROW " + json.dumps(row), flush=True)
         return
     build_fullsize()
-    sizes = [float(s) for s in (args.sizes or ("1" if args.base else "1,4,12")).split(",")]
+    sizes = [float(s) for s in (args.sizes or ("1" if args.base or args.import_ab else "1,4,12")).split(",")]
     command = command_line()
-    if args.base:
+    if args.base or args.import_ab:
         text = ab(args.base, sizes, args.rounds, args.images)
         print(text)
         if args.write:
