@@ -133,6 +133,7 @@ VARIANTS = [
 ]
 DEFAULT = 1  # the variant an A/B compares: the default ingest with OCR off
 IMPORT = "`loupe import`"  # in a variant's label: uploads beside the drain, as the import runs them
+IMPORT_VARIANT = next(k for k, variant in enumerate(VARIANTS) if IMPORT in variant[0])
 
 
 # On a GPU (--device cuda; OCR off: the lent GPU machine has no Tesseract): the defaults, and larger batches with
@@ -276,7 +277,7 @@ def ab(base: str | None, sizes: list[float], rounds: int, images: int) -> str:
         plan = (
             (("base", tree / "server", DEFAULT), ("this", None, DEFAULT))
             if tree is not None
-            else (("base", None, DEFAULT), ("this", None, len(VARIANTS) - 1))
+            else (("base", None, DEFAULT), ("this", None, IMPORT_VARIANT))
         )
         for r in range(rounds):
             for mp in sizes:

@@ -37,13 +37,13 @@ def test_a_direct_import_embeds_while_it_still_stores(make_settings, runtime_fac
     upload = rt.ingest.upload
     ready_before: list[int] = []
 
-    def watched_upload(files, tags=(), albums=()):  # type: ignore[no-untyped-def]
+    def watched_upload(files, tags=(), albums=(), **kwargs):  # type: ignore[no-untyped-def]
         if ready_before:  # from the second request on: the first request's pictures get embedded meanwhile
             deadline = time.monotonic() + 60
             while not rt.repo.counts_by_state().get("ready") and time.monotonic() < deadline:
                 time.sleep(0.01)
         ready_before.append(rt.repo.counts_by_state().get("ready", 0))
-        return upload(files, tags, albums)
+        return upload(files, tags, albums, **kwargs)
 
     monkeypatch.setattr(rt.ingest, "upload", watched_upload)
     with Progress(disable=True) as progress:

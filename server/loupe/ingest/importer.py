@@ -22,8 +22,9 @@ if TYPE_CHECKING:
 # Files in one upload request (the web UI sends 20, a bulk job's step 16).
 IMPORT_REQUEST = 32
 
-# (file name, bytes) of a request's files, its albums -> each file's outcome ({"status", "error"})
-Send = Callable[[list[tuple[str, bytes]], tuple[str, ...]], list[dict[str, Any]]]
+# (file name, bytes) of a request's files, its albums, the files' SHA-256s -> each file's outcome ({"status",
+# "error"})
+Send = Callable[[list[tuple[str, bytes]], tuple[str, ...], list[str]], list[dict[str, Any]]]
 
 
 def send_groups(
@@ -43,10 +44,11 @@ def send_groups(
             blobs = [(p, p.read_bytes()) for p in chunk]
             hashes = [hashlib.sha256(d).hexdigest() for _, d in blobs]
             stored = existing_of(hashes)
-            todo = [(p.name, d) for (p, d), h in zip(blobs, hashes, strict=True) if h not in stored]
+            new = [k for k, h in enumerate(hashes) if h not in stored]
+            todo = [(blobs[k][0].name, blobs[k][1]) for k in new]
             counts["skipped"] += len(chunk) - len(todo)
             if todo:
-                outcomes = send(todo, albums)
+                outcomes = send(todo, albums, [hashes[k] for k in new])
                 for (name, _), o in zip(todo, outcomes, strict=True):
                     counts[str(o["status"])] += 1
                     if o["status"] == "rejected" and o.get("error"):
@@ -72,13 +74,16 @@ def import_direct(
     An error in the uploads stops the embedding after the batches in hand and is raised; what was stored stays
     pending for the next import or server start. An error in the embedding is raised after the uploads end."""
     service = runtime.ingest
-    embedding = progress.add_task("embedding", total=runtime.repo.counts_by_state().get("pending", 0))
+    to_embed = runtime.repo.counts_by_state().get("pending", 0)
+    embedding = progress.add_task("embedding", total=to_embed)
 
     def embedded(reports: list[BatchReport]) -> None:
         progress.advance(embedding, sum(r.ready + r.failed for r in reports))
 
     def accepted(n: int) -> None:
-        progress.update(embedding, total=(progress.tasks[embedding].total or 0) + n)
+        nonlocal to_embed
+        to_embed += n
+        progress.update(embedding, total=to_embed)
 
     feeding, stop = threading.Event(), threading.Event()
     feeding.set()
@@ -96,8 +101,9 @@ def import_direct(
             counts = send_groups(
                 groups,
                 runtime.repo.existing_hashes,
-                lambda files, albums: [
-                    {"status": o.status, "error": o.error} for o in service.upload(files, tags, albums)
+                lambda files, albums, hashes: [
+                    {"status": o.status, "error": o.error}
+                    for o in service.upload(files, tags, albums, sha256s=hashes)
                 ],
                 progress,
                 accepted,

@@ -162,8 +162,8 @@ class _Run:
         max_batches: int,
         stop: Callable[[], bool] | None,
         lock: ModelLock,
-        feeding: threading.Event | None = None,
-        work: threading.Event | None = None,
+        feeding: threading.Event | None,
+        work: threading.Event,
     ) -> None:
         self._left = max_batches
         self._count = threading.Lock()
@@ -171,7 +171,7 @@ class _Run:
         self._lock = lock
         self.halt = threading.Event()  # set once any lane sees a reason to end (or fails)
         self._feeding = feeding
-        self._work = work or threading.Event()
+        self._work = work
 
     def fed(self) -> bool:
         """Whether uploads are still coming (read before a claim: once they have ended, an empty claim is the
@@ -270,9 +270,11 @@ class IngestService:
         tags: Sequence[str] = (),
         albums: Sequence[str] = (),
         then: Callable[[Session, list[UploadOutcome]], None] | None = None,
+        sha256s: Sequence[str] | None = None,
     ) -> list[UploadOutcome]:
         """Check, store and record each file; answers per file. A rejected file leaves nothing behind and does
-        not stop the others. The accepted files' rows go in as one transaction; `then(session, outcomes)` runs
+        not stop the others. `sha256s`: the files' hex digests where the caller has them already (an import
+        hashes each file to skip the stored ones), so that no file is hashed twice. The accepted files' rows go in as one transaction; `then(session, outcomes)` runs
         in it before it commits (a bulk job records its progress there), so an error there, or in the database,
         records none of the request's files and they can be sent again."""
         if len(files) > self.settings.max_files_per_request:
@@ -285,7 +287,7 @@ class IngestService:
         # (position, row, bytes) of the files that passed the check
         news: list[tuple[int, NewImage, bytes]] = []
         tags, albums = tuple(tags), tuple(albums)
-        for name, data in files:
+        for k, (name, data) in enumerate(files):
             filename = clean_name(name)
             try:
                 facts = inspect_upload(
@@ -299,7 +301,7 @@ class IngestService:
                 )
                 continue
             new = NewImage(
-                sha256=hashlib.sha256(data).hexdigest(),
+                sha256=sha256s[k] if sha256s is not None else hashlib.sha256(data).hexdigest(),
                 original_name=filename,
                 format=facts.format,
                 mime=facts.mime,
