@@ -18,7 +18,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >"$OUT/nvid
 date -u >"$OUT/date.txt"
 timeout "${GPU_BENCH_S:-180}" python3 bench/gpu_bench.py --out "$OUT/gpu.md" >"$OUT/gpu.log" 2>&1
 echo "gpu_bench: $?"
-timeout "${INGEST_S:-190}" python3 bench/ingest_bench.py --device cuda --sizes 0.5 --images 1024 >"$OUT/ingest.log" 2>&1
+timeout "${INGEST_S:-240}" python3 bench/ingest_bench.py --device cuda --sizes 0.5 --images 1024 >"$OUT/ingest.log" 2>&1
 echo "ingest_bench: $?"
 timeout "${FINETUNE_S:-90}" python3 bench/finetune_bench.py --device cuda --images 256 --batch 64 --steps 8 >"$OUT/finetune.log" 2>&1
 echo "finetune_bench: $?"

@@ -140,7 +140,13 @@ IMPORT_VARIANT = next(k for k, variant in enumerate(VARIANTS) if IMPORT in varia
 # a decode thread per core.
 GPU_VARIANTS = [
     ("defaults", {}, False, {}),
-    ("batches of 128, 16 decode threads", {"batch_size": 128, "decode_threads": 16}, False, {}),
+    (
+        "pictures prepared on 16 threads of one process, as before",
+        {"prepare_processes": 0, "decode_threads": 16},
+        False,
+        {},
+    ),
+    ("batches of 128", {"batch_size": 128}, False, {}),
     ("defaults, `loupe import` of a folder (uploads beside the drain)", {}, False, {}),
 ]
 
@@ -177,6 +183,7 @@ def run_variant(mp: float, variant: int, images: int, device: str = "cpu") -> tu
             if lanes and rt.clip.image_runtime == "bf16" and settings.model.image_compile != "off":
                 rt.compile_image_lanes()
                 rt.lanes_built.join()
+            rt.ingest.start_prepare_pool()  # where the settings have them (a GPU), up by the drain as in a server
             overlapped = IMPORT in label
             if overlapped:  # the files on disk, to be imported beside the drain below
                 folder = Path(tmp) / "photos"

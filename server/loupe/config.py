@@ -48,6 +48,14 @@ class IngestSettings(BaseModel):
         description="threads decoding and thumbnailing a batch's pictures (Pillow releases the GIL) when one model "
         "worker embeds it (a GPU, or model_workers 1); 0: one per CPU core, at most 8",
     )
+    prepare_processes: int = Field(
+        -1,
+        ge=-1,
+        description="worker processes preparing pictures (read, decode, thumbnail, hash, model input) where one model "
+        "embeds whole batches: threads of one process stop scaling at its GIL (bench/RESULTS.md: 'A/B: pictures "
+        "prepared in worker processes'); -1: one per CPU core, at most 16, on a GPU, none on the CPU; 0: none "
+        "(decode_threads)",
+    )
     model_workers: int = Field(
         0,
         ge=0,

@@ -479,6 +479,8 @@ class Runtime:
             log.warning("mirror catch-up postponed: the vector store is unavailable")
 
     def start_workers(self) -> None:
+        if self.settings.ingest.workers:
+            self.ingest.start_prepare_pool()
         for n in range(self.settings.ingest.workers):
             worker = IngestWorker(self.ingest, self.settings.ingest.poll_s, name=f"loupe-ingest-{n}")
             worker.start()
@@ -585,6 +587,7 @@ class Runtime:
             self.mirror.save()
         except Exception:
             log.exception("saving the FAISS mirror at shutdown failed (it will catch up at the next start)")
+        self.ingest.close()
         if self.ingest.text_indexer is not None:
             self.ingest.text_indexer.close()
         self.vectors.close()

@@ -74,6 +74,7 @@ def import_direct(
     An error in the uploads stops the embedding after the batches in hand and is raised; what was stored stays
     pending for the next import or server start. An error in the embedding is raised after the uploads end."""
     service = runtime.ingest
+    service.start_prepare_pool()  # its workers start while the first files are read and stored
     to_embed = runtime.repo.counts_by_state().get("pending", 0)
     embedding = progress.add_task("embedding", total=to_embed)
 

@@ -21,6 +21,7 @@ from sqlmodel import Session
 from loupe.config import IngestSettings
 from loupe.errors import LoupeError, NotFound, TooLarge, Unavailable
 from loupe.ingest.exif import dhash, read_exif
+from loupe.ingest.prepare_pool import PreparePool, Ready, prepare_processes
 from loupe.ingest.text import TextIndexer
 from loupe.ingest.validate import (
     clean_name,
@@ -233,6 +234,8 @@ class IngestService:
         self.text_indexer = text_indexer
         self.work_available = threading.Event()
         self._decode_side = decode_side(clip, settings)
+        processes = prepare_processes(settings, clip.info.device)
+        self._prepare_pool = PreparePool(processes, blobs, settings) if processes else None
         # Held for each batch (and vector add): a model switch takes it to change models between batches.
         self.model_lock = ModelLock()
         self.shadow_collections: list[str] = []  # a model switch's new collection: edits and deletes reach it
@@ -474,6 +477,8 @@ class IngestService:
                 parts = list(pool.map(lambda share: self._prepare_and_embed(share, threads, started), shares))
             prepared = [outcome for outcomes, _ in parts for outcome in outcomes]
             embedded = [vecs for _, vecs in parts]
+        elif self._prepare_pool is not None:
+            prepared = self._prepare_elsewhere(self._prepare_pool, claimed, started)
         else:
             decode_threads = self.settings.decode_threads or min(8, os.cpu_count() or 1)
             with ThreadPoolExecutor(
@@ -618,6 +623,37 @@ class IngestService:
             return ready.pixels, ready.meta
         except Exception as exc:
             return exc
+
+    def _prepare_elsewhere(
+        self, pool: PreparePool, claimed: list[Image], started: _Started
+    ) -> list[tuple[np.ndarray, dict[str, Any]] | Exception]:
+        """`_prepare` for a batch, in the worker processes; the OCR of what they decoded starts here."""
+        outcomes = pool.prepare(
+            [image.sha256 for image in claimed],
+            self._decode_side,
+            *self.clip.model_sizes,
+            want_rgb=self.text_indexer is not None,
+        )
+        prepared: list[tuple[np.ndarray, dict[str, Any]] | Exception] = []
+        for image, outcome in zip(claimed, outcomes, strict=True):
+            if isinstance(outcome, Ready):
+                started.thumbnails[int(image.id)] = outcome.thumbnail  # type: ignore[arg-type]
+                if self.text_indexer and outcome.rgb is not None:
+                    started.ocr[int(image.id)] = self.text_indexer.read_async(outcome.rgb)  # type: ignore[arg-type]
+                prepared.append((outcome.pixels, outcome.meta))
+            else:
+                prepared.append(outcome)
+        return prepared
+
+    def start_prepare_pool(self) -> None:
+        """Start the worker processes that prepare pictures, where the settings have them, without waiting."""
+        if self._prepare_pool is not None:
+            self._prepare_pool.start()
+
+    def close(self) -> None:
+        """End the worker processes, if any were started (the runtime's close)."""
+        if self._prepare_pool is not None:
+            self._prepare_pool.close()
 
     def _fail(self, image: Image, code: str, message: str, report: BatchReport, *, permanent: bool) -> None:
         attempts = image.attempts  # already counts this attempt (claim increments it)
