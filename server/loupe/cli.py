@@ -141,9 +141,13 @@ def cmd_import(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import Progress
 
-    from loupe.ingest.importer import import_direct, send_groups
+    from loupe.ingest.importer import IMPORT_SENDERS, import_direct, send_groups
 
     files = _collect(args.paths, args.include or [], args.exclude or [])
+    if args.senders is not None and args.senders < 1:
+        print("loupe import: --senders must be at least 1", file=sys.stderr)
+        return 2
+    senders = args.senders or IMPORT_SENDERS
 
     def album_for(f: Path, root: Path) -> list[str]:
         albums = list(args.album or [])
@@ -177,13 +181,13 @@ def cmd_import(args: argparse.Namespace) -> int:
                 body = res.json()
                 return body["files"] if "files" in body else body["error"]["detail"]["files"]  # type: ignore[no-any-return]
 
-            counts = send_groups(groups, existing_of, send, progress)
+            counts = send_groups(groups, existing_of, send, progress, senders=senders)
         else:
             from loupe.runtime import Runtime
 
             runtime = Runtime.open(_load_settings())
             try:
-                counts = import_direct(runtime, groups, args.tag or [], progress)
+                counts = import_direct(runtime, groups, args.tag or [], progress, senders)
             finally:
                 runtime.close()
     print(json.dumps(counts))
@@ -442,6 +446,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--album-per-folder", action="store_true", help="each sub-folder becomes an album")
     p.add_argument("--include", action="append", help="only files matching this glob (repeatable)")
     p.add_argument("--exclude", action="append", help="skip files matching this glob (repeatable)")
+    p.add_argument(
+        "--senders",
+        type=int,
+        default=None,
+        help="upload requests sent at once (default: half the cores, at most 4)",
+    )
     p.add_argument(
         "--server", help="a running Loupe, e.g. http://127.0.0.1:8000 (default: the data directory)"
     )

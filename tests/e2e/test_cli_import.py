@@ -45,8 +45,20 @@ def test_import_directly_with_globs_albums_and_resume(tmp_path: Path, tiny_clip_
     env.update(
         LOUPE_DATA_DIR=str(tmp_path / "data"), LOUPE_CLIP_MODEL=str(tiny_clip_dir), LOUPE_OCR__ENABLED="false"
     )
+    refused = run_import(env, str(root), "--senders", "0")
+    assert refused.returncode == 2 and "--senders must be at least 1" in refused.stderr
     out = run_import(
-        env, str(root), "--album-per-folder", "--tag", "imported", "--exclude", "skip-*", "--include", "*.png"
+        env,
+        str(root),
+        "--album-per-folder",
+        "--tag",
+        "imported",
+        "--exclude",
+        "skip-*",
+        "--include",
+        "*.png",
+        "--senders",
+        "2",
     )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {

@@ -47,7 +47,7 @@ def test_a_direct_import_embeds_while_it_still_stores(make_settings, runtime_fac
 
     monkeypatch.setattr(rt.ingest, "upload", watched_upload)
     with Progress(disable=True) as progress:
-        counts = importer.import_direct(rt, {("trip",): paths}, ["imported"], progress)
+        counts = importer.import_direct(rt, {("trip",): paths}, ["imported"], progress, senders=1)
     assert counts == {"accepted": 12, "duplicate": 0, "rejected": 0, "skipped": 0}
     assert ready_before[0] == 0 and ready_before[1] > 0, (
         ready_before
@@ -69,7 +69,7 @@ def test_an_import_that_fails_midway_keeps_what_it_stored_and_runs_again(
     gone = paths[5].rename(tmp_path / "elsewhere.png")  # in the second request: the folder changed under it
     embedding = threading.enumerate()
     with Progress(disable=True) as progress, pytest.raises(FileNotFoundError):
-        importer.import_direct(rt, {(): paths}, [], progress)
+        importer.import_direct(rt, {(): paths}, [], progress, senders=1)
     assert threading.enumerate() == embedding  # the embedding thread ended too
     states = rt.repo.counts_by_state()
     assert states.get("processing", 0) == 0 and states.get("ready", 0) + states.get("pending", 0) == 4, states
@@ -78,6 +78,44 @@ def test_an_import_that_fails_midway_keeps_what_it_stored_and_runs_again(
         counts = importer.import_direct(rt, {(): paths}, [], progress)
     assert counts == {"accepted": 6, "duplicate": 0, "rejected": 0, "skipped": 4}
     assert counted(rt) == {"ready": 10} and rt.mirror.live_count == 10
+
+
+def test_requests_sent_at_once_store_every_file_once_and_a_failure_stops_the_rest(
+    make_settings, runtime_factory, tmp_path, monkeypatch
+):
+    rt = runtime_factory(make_settings(ingest={"batch_size": 4}))
+    paths = folder(tmp_path / "photos", 20, seed=10)
+    monkeypatch.setattr(importer, "IMPORT_REQUEST", 2)
+    upload = rt.ingest.upload
+    at_once, peak, lock = [0], [0], threading.Lock()
+
+    def slow_upload(files, tags=(), albums=(), **kwargs):  # type: ignore[no-untyped-def]
+        with lock:
+            at_once[0] += 1
+            peak[0] = max(peak[0], at_once[0])
+        try:
+            time.sleep(0.05)
+            return upload(files, tags, albums, **kwargs)
+        finally:
+            with lock:
+                at_once[0] -= 1
+
+    monkeypatch.setattr(rt.ingest, "upload", slow_upload)
+    gone = paths[13].rename(tmp_path / "elsewhere.png")
+    with Progress(disable=True) as progress, pytest.raises(FileNotFoundError):
+        importer.import_direct(rt, {("trip",): paths}, ["imported"], progress, senders=3)
+    assert peak[0] > 1  # requests did go out side by side
+    stored = sum(rt.repo.counts_by_state().values())
+    assert (
+        12 <= stored < 20
+    )  # the requests before the failing one, and at most those already in flight after it
+    gone.rename(paths[13])
+    with Progress(disable=True) as progress:
+        counts = importer.import_direct(rt, {("trip",): paths}, ["imported"], progress, senders=3)
+    assert counts == {"accepted": 20 - stored, "duplicate": 0, "rejected": 0, "skipped": stored}
+    assert counted(rt) == {"ready": 20} and rt.mirror.live_count == 20
+    ids = list(rt.repo.existing_hashes(hashlib.sha256(p.read_bytes()).hexdigest() for p in paths).values())
+    assert len(ids) == 20 and all(rt.repo.albums_for(ids)[i] == ["trip"] for i in ids)
 
 
 def test_pictures_an_import_says_are_coming_count_as_a_backlog(make_settings, runtime_factory):
