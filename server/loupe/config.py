@@ -53,7 +53,7 @@ class IngestSettings(BaseModel):
         ge=-1,
         description="worker processes preparing pictures (read, decode, thumbnail, hash, model input) where one model "
         "embeds whole batches: threads of one process stop scaling at its GIL (bench/RESULTS.md: 'A/B: pictures "
-        "prepared in worker processes'); -1: one per CPU core, at most 16, on a GPU, none on the CPU; 0: none "
+        "prepared in worker processes'); -1: on a GPU one per CPU core but two, at most 16, none on the CPU; 0: none "
         "(decode_threads)",
     )
     model_workers: int = Field(

@@ -104,6 +104,6 @@ def test_a_worker_that_dies_fails_its_batch_for_a_retry_and_a_new_pool_takes_ove
 def test_processes_are_the_default_on_a_gpu_only(make_settings):
     ingest_settings = make_settings().ingest
     assert prepare_processes(ingest_settings, "cpu") == 0
-    assert prepare_processes(ingest_settings, "cuda:0") == min(16, os.cpu_count() or 1)
+    assert prepare_processes(ingest_settings, "cuda:0") == max(1, min(16, (os.cpu_count() or 1) - 2))
     assert prepare_processes(make_settings(ingest={"prepare_processes": 3}).ingest, "cpu") == 3
     assert prepare_processes(make_settings(ingest={"prepare_processes": 0}).ingest, "cuda") == 0

@@ -138,10 +138,12 @@ def _outcome(result: tuple[Any, ...]) -> Ready | Exception:
 
 
 def prepare_processes(settings: IngestSettings, device: str) -> int:
-    """Worker processes for `settings.prepare_processes` (-1: one per CPU core, at most 16, on a GPU; none on the
-    CPU, where the model's lanes take the cores and prepare their own shares)."""
+    """Worker processes for `settings.prepare_processes` (-1: on a GPU, one per CPU core but two, at most 16: the
+    main process feeds the model, keeps the books and takes the uploads, 2.5 ms of CPU a picture with a free model
+    on the CPU (bench/RESULTS.md); none on the CPU, where the model's lanes take the cores and prepare their own
+    shares)."""
     if settings.prepare_processes >= 0:
         return settings.prepare_processes
     if device.startswith("cuda"):
-        return min(16, os.cpu_count() or 1)
+        return max(1, min(16, (os.cpu_count() or 1) - 2))
     return 0
