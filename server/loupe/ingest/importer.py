@@ -45,8 +45,8 @@ def send_groups(
 ) -> dict[str, int]:
     """Send each group's files (keyed by their albums) in requests of IMPORT_REQUEST, skipping the stored ones, from
     `senders` threads at once (each reads, hashes and sends whole requests; with several, at most two requests a
-    thread are read ahead, so a large folder is never held in memory); counts by outcome, and rejected files named on the
-    progress console. An error in one request is raised once the requests in flight have ended."""
+    thread are read ahead, so a large folder is never held in memory); counts by outcome, and rejected files named
+    on the progress console. An error in one request is raised once the requests in flight have ended."""
     counts = {"accepted": 0, "duplicate": 0, "rejected": 0, "skipped": 0}
     task = progress.add_task("importing", total=sum(len(g) for g in groups.values()))
 
@@ -78,9 +78,8 @@ def send_groups(
         for start in range(0, len(group), IMPORT_REQUEST)
     )
     senders = max(1, senders)
-    ahead = (
-        1 if senders == 1 else 2 * senders
-    )  # one sender sends one request after the other, as it always did
+    # One sender sends one request after the other, as it always did.
+    ahead = 1 if senders == 1 else 2 * senders
     in_flight: deque[tuple[Future[tuple[int, list[str], list[dict[str, Any]]]], int]] = deque()
     with ThreadPoolExecutor(senders, thread_name_prefix="loupe-import-send") as pool:
         try:
@@ -104,8 +103,8 @@ def import_direct(
     progress: Progress,
     senders: int = IMPORT_SENDERS,
 ) -> dict[str, int]:
-    """Import into an open runtime: the files are read, checked and stored on this thread while the model embeds
-    what is stored on another (IngestService.drain beside the uploads), so reading the folder and writing the
+    """Import into an open runtime: the files are read, checked and stored by `senders` threads while the model
+    embeds what is stored on another (IngestService.drain beside the uploads), so reading the folder and writing the
     originals (their fsyncs wait on the disk) overlap the model instead of preceding it; on a GPU, whose model
     outruns the uploads, the import takes the uploads' time rather than the sum of both. Returns the counts once
     every stored picture is embedded (or failed) and the FAISS mirror has caught up.

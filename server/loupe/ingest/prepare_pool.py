@@ -16,7 +16,8 @@ import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -64,19 +65,18 @@ def _start_worker(blobs: FileBlobStore, settings: IngestSettings) -> None:
 def _prepare_stored(sha256: str, side: int, size: int, crop: int, want_rgb: bool) -> tuple[Any, ...]:
     """A worker's task: one stored picture prepared, or its failure as plain values (LoupeError's keyword
     arguments do not survive pickling)."""
-    from loupe.ingest.service import prepare_picture
+    from loupe.ingest.service import prepare_stored  # the service imports this module
 
     assert _blobs is not None and _settings is not None
     try:
-        ready = prepare_picture(_blobs.read_original(sha256), _settings, side, size, crop)
-        path = _blobs.put_thumbnail(sha256, ready.thumbnail, sync=False)
+        ready = prepare_stored(_blobs, sha256, _settings, side, size, crop)
     except FileNotFoundError as exc:
         return ("missing", str(exc))
     except LoupeError as exc:
         return ("refused", exc.code, exc.message)
     except Exception as exc:
         return ("error", type(exc).__name__, str(exc))
-    return ("ok", path, ready.meta, ready.pixels, ready.rgb if want_rgb else None)
+    return ("ok", ready if want_rgb else replace(ready, rgb=None))  # the decode goes back only for OCR
 
 
 class PreparePool:
@@ -107,11 +107,9 @@ class PreparePool:
     ) -> list[Ready | Exception]:
         """Each picture's preparation, in order: a Ready, or the exception that stopped it (FileNotFoundError for
         a missing original, LoupeError for one that cannot be decoded)."""
-        n = len(sha256s)
+        task = partial(_prepare_stored, side=side, size=size, crop=crop, want_rgb=want_rgb)
         try:
-            outcomes = self.start().map(
-                _prepare_stored, sha256s, [side] * n, [size] * n, [crop] * n, [want_rgb] * n, chunksize=CHUNK
-            )
+            outcomes = self.start().map(task, sha256s, chunksize=CHUNK)
             return [_outcome(o) for o in outcomes]
         except BrokenProcessPool as exc:
             # A worker died (killed, out of memory): the batch's pictures go back for a retry, and the next batch
@@ -129,7 +127,7 @@ class PreparePool:
 def _outcome(result: tuple[Any, ...]) -> Ready | Exception:
     kind = result[0]
     if kind == "ok":
-        return Ready(*result[1:])
+        return result[1]  # type: ignore[no-any-return]
     if kind == "missing":
         return FileNotFoundError(result[1])
     if kind == "refused":

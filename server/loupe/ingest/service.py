@@ -104,6 +104,17 @@ def prepare_picture(data: bytes, settings: IngestSettings, side: int, size: int,
     return Prepared(rgb, encoded, meta, model_input(rgb, thumb, size, crop))
 
 
+def prepare_stored(
+    blobs: FileBlobStore, sha256: str, settings: IngestSettings, side: int, size: int, crop: int
+) -> Ready:
+    """One stored picture made ready (prepare_picture), its thumbnail written unsynced: the batch's finishing step
+    syncs it before a row records it. The same work in a decode thread, a model worker or a worker process
+    (ingest/prepare_pool.py)."""
+    ready = prepare_picture(blobs.read_original(sha256), settings, side, size, crop)
+    path = blobs.put_thumbnail(sha256, ready.thumbnail, sync=False)
+    return Ready(path, ready.meta, ready.pixels, ready.rgb)
+
+
 def query_pixels(data: bytes, clip: ClipModel, settings: IngestSettings) -> np.ndarray:
     """An uploaded query picture prepared as ingest prepares a library picture (the same decode scale,
     thumbnail and resize), so that a copy of a library picture queries with the vector stored for it: the model's
@@ -277,8 +288,8 @@ class IngestService:
     ) -> list[UploadOutcome]:
         """Check, store and record each file; answers per file. A rejected file leaves nothing behind and does
         not stop the others. `sha256s`: the files' hex digests where the caller has them already (an import
-        hashes each file to skip the stored ones), so that no file is hashed twice. The accepted files' rows go in as one transaction; `then(session, outcomes)` runs
-        in it before it commits (a bulk job records its progress there), so an error there, or in the database,
+        hashes each file to skip the stored ones), so that no file is hashed twice. The accepted files' rows go in
+        as one transaction; `then(session, outcomes)` runs in it before it commits (a bulk job records its progress there), so an error there, or in the database,
         records none of the request's files and they can be sent again."""
         if len(files) > self.settings.max_files_per_request:
             raise TooLarge(
@@ -612,15 +623,11 @@ class IngestService:
         worker), starting its OCR: the model's input (uint8 HWC) and the metadata, or the exception that stopped
         it."""
         try:
-            data = self.blobs.read_original(image.sha256)
             # JPEGs decode at a reduced DCT scale that still covers the model's input and the thumbnail.
-            ready = prepare_picture(data, self.settings, self._decode_side, *self.clip.model_sizes)
-            started.thumbnails[int(image.id)] = self.blobs.put_thumbnail(  # type: ignore[arg-type]
-                image.sha256, ready.thumbnail, sync=False
+            ready = prepare_stored(
+                self.blobs, image.sha256, self.settings, self._decode_side, *self.clip.model_sizes
             )
-            if self.text_indexer:
-                started.ocr[int(image.id)] = self.text_indexer.read_async(ready.rgb)  # type: ignore[arg-type]
-            return ready.pixels, ready.meta
+            return self._take(image, ready, started)
         except Exception as exc:
             return exc
 
@@ -634,16 +641,18 @@ class IngestService:
             *self.clip.model_sizes,
             want_rgb=self.text_indexer is not None,
         )
-        prepared: list[tuple[np.ndarray, dict[str, Any]] | Exception] = []
-        for image, outcome in zip(claimed, outcomes, strict=True):
-            if isinstance(outcome, Ready):
-                started.thumbnails[int(image.id)] = outcome.thumbnail  # type: ignore[arg-type]
-                if self.text_indexer and outcome.rgb is not None:
-                    started.ocr[int(image.id)] = self.text_indexer.read_async(outcome.rgb)  # type: ignore[arg-type]
-                prepared.append((outcome.pixels, outcome.meta))
-            else:
-                prepared.append(outcome)
-        return prepared
+        return [
+            self._take(image, outcome, started) if isinstance(outcome, Ready) else outcome
+            for image, outcome in zip(claimed, outcomes, strict=True)
+        ]
+
+    def _take(self, image: Image, ready: Ready, started: _Started) -> tuple[np.ndarray, dict[str, Any]]:
+        """A prepared picture into its batch: its thumbnail to be synced, its OCR started; its model input and
+        metadata."""
+        started.thumbnails[int(image.id)] = ready.thumbnail  # type: ignore[arg-type]
+        if self.text_indexer and ready.rgb is not None:
+            started.ocr[int(image.id)] = self.text_indexer.read_async(ready.rgb)  # type: ignore[arg-type]
+        return ready.pixels, ready.meta
 
     def start_prepare_pool(self) -> None:
         """Start the worker processes that prepare pictures, where the settings have them, without waiting."""
