@@ -56,6 +56,12 @@ def timed(fn: Callable[[], object], repeat: int = 1) -> float:
     return times[len(times) // 2]
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def command_line() -> str:
     """This process's command as a reader would type it again (arguments with spaces quoted), led by the Loupe
     settings its environment sets (LOUPE_..., not the test suite's LOUPE_TEST_...): a bench's in-process runtime

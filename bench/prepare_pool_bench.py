@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command_line, tiny_model, write_section
+from common import command_line, cpu_s, tiny_model, write_section
 from ingest_bench import SIZES, make_jpegs
 
 FREE_MODEL = Path.home() / ".cache" / "loupe" / "bench" / "clip-224-free"
@@ -50,11 +50,6 @@ def build_free_model(out: Path = FREE_MODEL) -> Path:
     ).save_pretrained(tmp)
     tmp.rename(out)
     return out
-
-
-def cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run(mp: float, images: int, processes: int, senders: int) -> dict[str, float]:

@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import faiss
-from common import ROOT, command_line, loupe_env, serve, write_section
+from common import ROOT, command_line, cpu_s, loupe_env, serve, write_section
 from fullsize import build as build_fullsize
 from ingest_bench import make_jpegs
 from vectors import CACHE, minilm, synthetic
@@ -356,12 +356,6 @@ def rss_mb(pid: int) -> dict[str, float]:
         if key:
             out[key] = int(line.split()[1]) / 1024
     return out
-
-
-def cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) a process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def timed_load(url: str, bodies: list[dict], concurrency: int, pid: int) -> tuple:  # type: ignore[type-arg]
