@@ -101,6 +101,20 @@ def test_a_worker_that_dies_fails_its_batch_for_a_retry_and_a_new_pool_takes_ove
     assert all(r.state == "ready" for r in rows.values()), [(r.state, r.error_code) for r in rows.values()]
 
 
+def test_the_workers_start_before_the_first_batch_asks_for_them(make_settings, runtime_factory):
+    """A server's ingest workers or an import start them first (a spawned worker takes seconds to import torch),
+    so that the first batch does not wait for them."""
+    rt = runtime_factory(make_settings(ingest={"model_workers": 1, "prepare_processes": 2}))
+    assert multiprocessing.active_children() == []
+    rt.ingest.start_prepare_pool()
+    rt.ingest.start_prepare_pool()  # once
+    assert len(multiprocessing.active_children()) == 2
+    shapes = mk.shape_set(per_class=1, seed=14)[:2]
+    ids = ingest(rt, [(s.name, s.data) for s in shapes])
+    assert all(r.state == "ready" for r in rt.repo.get_images(ids).values())
+    assert len(multiprocessing.active_children()) == 2  # the same workers served the batch
+
+
 def test_processes_are_the_default_on_a_gpu_only(make_settings):
     ingest_settings = make_settings().ingest
     assert prepare_processes(ingest_settings, "cpu") == 0
