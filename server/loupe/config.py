@@ -117,6 +117,14 @@ class ModelSettings(BaseModel):
         "once ingest finds 20,000 pictures pending (an import that repays the build), and kept where timed at least "
         "1.15x the trace (remembered per machine); on: built at start, kept whenever its vectors match the trace's",
     )
+    text_prefix_cache_mb: int = Field(
+        64,
+        ge=0,
+        description="keys and values of query prefixes that several queries share ('a photo of a ...', prompt "
+        "templates), kept so that a text pass on ONNX Runtime runs only the tokens after them (the same vectors; a "
+        "prefix is kept once two queries share it, the least recently used dropped beyond this many MB: about 48 KB "
+        "a token for ViT-B/32); 0: off",
+    )
     text_threads_under_load: int = Field(
         0,
         ge=0,

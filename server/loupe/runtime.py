@@ -518,6 +518,9 @@ class Runtime:
                     "queries": self.search.text_cache.encode.items,
                     "side_by_side": self.search.text_cache.encode.side_by_side,
                 },
+                # Shared query prefixes whose states are kept (models/text_prefix.py): how many, their memory, the
+                # passes that ran on one and the tokens those passes did not compute. None where none are kept.
+                "text_prefixes": self.clip.prefix_stats(),
                 # Uploaded query pictures since start, and the image-tower passes that served them.
                 "image_query_encodes": {
                     "passes": self.search.picture_encode.batches,

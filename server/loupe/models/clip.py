@@ -255,6 +255,18 @@ class ClipModel:
             return self.text_tower(enc["input_ids"], enc["attention_mask"])  # type: ignore[no-any-return]
         return self.embed_texts_torch(texts, threads)
 
+    def prefix_stats(self) -> dict[str, int] | None:
+        """The text tower's kept prefixes (models/text_prefix.py), None where it keeps none."""
+        cache = getattr(self.text_tower, "prefixes", None)
+        if cache is None:
+            return None
+        return {
+            "kept": len(cache),
+            "bytes": cache.bytes,
+            "passes": cache.hits,
+            "tokens_saved": cache.tokens_saved,
+        }
+
     def embed_texts_torch(self, texts: list[str], threads: int | None = None) -> np.ndarray:
         import torch
 

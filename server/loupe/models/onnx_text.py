@@ -58,14 +58,15 @@ COSINE_FLOOR = {"onnx": 0.9999, "onnx-w8": 0.999, "onnx-int8": 0.99}
 AUTO_GAIN = 1.2
 # MatMulNBits' block of input channels sharing a scale, on CPUs with VNNI and without (w8_block).
 W8_BLOCK_VNNI, W8_BLOCK_PLAIN = 128, 32
-# Export files: PREFIX-<fingerprint><SUFFIX>.onnx. The prefix names the exported graph ("text3": the pooled tower
-# of models/text_pooled.py, a batch packed into its real tokens; "text2": the pooled tower on the padded batch;
+# Export files: PREFIX-<fingerprint><SUFFIX>.onnx. The prefix names the exported graph ("text4": the pooled tower
+# of models/text_pooled.py taking a shared prefix's states; "text3": the same without them, a batch packed into
+# its real tokens; "text2": the pooled tower on the padded batch;
 # "text": transformers' whole forward pass), the suffix the quantization ("-int8c":
 # per-channel scales, which replaced per-tensor "-int8"; "-int8s": per-channel scales after smoothing, which
 # replaced "-int8c"; "-int8u": the same with unsigned weights, see int8_unsigned_weights; "-w8s<block>": 8-bit
 # blocks after folded smoothing, which replaced unsmoothed blocks of 32, "-w8b32"), so an export of another kind
 # is never reused.
-PREFIX = "text3"
+PREFIX = "text4"
 SUFFIX = {"onnx": "", "onnx-int8": "-int8s"}
 W8_SUFFIX = "-w8s"  # onnx-w8's, followed by its block (suffix)
 LEGACY_W8 = "-w8b"  # unsmoothed onnx-w8 exports: deleted at attach
@@ -162,16 +163,50 @@ def cpu_session(path: Path, threads: int = 0) -> Any:
 
 
 class OnnxTextTower:
+    """The exported pooled tower. Where its graph takes prefix states (models/text_pooled.py, `states`: every
+    model with a start token), `prefixes` (a models/text_prefix.py PrefixCache, set once the runtime is chosen, so
+    that nothing kept speeds up the timings that choose it) runs each pass on the longest prefix its queries share
+    and keeps the new ones."""
+
     def __init__(self, path: Path, threads: int = 0) -> None:
         self.session = cpu_session(path, threads)
         self.path = path
+        names = [i.name for i in self.session.get_inputs()]
+        self.takes_prefix = "prefix_keys" in names
+        self.state_names = [o.name for o in self.session.get_outputs()][1:]
+        self.prefixes: Any = None
+        self._empty: np.ndarray | None = None
+        if self.takes_prefix:  # prefix_keys of no tokens, (layers, heads, 0, head_dim): the outputs' shape
+            _, heads, _, head_dim = self.session.get_outputs()[1].shape
+            self._empty = np.zeros((len(self.state_names) // 2, heads, 0, head_dim), np.float32)
+
+    def empty_prefix(self) -> np.ndarray | None:
+        """prefix_keys of no tokens (None where the graph takes none)."""
+        return self._empty
 
     def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         # The pooled tower packs the batch by its attention mask (an export of the earlier graph, which took none,
         # is deleted at attach).
-        feed = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64)}
-        (out,) = self.session.run(None, feed)
-        return normalize(out)
+        feed: dict[str, Any] = {
+            "input_ids": input_ids.astype(np.int64),
+            "attention_mask": attention_mask.astype(np.int64),
+        }
+        if not self.takes_prefix:
+            (out,) = self.session.run(None, feed)
+            return normalize(out)
+        cache = self.prefixes
+        if cache is None:
+            feed["prefix_keys"] = feed["prefix_values"] = self._empty
+            return normalize(self.session.run(["embedding"], feed)[0])
+        lengths = attention_mask.sum(axis=1)
+        rows = [tuple(r[:n].tolist()) for r, n in zip(input_ids, lengths, strict=True)]
+        plan = cache.plan(rows)  # the graph skips the prefix's tokens by its length
+        feed["prefix_keys"], feed["prefix_values"] = plan.keys, plan.values
+        outs = self.session.run(["embedding", *self.state_names] if plan.capture else ["embedding"], feed)
+        if plan.capture:
+            half = len(self.state_names) // 2
+            cache.learn(plan, rows, outs[1 : 1 + half], outs[1 + half :])
+        return normalize(outs[0])
 
 
 _export_lock = threading.Lock()
@@ -183,9 +218,10 @@ def export_module(
     out: Path,
     input_names: list[str],
     dynamic_axes: dict[str, dict[int, str]],
+    output_names: list[str] | None = None,
 ) -> None:
-    """Export `module(*args) -> embedding` to ONNX, the inputs named `input_names`, the axes in `dynamic_axes`
-    dynamic (the legacy TorchScript exporter: the dynamo one needs onnxscript)."""
+    """Export `module(*args) -> embedding` (or the outputs `output_names`) to ONNX, the inputs named `input_names`,
+    the axes in `dynamic_axes` dynamic (the legacy TorchScript exporter: the dynamo one needs onnxscript)."""
     import torch
 
     with torch.inference_mode(), warnings.catch_warnings():
@@ -195,7 +231,7 @@ def export_module(
             args,
             str(out),
             input_names=input_names,
-            output_names=["embedding"],
+            output_names=output_names or ["embedding"],
             dynamic_axes=dynamic_axes,
             opset_version=17,
             dynamo=False,
@@ -300,10 +336,24 @@ def export_smoothed(clip: Any, out: Path, folded: bool = False) -> None:
 
 
 def export_pooled(clip: Any, text_model: Any, projection: Any, out: Path) -> None:
-    """The pooled text tower (models/text_pooled.py) of `text_model` and `projection`, exported in fp32."""
+    """The pooled text tower (models/text_pooled.py) of `text_model` and `projection`, exported in fp32; with a
+    start token, the graph that takes a shared prefix's states and returns each layer's (`states`): inputs
+    input_ids, attention_mask, prefix_keys, prefix_values; outputs embedding, keys_0.., values_0..."""
     enc = clip.tokenize(PROBES[:2])
-    tower = text_pooled.make(text_model, projection, text_pooled.bos_token_id(clip.tokenize))
-    export_encoder(tower, enc["input_ids"], enc["attention_mask"], out)
+    tower = text_pooled.make(text_model, projection, text_pooled.bos_token_id(clip.tokenize), states=True)
+    if not tower.states:
+        export_encoder(tower, enc["input_ids"], enc["attention_mask"], out)
+        return
+    # Traced with a prefix of two tokens (its values do not matter to the graph), every length dynamic.
+    empty = tower.empty_prefix()
+    prefix = empty.new_zeros((empty.shape[0], empty.shape[1], 2, empty.shape[3]))
+    tokens, given = {0: "batch", 1: "tokens"}, {2: "prefix"}
+    layers = [f"keys_{i}" for i in range(tower.layers)] + [f"values_{i}" for i in range(tower.layers)]
+    axes = {"input_ids": tokens, "attention_mask": tokens, "prefix_keys": given, "prefix_values": given}
+    axes.update({name: {2: "columns"} for name in layers})
+    names = ["input_ids", "attention_mask", "prefix_keys", "prefix_values"]
+    args = (enc["input_ids"], enc["attention_mask"], prefix, prefix)
+    export_module(tower, args, out, names, axes, ["embedding", *layers])
 
 
 def attach_for_settings(clip: Any, settings: Settings) -> str:
@@ -334,7 +384,17 @@ def _attach_for_settings(clip: Any, settings: Settings) -> str:
         # The bf16 copy takes every query, so the ONNX Runtime session would never run: its weights are freed.
         clip.text_tower = None
         clip.text_runtime = "bf16"
+    keep_prefixes(clip.text_tower, settings.model.text_prefix_cache_mb)
     return clip.text_runtime
+
+
+def keep_prefixes(tower: Any, budget_mb: int) -> None:
+    """Give an ONNX Runtime text tower whose graph takes prefix states a cache of them (models/text_prefix.py),
+    once its runtime is chosen: kept prefixes would speed up the timings that choose it."""
+    from loupe.models import text_prefix
+
+    if isinstance(tower, OnnxTextTower) and tower.takes_prefix and budget_mb > 0:
+        tower.prefixes = text_prefix.PrefixCache(budget_mb << 20, tower.empty_prefix())
 
 
 def export_path(clip: Any, cache_dir: Path, kind: str) -> Path:

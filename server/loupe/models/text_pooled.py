@@ -19,6 +19,12 @@ attention over the packed sequence grows with the square of its length, so calle
 queries at a time. The attention is written out as in transformers' eager CLIP attention (softmax in float32).
 The result is checked against transformers' own forward pass wherever it is used (the ONNX export's and the bf16
 copy's cosine floors) and in tests/integration/test_text_tower.py.
+
+With `states` the tower extends the start token's reuse to any prefix its queries share (models/text_prefix.py): it
+also takes `prefix_keys` / `prefix_values`, the keys and values of tokens 1..P that every query of the pass starts
+with after the start token (layers, heads, P, head_dim; P may be 0), runs only the tokens after them, and returns
+each layer's keys and values (the start token's, the prefix's, then the packed tokens') beside the embedding, so a
+prefix first seen in a pass can be kept from it.
 """
 
 from __future__ import annotations
@@ -30,8 +36,8 @@ from typing import Any
 # many.
 PACK_QUERIES = 16
 # The graph's name in remembered runtime choices (models/runtime_choice.py): timings of an earlier graph (the
-# padded batch) are not reused.
-GRAPH = "packed"
+# padded batch, "packed": the packed batch without prefix inputs) are not reused.
+GRAPH = "prefixed"
 
 
 def bos_token_id(tokenize: Any) -> int | None:
@@ -41,9 +47,12 @@ def bos_token_id(tokenize: Any) -> int | None:
     return first.pop() if len(first) == 1 else None
 
 
-def make(text_model: Any, projection: Any, bos_id: int | None) -> Any:
+def make(text_model: Any, projection: Any, bos_id: int | None, states: bool = False) -> Any:
     """text_model: transformers' CLIPTextModel (or its bf16 copy); projection: CLIP's text projection. Returns a
-    module (input_ids, attention_mask) -> projected embedding (not normalized) in the text model's dtype."""
+    module (input_ids, attention_mask) -> projected embedding (not normalized) in the text model's dtype; with
+    `states` (only where there is a start token), (input_ids, attention_mask, prefix_keys, prefix_values) ->
+    (embedding, keys of each layer..., values of each layer...), input_ids and attention_mask holding every token
+    of each query, the prefix's included (see the module's docstring)."""
     import torch
 
     class PooledTextTower(torch.nn.Module):
@@ -55,6 +64,8 @@ def make(text_model: Any, projection: Any, bos_id: int | None) -> Any:
             self.heads, self.head_dim, self.scale = attn.num_heads, attn.head_dim, attn.scale
             self.eos_token_id = int(text_model.eos_token_id)
             self.skip_bos = bos_id is not None
+            self.states = states and self.skip_bos
+            self.layers = len(layers)
             empty = torch.empty(0, dtype=text_model.final_layer_norm.weight.dtype)
             keys, values = self._bos_states(bos_id) if bos_id is not None else (empty, empty)
             self.register_buffer("bos_keys", keys, persistent=False)  # (layers, heads, 1, head_dim)
@@ -85,9 +96,23 @@ def make(text_model: Any, projection: Any, bos_id: int | None) -> Any:
             out = torch.matmul(w, v).transpose(1, 2)
             return out.reshape(out.shape[0], out.shape[1], -1)
 
-        def forward(self, input_ids: Any, attention_mask: Any) -> Any:
+        def empty_prefix(self) -> Any:
+            """prefix_keys / prefix_values of no tokens: (layers, heads, 0, head_dim)."""
+            b: Any = self.bos_keys
+            return b.new_zeros((b.shape[0], b.shape[1], 0, b.shape[3]))
+
+        def forward(
+            self, input_ids: Any, attention_mask: Any, prefix_keys: Any = None, prefix_values: Any = None
+        ) -> Any:
+            if prefix_keys is None or not self.skip_bos:
+                prefix_keys = prefix_values = None
+            emb, keys, values = self._pass(input_ids, attention_mask, prefix_keys, prefix_values)
+            return (emb, *keys, *values) if self.states else emb
+
+        def _pass(self, input_ids: Any, attention_mask: Any, prefix_keys: Any, prefix_values: Any) -> Any:
             emb, layers = self.text.embeddings, self.text.encoder.layers
-            first = 1 if self.skip_bos else 0
+            given = prefix_keys is not None
+            first = (1 + prefix_keys.shape[2] if given else 1) if self.skip_bos else 0
             ids = input_ids[:, first:]
             real = attention_mask[:, first:] > 0  # (B, n): a prefix of each row (right padding)
             batch, n = ids.shape[0], ids.shape[1]
@@ -111,17 +136,23 @@ def make(text_model: Any, projection: Any, bos_id: int | None) -> Any:
             low, zero = torch.tensor(torch.finfo(x.dtype).min, dtype=x.dtype), torch.zeros((), dtype=x.dtype)
             allowed = (seg.unsqueeze(0) == seg.unsqueeze(1)) & (pos.unsqueeze(0) <= pos.unsqueeze(1))
             mask = torch.where(allowed, zero, low)  # (T, T)
-            if self.skip_bos:
-                mask = torch.cat([torch.zeros_like(mask[:, :1]), mask], 1)  # (T, 1 + T)
+            if self.skip_bos:  # the start token's column (and the prefix's), which every query shares
+                mask = torch.cat([mask.new_zeros((mask.shape[0], first)), mask], 1)  # (T, first + T)
             bos_keys: Any = self.bos_keys
             bos_values: Any = self.bos_values
+            all_keys, all_values = [], []
             for i, layer in enumerate(layers):
                 a = layer.self_attn
                 h = layer.layer_norm1(x)
                 k, v = self._split(a.k_proj(h)), self._split(a.v_proj(h))
-                if self.skip_bos:
+                if given:
+                    k = torch.cat([bos_keys[i : i + 1], prefix_keys[i : i + 1], k], 2)
+                    v = torch.cat([bos_values[i : i + 1], prefix_values[i : i + 1], v], 2)
+                elif self.skip_bos:
                     k = torch.cat([bos_keys[i : i + 1], k], 2)
                     v = torch.cat([bos_values[i : i + 1], v], 2)
+                all_keys.append(k)
+                all_values.append(v)
                 if i < len(layers) - 1:
                     x = x + a.out_proj(self._attend(self._split(a.q_proj(h)), k, v, mask))
                     x = x + layer.mlp(layer.layer_norm2(x))
@@ -131,6 +162,6 @@ def make(text_model: Any, projection: Any, bos_id: int | None) -> Any:
                 xe = xe + a.out_proj(self._attend(self._split(a.q_proj(he)), k, v, mask[eot]))
                 xe = xe + layer.mlp(layer.layer_norm2(xe))
                 x = xe
-            return self.projection(self.text.final_layer_norm(x[0]))
+            return self.projection(self.text.final_layer_norm(x[0])), all_keys, all_values
 
     return PooledTextTower().eval()
