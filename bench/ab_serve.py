@@ -10,8 +10,11 @@ setting changed on one compares settings.
 The base revision is checked out into a temporary git worktree and its server is started with PYTHONPATH pointing
 at that worktree's `server/` (the same virtual environment, model and library otherwise). Rows: a vector term (no
 model), text whose embedding is cached (each request made distinct by a min_score that excludes nothing, so the
-result cache cannot answer), new text every request (the text tower runs) and new text of 1 to 12 words (the
-lengths of a micro-batch's queries differ), at concurrency 1 and 8. Each cell is the median over the rounds.
+result cache cannot answer), new text every request (the text tower runs: "a photo of a red bicycle number <n>",
+whose first 8 of about 10 tokens every request shares), new text of 1 to 12 words (the lengths of a micro-batch's
+queries differ; they share at most their first words) and "a photo of a <3 words> number <n>" (a template's 5
+tokens shared, as the 1M section's uncached row), at concurrency 1 and 8. Each cell is the median over the
+rounds.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, base_worktree, command_line, revisions, write_section
 from fullsize import build as build_fullsize
-from search_bench import build_library, load, mixed_text, parse_scale, pct, rss_mb, serving
+from search_bench import WORDS, build_library, load, mixed_text, parse_scale, pct, rss_mb, serving
 from vectors import synthetic
 
 
@@ -78,10 +81,16 @@ def main() -> None:
     def mixed(i: int) -> dict:
         return {"query": [{"text": mixed_text(rng, next(counter))}], "limit": 10}
 
+    def template(i: int) -> dict:
+        words = " ".join(rng.choice(WORDS, 3).tolist())
+        return {"query": [{"text": f"a photo of a {words} number {next(counter)}"}], "limit": 10}
+
     rows = [("vector term (no model)", vector, 1), ("vector term (no model)", vector, 8)]
     rows += [("text, embedding cached", text, 1), ("text, embedding cached", text, 8)]
     rows += [("text, uncached", new_text, 1), ("text, uncached", new_text, 8)]
     rows += [("text, uncached, 1-12 words", mixed, 1), ("text, uncached, 1-12 words", mixed, 8)]
+    rows += [("text, uncached, 'a photo of a' + 3 words", template, 1)]
+    rows += [("text, uncached, 'a photo of a' + 3 words", template, 8)]
     got: dict[tuple[str, str, int], list[tuple[float, float]]] = {}
     pooled: dict[tuple[str, str, int], list[float]] = {}  # every latency of a row over the rounds: its tail
     anon: dict[str, list[float]] = {}

@@ -55,6 +55,27 @@ def test_passes_on_kept_prefixes_give_the_vectors_of_whole_passes(
     assert 0 < tower.prefixes.bytes <= 1 << 20 and len(tower.prefixes)
 
 
+def test_the_traced_bf16_copy_runs_on_kept_prefixes_too(tiny_clip_dir: Path):
+    from loupe.models import bf16_text
+
+    clip = load_clip(str(tiny_clip_dir))
+    copy16 = bf16_text.Bf16TextTower(clip.model, clip.tokenize)
+    assert copy16.traced is not None and copy16.takes_prefix  # traced with a prefix, checked without one
+
+    def embed(texts: list[str]) -> np.ndarray:
+        enc = clip.tokenize(texts)
+        return copy16(enc["input_ids"], enc["attention_mask"])
+
+    texts = SHARED + OTHERS
+    whole = np.stack([embed([t])[0] for t in texts])
+    assert np.min(np.sum(whole * clip.embed_texts_torch(texts), 1)) > bf16_text.COSINE_FLOOR
+    onnx_text.keep_prefixes(copy16, 64)
+    for _ in range(3):
+        np.testing.assert_allclose(np.stack([embed([t])[0] for t in texts]), whole, atol=2e-3)
+    np.testing.assert_allclose(embed(SHARED), whole[: len(SHARED)], atol=2e-3)
+    assert copy16.prefixes.hits >= 2 * len(SHARED) and copy16.prefixes.tokens_saved > 0
+
+
 def _row(*tokens: int) -> tuple[int, ...]:
     return (0, *tokens, 99)  # start token 0, end-of-text 99
 

@@ -71,10 +71,11 @@ class _Modules:  # torch modules built lazily (torch is imported by the caller)
 
     @staticmethod
     def tower(text: Any, projection: Any, table: Any, bos_id: int | None) -> Any:
-        """(input_ids, attention_mask) -> the projected bf16 embedding, computing only what it depends on
-        (models/text_pooled.py). The shared fp32 table is registered on it (after the cast), so a trace sees it
-        as a parameter, not a constant to copy."""
-        tower = text_pooled.make(text, projection, bos_id)
+        """(input_ids, attention_mask, prefix_keys, prefix_values) -> (the projected bf16 embedding, each layer's
+        keys and values), computing only what it depends on (models/text_pooled.py with `states`; without a start
+        token (input_ids, attention_mask) -> the embedding). The shared fp32 table is registered on it (after the
+        cast), so a trace sees it as a parameter, not a constant to copy."""
+        tower = text_pooled.make(text, projection, bos_id, states=True)
         tower.table = table
         return tower
 
@@ -86,7 +87,10 @@ class Bf16TextTower:
     forward pass. Eager mode releases and retakes the GIL at each of its ~400 operators, so in a server whose other
     threads run Python (HTTP, JSON, the search) every operator queued behind them: a batch of 4 took 2.5x its
     standalone time under load (bench/RESULTS.md, "Text tower under load"). A trace is checked against eager mode
-    at other batch sizes and lengths than it was traced at; if it fails or differs, eager mode serves."""
+    at other batch sizes and lengths than it was traced at; if it fails or differs, eager mode serves.
+
+    Like the ONNX Runtime tower, a pass runs on the longest kept prefix its queries share (`prefixes`, a
+    models/text_prefix.py PrefixCache given once the copy is chosen)."""
 
     def __init__(self, model: Any, tokenize: Callable[[list[str]], Any] | None = None) -> None:
         import torch
@@ -107,16 +111,26 @@ class Bf16TextTower:
             except Exception as exc:  # the start token then runs through the layers like the others
                 log.warning("the bf16 text tower cannot tokenize its probes (%s)", exc)
         self.tower = _Modules.tower(self.text, self.projection, table, bos)
+        self.takes_prefix = bool(getattr(self.tower, "states", False))
+        self._empty: Any = self.tower.empty_prefix() if self.takes_prefix else None
+        self.prefixes: Any = None
         self.traced: Any = None
         self._lock = threading.Lock()
         if tokenize is not None:
             self.traced = self._trace(tokenize)
 
+    def empty_prefix(self) -> Any:
+        """prefix_keys of no tokens (None where the tower takes none)."""
+        return self._empty
+
     def _trace(self, tokenize: Callable[[list[str]], Any]) -> Any:
-        """Traced on two queries of different lengths (so the trace packs a padded batch), checked on one query and
-        on eight padded to a third length."""
+        """Traced on two queries of different lengths (so the trace packs a padded batch) given a prefix of two
+        tokens (its values do not matter to the trace), checked on one query and on eight padded to a third
+        length, given none."""
 
         def differs(eager: Any, traced: Any) -> str | None:
+            if isinstance(eager, tuple):
+                eager, traced = eager[0], traced[0]
             worst = float(
                 np.min(np.sum(normalize(eager.float().numpy()) * normalize(traced.float().numpy()), 1))
             )
@@ -127,7 +141,13 @@ class Bf16TextTower:
         except Exception as exc:
             log.warning("the bf16 text tower runs in eager mode: the probes cannot be tokenized (%s)", exc)
             return None
-        example, *checks = [(enc["input_ids"], enc["attention_mask"]) for enc in inputs]
+        pairs: list[tuple[Any, ...]] = [(enc["input_ids"], enc["attention_mask"]) for enc in inputs]
+        example, *checks = pairs
+        e: Any = self._empty
+        if e is not None:
+            two = e.new_zeros((e.shape[0], e.shape[1], 2, e.shape[3]))
+            example = (*example, two, two)
+            checks = [(*c, e, e) for c in checks]
         return trace_checked("bf16 text tower", self.tower, example, checks, differs)
 
     def __call__(self, input_ids: Any, attention_mask: Any) -> np.ndarray:
@@ -137,7 +157,19 @@ class Bf16TextTower:
         # the fallback, one pass at a time as it always has.
         run = self.traced if self.traced is not None else self.tower
         with self._lock if self.traced is None else contextlib.nullcontext(), torch.inference_mode():
-            return normalize(run(input_ids, attention_mask).float().numpy())
+            if not self.takes_prefix:
+                return normalize(run(input_ids, attention_mask).float().numpy())
+            cache = self.prefixes
+            if cache is None:
+                return normalize(run(input_ids, attention_mask, self._empty, self._empty)[0].float().numpy())
+            lengths = attention_mask.sum(1).tolist()
+            rows = [tuple(r[:n].tolist()) for r, n in zip(input_ids, lengths, strict=True)]
+            plan = cache.plan(rows)
+            out = run(input_ids, attention_mask, plan.keys, plan.values)
+            if plan.capture:
+                half = (len(out) - 1) // 2
+                cache.learn(plan, rows, list(out[1 : 1 + half]), list(out[1 + half :]))
+            return normalize(out[0].float().numpy())
 
 
 def cpu_has_bf16() -> bool:

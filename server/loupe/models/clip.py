@@ -256,15 +256,16 @@ class ClipModel:
         return self.embed_texts_torch(texts, threads)
 
     def prefix_stats(self) -> dict[str, int] | None:
-        """The text tower's kept prefixes (models/text_prefix.py), None where it keeps none."""
-        cache = getattr(self.text_tower, "prefixes", None)
-        if cache is None:
+        """The text towers' kept prefixes (models/text_prefix.py), together; None where none keeps any."""
+        caches = [getattr(t, "prefixes", None) for t in (self.text_tower, self.text_batch_tower)]
+        kept = [c for c in caches if c is not None]
+        if not kept:
             return None
         return {
-            "kept": len(cache),
-            "bytes": cache.bytes,
-            "passes": cache.hits,
-            "tokens_saved": cache.tokens_saved,
+            "kept": sum(len(c) for c in kept),
+            "bytes": sum(c.bytes for c in kept),
+            "passes": sum(c.hits for c in kept),
+            "tokens_saved": sum(c.tokens_saved for c in kept),
         }
 
     def embed_texts_torch(self, texts: list[str], threads: int | None = None) -> np.ndarray:

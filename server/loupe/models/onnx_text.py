@@ -384,16 +384,18 @@ def _attach_for_settings(clip: Any, settings: Settings) -> str:
         # The bf16 copy takes every query, so the ONNX Runtime session would never run: its weights are freed.
         clip.text_tower = None
         clip.text_runtime = "bf16"
-    keep_prefixes(clip.text_tower, settings.model.text_prefix_cache_mb)
+    for tower in (clip.text_tower, clip.text_batch_tower):
+        keep_prefixes(tower, settings.model.text_prefix_cache_mb)
     return clip.text_runtime
 
 
 def keep_prefixes(tower: Any, budget_mb: int) -> None:
-    """Give an ONNX Runtime text tower whose graph takes prefix states a cache of them (models/text_prefix.py),
-    once its runtime is chosen: kept prefixes would speed up the timings that choose it."""
+    """Give a text tower whose graph takes prefix states (the ONNX Runtime one, the bf16 copy) a cache of them
+    (models/text_prefix.py), each its own, once the runtimes are chosen: kept prefixes would speed up the timings
+    that choose them."""
     from loupe.models import text_prefix
 
-    if isinstance(tower, OnnxTextTower) and tower.takes_prefix and budget_mb > 0:
+    if getattr(tower, "takes_prefix", False) and budget_mb > 0:
         tower.prefixes = text_prefix.PrefixCache(budget_mb << 20, tower.empty_prefix())
 
 

@@ -27,7 +27,7 @@ import numpy as np
 # Queries that must share a prefix before its states are kept: one repeat shows it is shared.
 MIN_COUNT = 2
 # Prefixes counted at most; beyond, every count is halved and those at zero forgotten (old queries fade).
-MAX_COUNTED = 1 << 16
+MAX_COUNTED = 1 << 14
 
 
 @dataclass
