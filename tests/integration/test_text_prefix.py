@@ -42,12 +42,12 @@ def test_passes_on_kept_prefixes_give_the_vectors_of_whole_passes(
     start = tuple(clip.tokenize(["a photo of a"], "np")["input_ids"][0][:5].tolist())  # start token + 4 words
     assert start in cache._kept
     assert cache.hits >= 2 * len(SHARED) and cache.tokens_saved >= 4 * 2 * (len(SHARED) - 1)
-    # In passes: the shared prefix for a pass of SHARED, the start token alone for a pass mixing in OTHERS.
-    hits = cache.hits
+    # In passes: each query given its longest kept prefix, OTHERS none.
+    hits, saved = cache.hits, cache.tokens_saved
     np.testing.assert_allclose(clip.embed_texts(SHARED), whole[: len(SHARED)], atol=tolerance)
-    assert cache.hits == hits + 1
+    assert cache.hits == hits + 1 and cache.tokens_saved >= saved + 4 * len(SHARED)
     np.testing.assert_allclose(clip.embed_texts(texts), whole, atol=tolerance)
-    assert cache.hits == hits + 1
+    assert cache.hits == hits + 2
     # Within the budget: a cache of 1 MB keeps what fits and still gives the same vectors.
     onnx_text.keep_prefixes(tower, 1)
     for _ in range(3):
@@ -82,55 +82,72 @@ def _row(*tokens: int) -> tuple[int, ...]:
 
 def _states(rows: list[tuple[int, ...]], plan: text_prefix.Plan) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """A pass's states as the graph lays them out, each column holding (query, position) so a test can read where a
-    kept prefix came from: per layer (1, heads, 1 + given + T, head_dim)."""
-    cols = [(-1, 0)] + [(-1, p) for p in range(1, 1 + plan.length)]
+    kept prefix came from: per layer (1, heads, 1 + C + T, head_dim), the given columns' query -1, their position
+    their column."""
+    width = plan.allowed.shape[1]
+    cols = [(-1, 0)] + [(-1, c) for c in range(width)]
     for q, row in enumerate(rows):
-        cols += [(q, p) for p in range(1 + plan.length, len(row))]
+        cols += [(q, p) for p in range(1 + plan.lengths[q], len(row))]
     layer = np.array(cols, np.float32).T[None, :, :, None].repeat(2, axis=3)  # heads 2: (query, position)
     return [layer, layer + 1000], [layer, layer]
 
 
-def test_a_prefix_is_kept_once_two_queries_share_it_and_each_pass_uses_the_longest_all_share():
+def _learn(cache: text_prefix.PrefixCache, rows: list[tuple[int, ...]]) -> text_prefix.Plan:
+    plan = cache.plan(rows)
+    cache.learn(plan, rows, *_states(rows, plan))
+    return plan
+
+
+def test_a_prefix_is_kept_once_two_queries_share_it_and_each_query_is_given_its_longest():
     empty = np.zeros((2, 2, 0, 2), np.float32)
     cache = text_prefix.PrefixCache(1 << 20, empty)
     a, b = _row(1, 2, 3, 4), _row(1, 2, 3, 5)
-    plan = cache.plan([a])
-    assert plan.length == 0 and plan.capture == [] and plan.keys is empty  # seen once: nothing kept
-    plan = cache.plan([b])
-    assert plan.length == 0 and plan.capture == [(0, 4)]  # (0, 1, 2, 3): shared with a, taken from b's pass
-    cache.learn(plan, [b], *_states([b], plan))
+    plan = _learn(cache, [a])
+    assert plan.lengths == [0] and plan.capture == [] and plan.keys is empty  # seen once: nothing kept
+    assert plan.allowed.shape == (1, 0)
+    plan = _learn(cache, [b])
+    assert plan.lengths == [0] and plan.capture == [
+        (0, 4)
+    ]  # (0, 1, 2, 3): shared with a, taken from b's pass
     assert list(cache._kept) == [(0, 1, 2, 3)]
     keys, _ = cache._kept[(0, 1, 2, 3)]
     assert keys.shape == (2, 2, 3, 2)  # layers, heads, the 3 tokens after the start token, head_dim
     assert keys[1, 1, :, 0].tolist() == [1001, 1002, 1003] and keys[0, 0, :, 0].tolist() == [0, 0, 0]
-    # A third query sharing it runs on it; so does a pass of two, and each query keeps its last token to run.
+    # A third query sharing it is given it; each query keeps at least its end-of-text token to run.
     c = _row(1, 2, 3, 6, 7)
     plan = cache.plan([c])
-    assert plan.length == 3 and plan.keys.shape == (2, 2, 3, 2)
-    assert cache.plan([c, a]).length == 3
-    assert cache.plan([_row(1, 2, 3)]).length == 3  # all of it but its end-of-text token, which the pass runs
-    assert cache.plan([_row(1, 2)]).length == 0
-    # A pass whose queries part after the first word uses what they share: the start token alone here.
-    assert cache.plan([c, _row(1, 7, 3, 4)]).length == 0
-    # Kept from a pass that already ran on a prefix: the given columns, then the query's own.
-    d = _row(1, 2, 3, 6, 8)
-    plan = cache.plan([d])  # (0, 1, 2, 3, 6) now shared by c and d
-    assert plan.length == 3 and plan.capture == [(0, 5)]
-    cache.learn(plan, [d], *_states([d], plan))
-    keys, _ = cache._kept[(0, 1, 2, 3, 6)]
-    assert keys[0, 1, :, 0].tolist() == [1, 2, 3, 4] and keys[0, 0, :, 0].tolist() == [-1, -1, -1, 0]
-    assert cache.plan([_row(1, 2, 3, 6, 9)]).length == 4
+    assert plan.lengths == [3] and plan.keys.shape == (2, 2, 3, 2) and plan.allowed.tolist() == [[1, 1, 1]]
+    assert cache.plan([_row(1, 2, 3)]).lengths == [3]  # all but its end-of-text token
+    assert cache.plan([_row(1, 2)]).lengths == [0]
+    # In one pass, each query its own: one given the kept prefix (its columns once), one given none.
+    plan = cache.plan([c, _row(7, 3, 4), a])
+    assert plan.lengths == [3, 0, 3] and plan.columns == [0, 0, 0] and plan.keys.shape == (2, 2, 3, 2)
+    assert plan.allowed.tolist() == [[1, 1, 1], [0, 0, 0], [1, 1, 1]]
+    # Kept from a pass in which queries were given other prefixes: the query's given columns, then its own.
+    _learn(cache, [_row(8, 9, 1), _row(8, 9, 2)])  # (0, 8, 9) kept from the second of these
+    d, e = _row(8, 9, 5), _row(1, 2, 3, 6, 8)  # (0, 1, 2, 3, 6) now shared by c and e
+    plan = _learn(cache, [d, e])
+    assert plan.lengths == [2, 3] and plan.columns == [0, 2] and plan.capture == [(1, 5)]
+    assert plan.allowed.tolist() == [[1, 1, 0, 0, 0], [0, 0, 1, 1, 1]]
+    keys, _ = cache._kept[(0, 1, 2, 3, 6)]  # e's given columns 2-4, then its own token at position 4
+    assert keys[0, 1, :, 0].tolist() == [2, 3, 4, 4] and keys[0, 0, :, 0].tolist() == [-1, -1, -1, 1]
+    assert cache.plan([_row(1, 2, 3, 6, 9)]).lengths == [4]
+
+
+def test_the_graph_inputs_hold_each_querys_tokens_after_its_prefix():
+    rows = [_row(1, 2, 3, 4), _row(5), _row(1, 2, 6)]
+    ids, mask, start = text_prefix.inputs(rows, [2, 0, 2])
+    assert ids.tolist() == [[3, 4, 99], [5, 99, 0], [6, 99, 0]]
+    assert mask.tolist() == [[1, 1, 1], [1, 1, 0], [1, 1, 0]] and start.tolist() == [3, 1, 3]
 
 
 def test_kept_prefixes_stay_within_their_budget_least_recently_used_first(monkeypatch):
     empty = np.zeros((2, 2, 0, 2), np.float32)
     per_token = 2 * 2 * 2 * 4 * 2  # layers, heads, head_dim, float32, keys and values
     cache = text_prefix.PrefixCache(5 * per_token, empty)
-    rows = {w: [_row(w, 1, 2, 3), _row(w, 1, 2, 4)] for w in (10, 20)}
     for w in (10, 20):
-        cache.plan(rows[w][:1])
-        plan = cache.plan(rows[w][1:])
-        cache.learn(plan, rows[w][1:], *_states(rows[w][1:], plan))
+        _learn(cache, [_row(w, 1, 2, 3)])
+        _learn(cache, [_row(w, 1, 2, 4)])
     # Each prefix is 3 tokens after the start token: the second pushed the first out.
     assert list(cache._kept) == [(0, 20, 1, 2)] and cache.bytes == 3 * per_token
     # Counts fade: beyond MAX_COUNTED prefixes every count is halved, so one old sighting no longer counts.
@@ -152,3 +169,25 @@ def test_the_runtime_keeps_prefixes_on_onnx_and_health_counts_them(make_settings
         make_settings(data_dir=rt.settings.data_dir.parent / "d2", model={"text_prefix_cache_mb": 0})
     )
     assert off.health()["model"]["text_prefixes"] is None
+
+
+def test_prompt_templates_run_each_on_its_own_kept_prefix_with_the_vectors_of_whole_passes(
+    make_settings, runtime_factory
+):
+    """With prompt templates every query is encoded once per template in one pass, so the pass's queries start
+    with different prefixes: each is given its own template's."""
+    templates = {"search": {"prompt_templates": ["a photo of a {}", "a drawing of a {}", "{} in the snow"]}}
+    on = runtime_factory(make_settings(**templates))
+    off = runtime_factory(
+        make_settings(
+            data_dir=on.settings.data_dir.parent / "off", model={"text_prefix_cache_mb": 0}, **templates
+        )
+    )
+    words = ["red circle", "blue square", "green star", "red triangle", "small blue circle", "yellow star"]
+    for word in words:
+        np.testing.assert_allclose(
+            on.search.embed_query_texts([word])[0], off.search.embed_query_texts([word])[0], atol=2e-5
+        )
+    got = on.health()["model"]["text_prefixes"]
+    # From the third word on, "a photo of a" and "a drawing of a" are given: 4 tokens each, in the same passes.
+    assert got["passes"] >= len(words) - 2 and got["tokens_saved"] >= 8 * (len(words) - 2)

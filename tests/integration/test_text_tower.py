@@ -602,7 +602,9 @@ def test_text_passes_run_side_by_side_only_where_a_pass_under_load_is_single_thr
 ):
     from loupe.models.clip import SIDE_BY_SIDE_BATCH
 
-    rt = runtime_factory(make_settings(model={"text_batches_bf16": "on"}))
+    # No kept prefixes: which tower serves is read from exact vectors, and a repeat given a kept prefix differs
+    # in its last bits (tests/integration/test_text_prefix.py).
+    rt = runtime_factory(make_settings(model={"text_batches_bf16": "on", "text_prefix_cache_mb": 0}))
     clip = rt.clip
     assert clip.text_tower is not None and clip.text_batch_tower is not None  # ONNX Runtime and the bf16 copy
     clip.threads, clip.text_threads_under_load = 2, 0  # 2 cores: one thread per pass under load

@@ -124,9 +124,9 @@ class Bf16TextTower:
         return self._empty
 
     def _trace(self, tokenize: Callable[[list[str]], Any]) -> Any:
-        """Traced on two queries of different lengths (so the trace packs a padded batch) given a prefix of two
-        tokens (its values do not matter to the trace), checked on one query and on eight padded to a third
-        length, given none."""
+        """Traced on two queries of different lengths (so the trace packs a padded batch), their tokens after a
+        prefix of two given to both (its values do not matter to the trace), checked on one query and on eight
+        padded to a third length, given none."""
 
         def differs(eager: Any, traced: Any) -> str | None:
             if isinstance(eager, tuple):
@@ -144,14 +144,35 @@ class Bf16TextTower:
         pairs: list[tuple[Any, ...]] = [(enc["input_ids"], enc["attention_mask"]) for enc in inputs]
         example, *checks = pairs
         e: Any = self._empty
-        if e is not None:
+        if e is not None:  # the prefixed graph: each query's tokens after its prefix (text_pooled.make)
+            import torch
+
+            ids, mask = example[0][:, 3:], example[1][:, 3:]
             two = e.new_zeros((e.shape[0], e.shape[1], 2, e.shape[3]))
-            example = (*example, two, two)
-            checks = [(*c, e, e) for c in checks]
+            start = torch.full((ids.shape[0],), 3, dtype=torch.int64)
+            example = (ids, mask, start, two, two, torch.ones((ids.shape[0], 2)))
+            checks = [self._whole(c[0], c[1]) for c in checks]
         return trace_checked("bf16 text tower", self.tower, example, checks, differs)
+
+    def _whole(self, input_ids: Any, attention_mask: Any) -> tuple[Any, ...]:
+        """The prefixed graph's inputs for whole rows given no prefix."""
+        import torch
+
+        batch = input_ids.shape[0]
+        start = torch.ones((batch,), dtype=torch.int64)
+        return (
+            input_ids[:, 1:],
+            attention_mask[:, 1:],
+            start,
+            self._empty,
+            self._empty,
+            torch.zeros((batch, 0)),
+        )
 
     def __call__(self, input_ids: Any, attention_mask: Any) -> np.ndarray:
         import torch
+
+        from loupe.models import text_prefix
 
         # A trace runs side by side from several threads (text passes under load, models/batching.py); eager mode,
         # the fallback, one pass at a time as it always has.
@@ -161,11 +182,12 @@ class Bf16TextTower:
                 return normalize(run(input_ids, attention_mask).float().numpy())
             cache = self.prefixes
             if cache is None:
-                return normalize(run(input_ids, attention_mask, self._empty, self._empty)[0].float().numpy())
+                return normalize(run(*self._whole(input_ids, attention_mask))[0].float().numpy())
             lengths = attention_mask.sum(1).tolist()
             rows = [tuple(r[:n].tolist()) for r, n in zip(input_ids, lengths, strict=True)]
             plan = cache.plan(rows)
-            out = run(input_ids, attention_mask, plan.keys, plan.values)
+            ids, mask, start = (torch.from_numpy(a) for a in text_prefix.inputs(rows, plan.lengths))
+            out = run(ids, mask, start, plan.keys, plan.values, torch.from_numpy(plan.allowed))
             if plan.capture:
                 half = (len(out) - 1) // 2
                 cache.learn(plan, rows, list(out[1 : 1 + half]), list(out[1 + half :]))

@@ -58,15 +58,15 @@ COSINE_FLOOR = {"onnx": 0.9999, "onnx-w8": 0.999, "onnx-int8": 0.99}
 AUTO_GAIN = 1.2
 # MatMulNBits' block of input channels sharing a scale, on CPUs with VNNI and without (w8_block).
 W8_BLOCK_VNNI, W8_BLOCK_PLAIN = 128, 32
-# Export files: PREFIX-<fingerprint><SUFFIX>.onnx. The prefix names the exported graph ("text4": the pooled tower
-# of models/text_pooled.py taking a shared prefix's states; "text3": the same without them, a batch packed into
-# its real tokens; "text2": the pooled tower on the padded batch;
+# Export files: PREFIX-<fingerprint><SUFFIX>.onnx. The prefix names the exported graph ("text5": the pooled tower
+# of models/text_pooled.py taking kept prefixes' states, each query its own; "text4": one prefix for the whole
+# pass, never released; "text3": the same without them, a batch packed into its real tokens; "text2": the pooled tower on the padded batch;
 # "text": transformers' whole forward pass), the suffix the quantization ("-int8c":
 # per-channel scales, which replaced per-tensor "-int8"; "-int8s": per-channel scales after smoothing, which
 # replaced "-int8c"; "-int8u": the same with unsigned weights, see int8_unsigned_weights; "-w8s<block>": 8-bit
 # blocks after folded smoothing, which replaced unsmoothed blocks of 32, "-w8b32"), so an export of another kind
 # is never reused.
-PREFIX = "text4"
+PREFIX = "text5"
 SUFFIX = {"onnx": "", "onnx-int8": "-int8s"}
 W8_SUFFIX = "-w8s"  # onnx-w8's, followed by its block (suffix)
 LEGACY_W8 = "-w8b"  # unsmoothed onnx-w8 exports: deleted at attach
@@ -187,26 +187,42 @@ class OnnxTextTower:
     def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         # The pooled tower packs the batch by its attention mask (an export of the earlier graph, which took none,
         # is deleted at attach).
-        feed: dict[str, Any] = {
-            "input_ids": input_ids.astype(np.int64),
-            "attention_mask": attention_mask.astype(np.int64),
-        }
         if not self.takes_prefix:
+            feed = {
+                "input_ids": input_ids.astype(np.int64),
+                "attention_mask": attention_mask.astype(np.int64),
+            }
             (out,) = self.session.run(None, feed)
             return normalize(out)
-        cache = self.prefixes
-        if cache is None:
-            feed["prefix_keys"] = feed["prefix_values"] = self._empty
-            return normalize(self.session.run(["embedding"], feed)[0])
+        from loupe.models import text_prefix
+
         lengths = attention_mask.sum(axis=1)
         rows = [tuple(r[:n].tolist()) for r, n in zip(input_ids, lengths, strict=True)]
-        plan = cache.plan(rows)  # the graph skips the prefix's tokens by its length
-        feed["prefix_keys"], feed["prefix_values"] = plan.keys, plan.values
+        cache = self.prefixes
+        if cache is None:
+            plan = text_prefix.Plan(
+                [0] * len(rows), [0] * len(rows), self._empty, self._empty, self._none(rows)
+            )
+        else:
+            plan = cache.plan(rows)
+        ids, mask, start = text_prefix.inputs(rows, plan.lengths)
+        feed = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "start": start,
+            "prefix_keys": plan.keys,
+            "prefix_values": plan.values,
+            "prefix_allowed": plan.allowed,
+        }
         outs = self.session.run(["embedding", *self.state_names] if plan.capture else ["embedding"], feed)
-        if plan.capture:
+        if plan.capture and cache is not None:
             half = len(self.state_names) // 2
             cache.learn(plan, rows, outs[1 : 1 + half], outs[1 + half :])
         return normalize(outs[0])
+
+    @staticmethod
+    def _none(rows: list[Any]) -> np.ndarray:
+        return np.zeros((len(rows), 0), np.float32)
 
 
 _export_lock = threading.Lock()
@@ -337,22 +353,29 @@ def export_smoothed(clip: Any, out: Path, folded: bool = False) -> None:
 
 def export_pooled(clip: Any, text_model: Any, projection: Any, out: Path) -> None:
     """The pooled text tower (models/text_pooled.py) of `text_model` and `projection`, exported in fp32; with a
-    start token, the graph that takes a shared prefix's states and returns each layer's (`states`): inputs
-    input_ids, attention_mask, prefix_keys, prefix_values; outputs embedding, keys_0.., values_0..."""
+    start token, the graph that takes kept prefixes' states and returns each layer's (`states`): inputs input_ids,
+    attention_mask, start, prefix_keys, prefix_values, prefix_allowed; outputs embedding, keys_0.., values_0..."""
+    import torch
+
     enc = clip.tokenize(PROBES[:2])
     tower = text_pooled.make(text_model, projection, text_pooled.bos_token_id(clip.tokenize), states=True)
     if not tower.states:
         export_encoder(tower, enc["input_ids"], enc["attention_mask"], out)
         return
-    # Traced with a prefix of two tokens (its values do not matter to the graph), every length dynamic.
+    # Traced on the probes' tokens after a prefix of two (start 3; its states' values do not matter to the graph),
+    # given to both queries, every length dynamic.
     empty = tower.empty_prefix()
     prefix = empty.new_zeros((empty.shape[0], empty.shape[1], 2, empty.shape[3]))
+    ids, mask = enc["input_ids"][:, 3:], enc["attention_mask"][:, 3:]
+    start = torch.full((ids.shape[0],), 3, dtype=torch.int64)
+    allowed = torch.ones((ids.shape[0], 2))
     tokens, given = {0: "batch", 1: "tokens"}, {2: "prefix"}
     layers = [f"keys_{i}" for i in range(tower.layers)] + [f"values_{i}" for i in range(tower.layers)]
-    axes = {"input_ids": tokens, "attention_mask": tokens, "prefix_keys": given, "prefix_values": given}
+    axes = {"input_ids": tokens, "attention_mask": tokens, "start": {0: "batch"}}
+    axes.update({"prefix_keys": given, "prefix_values": given, "prefix_allowed": {0: "batch", 1: "prefix"}})
     axes.update({name: {2: "columns"} for name in layers})
-    names = ["input_ids", "attention_mask", "prefix_keys", "prefix_values"]
-    args = (enc["input_ids"], enc["attention_mask"], prefix, prefix)
+    names = ["input_ids", "attention_mask", "start", "prefix_keys", "prefix_values", "prefix_allowed"]
+    args = (ids, mask, start, prefix, prefix, allowed)
     export_module(tower, args, out, names, axes, ["embedding", *layers])
 
 

@@ -20,11 +20,13 @@ queries at a time. The attention is written out as in transformers' eager CLIP a
 The result is checked against transformers' own forward pass wherever it is used (the ONNX export's and the bf16
 copy's cosine floors) and in tests/integration/test_text_tower.py.
 
-With `states` the tower extends the start token's reuse to any prefix its queries share (models/text_prefix.py): it
-also takes `prefix_keys` / `prefix_values`, the keys and values of tokens 1..P that every query of the pass starts
-with after the start token (layers, heads, P, head_dim; P may be 0), runs only the tokens after them, and returns
-each layer's keys and values (the start token's, the prefix's, then the packed tokens') beside the embedding, so a
-prefix first seen in a pass can be kept from it.
+With `states` the tower extends the start token's reuse to any prefix a query shares with others
+(models/text_prefix.py). It then takes each query's tokens after its own prefix (input_ids / attention_mask, right
+padded), the position of the first of them (`start`: 1 + the prefix's length), the keys and values of the prefixes
+the pass's queries were given (`prefix_keys` / `prefix_values`: layers, heads, C columns, head_dim; C may be 0) and
+which query may attend to which of those columns (`prefix_allowed`: batch, C; > 0 where allowed), so queries with
+different prefixes share one pass. It returns each layer's keys and values (the start token's column, the C prefix
+columns, then the packed tokens') beside the embedding, so a prefix first seen in a pass can be kept from it.
 """
 
 from __future__ import annotations
@@ -50,9 +52,10 @@ def bos_token_id(tokenize: Any) -> int | None:
 def make(text_model: Any, projection: Any, bos_id: int | None, states: bool = False) -> Any:
     """text_model: transformers' CLIPTextModel (or its bf16 copy); projection: CLIP's text projection. Returns a
     module (input_ids, attention_mask) -> projected embedding (not normalized) in the text model's dtype; with
-    `states` (only where there is a start token), (input_ids, attention_mask, prefix_keys, prefix_values) ->
-    (embedding, keys of each layer..., values of each layer...), input_ids and attention_mask holding every token
-    of each query, the prefix's included (see the module's docstring)."""
+    `states` (only where there is a start token), (input_ids, attention_mask, start, prefix_keys, prefix_values,
+    prefix_allowed) -> (embedding, keys of each layer..., values of each layer...), input_ids and attention_mask
+    holding each query's tokens after its prefix (see the module's docstring). Called with whole rows alone
+    (input_ids, attention_mask), it runs them as before, whichever mode."""
     import torch
 
     class PooledTextTower(torch.nn.Module):
@@ -102,42 +105,55 @@ def make(text_model: Any, projection: Any, bos_id: int | None, states: bool = Fa
             return b.new_zeros((b.shape[0], b.shape[1], 0, b.shape[3]))
 
         def forward(
-            self, input_ids: Any, attention_mask: Any, prefix_keys: Any = None, prefix_values: Any = None
+            self,
+            input_ids: Any,
+            attention_mask: Any,
+            start: Any = None,
+            prefix_keys: Any = None,
+            prefix_values: Any = None,
+            prefix_allowed: Any = None,
         ) -> Any:
-            if prefix_keys is None or not self.skip_bos:
-                prefix_keys = prefix_values = None
-            emb, keys, values = self._pass(input_ids, attention_mask, prefix_keys, prefix_values)
+            if start is None or not self.skip_bos:  # whole rows: the start token (if any) is skipped here
+                first = 1 if self.skip_bos else 0
+                ids, real = input_ids[:, first:], attention_mask[:, first:] > 0
+                start = torch.full((ids.shape[0],), first, dtype=torch.int64, device=ids.device)
+                prefix_keys = prefix_values = prefix_allowed = None
+            else:
+                ids, real = input_ids, attention_mask > 0
+            emb, keys, values = self._pass(ids, real, start, prefix_keys, prefix_values, prefix_allowed)
             return (emb, *keys, *values) if self.states else emb
 
-        def _pass(self, input_ids: Any, attention_mask: Any, prefix_keys: Any, prefix_values: Any) -> Any:
+        def _pass(
+            self, ids: Any, real: Any, start: Any, prefix_keys: Any, prefix_values: Any, prefix_allowed: Any
+        ) -> Any:
+            """ids / real (B, n): each query's tokens from position start[b] on (right padding)."""
             emb, layers = self.text.embeddings, self.text.encoder.layers
             given = prefix_keys is not None
-            first = (1 + prefix_keys.shape[2] if given else 1) if self.skip_bos else 0
-            ids = input_ids[:, first:]
-            real = attention_mask[:, first:] > 0  # (B, n): a prefix of each row (right padding)
             batch, n = ids.shape[0], ids.shape[1]
             # The batch's real tokens packed into one sequence (T of them), each with its position and its query.
-            positions = torch.arange(first, first + n, device=ids.device).unsqueeze(0).expand(batch, n)
+            positions = start.unsqueeze(1) + torch.arange(n, device=ids.device).unsqueeze(0)
             query = torch.arange(batch, device=ids.device).unsqueeze(1).expand(batch, n)
             pos, seg = positions[real], query[real]  # (T,)
             x = emb.token_embedding(ids[real]) + emb.position_embedding.weight[pos]
             x = x.to(self.text.final_layer_norm.weight.dtype).unsqueeze(0)  # (1, T, D)
             # The end-of-text token's place in the packed sequence. transformers' legacy configs (eos_token_id 2):
             # it is the token with the largest id.
-            ids32 = input_ids.to(torch.int32)
+            ids32 = ids.to(torch.int32)
             if self.eos_token_id == 2:
                 eot = ids32.argmax(dim=-1)
             else:
                 eot = (ids32 == self.eos_token_id).to(torch.int32).argmax(dim=-1)
             lengths = real.sum(dim=1)
-            eot = torch.cumsum(lengths, 0) - lengths + eot - first  # (B,)
+            eot = torch.cumsum(lengths, 0) - lengths + eot  # (B,)
             # Token r attends to token c of its own query at or before its position (the causal mask, block by
             # block), and to the start token's cached column, which every query shares.
             low, zero = torch.tensor(torch.finfo(x.dtype).min, dtype=x.dtype), torch.zeros((), dtype=x.dtype)
             allowed = (seg.unsqueeze(0) == seg.unsqueeze(1)) & (pos.unsqueeze(0) <= pos.unsqueeze(1))
             mask = torch.where(allowed, zero, low)  # (T, T)
-            if self.skip_bos:  # the start token's column (and the prefix's), which every query shares
-                mask = torch.cat([mask.new_zeros((mask.shape[0], first)), mask], 1)  # (T, first + T)
+            if given:  # the prefix columns its query was given (prefix_allowed: (B, C), > 0 where given)
+                mask = torch.cat([torch.where(prefix_allowed[seg] > 0, zero, low), mask], 1)  # (T, C + T)
+            if self.skip_bos:  # the start token's column, which every query shares
+                mask = torch.cat([mask.new_zeros((mask.shape[0], 1)), mask], 1)
             bos_keys: Any = self.bos_keys
             bos_values: Any = self.bos_values
             all_keys, all_values = [], []

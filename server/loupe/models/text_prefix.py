@@ -10,9 +10,11 @@ any prefix that queries share.
 What is kept: every pass counts the token prefixes of its queries (from the second token to all but the
 end-of-text token). A prefix seen in MIN_COUNT queries is taken from the pass that sees it so (the graph returns
 each layer's keys and values, so taking them costs no extra pass) and kept, the least recently used dropped beyond
-the byte budget (`LOUPE_MODEL__TEXT_PREFIX_CACHE_MB`). A pass uses the longest kept prefix that all its queries
-share. The prefix's states come from the same graph as the pass (the same runtime and quantization), so a query's
-vector is what the whole pass would give, to the runtime's rounding (checked in tests/integration/test_text_tower.py).
+the byte budget (`LOUPE_MODEL__TEXT_PREFIX_CACHE_MB`). Each query of a pass is given the longest kept prefix it
+starts with, whatever the others are given (the prompt templates of one query differ in their first words), and
+runs only its tokens after it. The prefix's states come from the same graph as the pass (the same runtime and
+quantization), so a query's vector is what the whole pass would give, to the runtime's rounding (checked in
+tests/integration/test_text_prefix.py).
 """
 
 from __future__ import annotations
@@ -32,19 +34,33 @@ MAX_COUNTED = 1 << 14
 
 @dataclass
 class Plan:
-    """One pass's use of the cache: `length` tokens after the start token come from `keys` / `values` (layers,
-    heads, length, head_dim), and `capture` lists (query, prefix length in tokens with the start token) to keep
-    from this pass's states."""
+    """One pass's use of the cache. Query q is given `lengths[q]` tokens after the start token (0: none), the
+    columns `columns[q]` onward of `keys` / `values` (layers, heads, C, head_dim: the distinct kept prefixes given,
+    one after another); `allowed` (queries, C) is 1 where a query was given a column. `capture` lists (query, prefix
+    length in tokens with the start token) to keep from this pass's states."""
 
-    length: int
+    lengths: list[int]
+    columns: list[int]
     keys: Any
     values: Any
+    allowed: np.ndarray
     capture: list[tuple[int, int]] = field(default_factory=list)
 
 
+def inputs(rows: list[tuple[int, ...]], lengths: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The graph's input_ids, attention_mask (queries, longest) and start (queries,) for rows given `lengths`
+    tokens after the start token: each query's tokens after them, right padded with 0."""
+    tails = [row[1 + g :] for row, g in zip(rows, lengths, strict=True)]
+    ids = np.zeros((len(rows), max(len(t) for t in tails)), np.int64)
+    mask = np.zeros_like(ids)
+    for q, tail in enumerate(tails):
+        ids[q, : len(tail)], mask[q, : len(tail)] = tail, 1
+    return ids, mask, np.asarray([1 + g for g in lengths], np.int64)
+
+
 class PrefixCache:
-    """Thread-safe (passes run side by side). `empty`: (layers, heads, 0, head_dim) arrays of the graph's dtype,
-    what a pass without a kept prefix is given."""
+    """Thread-safe (passes run side by side). `empty`: (layers, heads, 0, head_dim) of the graph's dtype and kind
+    (numpy for ONNX Runtime, torch for the bf16 copy), what a pass without a kept prefix is given."""
 
     def __init__(self, budget_bytes: int, empty: Any, min_count: int = MIN_COUNT) -> None:
         self.budget = budget_bytes
@@ -54,7 +70,7 @@ class PrefixCache:
         self._kept: OrderedDict[tuple[int, ...], tuple[Any, Any]] = OrderedDict()
         self._counts: dict[tuple[int, ...], int] = {}
         self.bytes = 0
-        self.hits = 0  # passes that used a kept prefix
+        self.hits = 0  # passes in which a query was given a kept prefix
         self.tokens_saved = 0  # tokens those passes did not compute
 
     def __len__(self) -> int:
@@ -64,36 +80,43 @@ class PrefixCache:
         """rows: each query's real tokens, start and end-of-text tokens included."""
         with self._lock:
             capture = self._count(rows)
-            length, keys, values = 0, self.empty, self.empty
-            # The longest kept prefix of the first query that every query shares, leaving each its last token.
-            common = min(len(r) for r in rows) - 1
-            first = rows[0]
-            for other in rows[1:]:
-                common = next((i for i in range(common) if other[i] != first[i]), common)
-            for n in range(common, 1, -1):
-                hit = self._kept.get(first[:n])
-                if hit is not None:
-                    self._kept.move_to_end(first[:n])
-                    length, (keys, values) = n - 1, hit
-                    self.hits += 1
-                    self.tokens_saved += length * len(rows)
+            given: dict[tuple[int, ...], int] = {}  # prefix -> its first column
+            parts: list[tuple[Any, Any]] = []
+            lengths, columns, width = [], [], 0
+            for row in rows:
+                length = column = 0
+                for n in range(len(row) - 1, 1, -1):  # the longest kept, leaving the end-of-text token to run
+                    hit = self._kept.get(row[:n])
+                    if hit is None:
+                        continue
+                    if row[:n] not in given:
+                        self._kept.move_to_end(row[:n])
+                        given[row[:n]], width = width, width + n - 1
+                        parts.append(hit)
+                    length, column = n - 1, given[row[:n]]
                     break
-            # Only what is longer than the prefix this pass is given (its states are in the pass's outputs).
-            capture = [(q, n) for q, n in capture if n - 1 > length]
-            return Plan(length, keys, values, capture)
+                lengths.append(length)
+                columns.append(column)
+            allowed = np.zeros((len(rows), width), np.float32)
+            for q, (length, column) in enumerate(zip(lengths, columns, strict=True)):
+                allowed[q, column : column + length] = 1
+            keys = _cat([k for k, _ in parts], 2) if parts else self.empty
+            values = _cat([v for _, v in parts], 2) if parts else self.empty
+            if parts:
+                self.hits += 1
+                self.tokens_saved += sum(lengths)
+            # Only what is longer than the prefix the query is given (its states are in the pass's outputs).
+            capture = [(q, n) for q, n in capture if n - 1 > lengths[q]]
+            return Plan(lengths, columns, keys, values, allowed, capture)
 
     def _count(self, rows: list[tuple[int, ...]]) -> list[tuple[int, int]]:
-        """Count each query's prefixes once (a pass's duplicates are one query); the longest one per query that
-        reaches min_count and is not kept yet."""
-        seen: set[tuple[int, ...]] = set()
+        """Count each query's prefixes (a pass holds each text once: models/batching.py); the longest one per query
+        that reaches min_count and is not kept yet."""
         capture = []
         for q, row in enumerate(rows):
             best = 0
             for n in range(2, len(row)):
                 prefix = row[:n]
-                if prefix in seen:
-                    continue
-                seen.add(prefix)
                 c = self._counts.get(prefix, 0) + 1
                 self._counts[prefix] = c
                 if c >= self.min_count and prefix not in self._kept:
@@ -105,20 +128,22 @@ class PrefixCache:
         return capture
 
     def learn(self, plan: Plan, rows: list[tuple[int, ...]], keys: list[Any], values: list[Any]) -> None:
-        """Keep the prefixes `plan.capture` names from a pass's states: per layer, (1, heads, 1 + plan.length +
-        T, head_dim), the start token, the prefix given, then the pass's T packed tokens after it."""
+        """Keep the prefixes `plan.capture` names from a pass's states: per layer, (1, heads, 1 + C + T, head_dim),
+        the start token, the C prefix columns given, then the pass's T packed tokens."""
         if not plan.capture:
             return
-        offsets = np.cumsum([0] + [len(r) - 1 - plan.length for r in rows])
-        lead = 1 + plan.length
+        width = plan.allowed.shape[1]
+        offsets = np.cumsum([0] + [len(r) - 1 - g for r, g in zip(rows, plan.lengths, strict=True)])
         with self._lock:
             for q, n in plan.capture:
                 prefix = rows[q][:n]
                 if prefix in self._kept:
                     continue
-                own = slice(lead + int(offsets[q]), lead + int(offsets[q]) + n - lead)
-                k = _stack([_cat(t[0, :, 1:lead], t[0, :, own]) for t in keys])
-                v = _stack([_cat(t[0, :, 1:lead], t[0, :, own]) for t in values])
+                g, c = plan.lengths[q], plan.columns[q]
+                own = 1 + width + int(offsets[q])
+                parts = (slice(1 + c, 1 + c + g), slice(own, own + n - 1 - g))
+                k = _stack([_cat([t[0, :, part] for part in parts], 1) for t in keys])
+                v = _stack([_cat([t[0, :, part] for part in parts], 1) for t in values])
                 self._kept[prefix] = (k, v)
                 self.bytes += _nbytes(k) + _nbytes(v)
             while self.bytes > self.budget and self._kept:
@@ -126,12 +151,12 @@ class PrefixCache:
                 self.bytes -= _nbytes(k) + _nbytes(v)
 
 
-def _cat(a: Any, b: Any) -> Any:
-    if isinstance(a, np.ndarray):
-        return np.concatenate([a, b], axis=1)
+def _cat(parts: list[Any], axis: int) -> Any:
+    if isinstance(parts[0], np.ndarray):
+        return np.concatenate(parts, axis=axis)
     import torch
 
-    return torch.cat([a, b], 1)
+    return torch.cat(parts, axis)
 
 
 def _stack(parts: list[Any]) -> Any:
