@@ -60,8 +60,8 @@ AUTO_GAIN = 1.2
 W8_BLOCK_VNNI, W8_BLOCK_PLAIN = 128, 32
 # Export files: PREFIX-<fingerprint><SUFFIX>.onnx. The prefix names the exported graph ("text5": the pooled tower
 # of models/text_pooled.py taking kept prefixes' states, each query its own; "text4": one prefix for the whole
-# pass, never released; "text3": the same without them, a batch packed into its real tokens; "text2": the pooled tower on the padded batch;
-# "text": transformers' whole forward pass), the suffix the quantization ("-int8c":
+# pass, never released; "text3": the same without prefixes, a batch packed into its real tokens; "text2": the
+# pooled tower on the padded batch; "text": transformers' whole forward pass), the suffix the quantization ("-int8c":
 # per-channel scales, which replaced per-tensor "-int8"; "-int8s": per-channel scales after smoothing, which
 # replaced "-int8c"; "-int8u": the same with unsigned weights, see int8_unsigned_weights; "-w8s<block>": 8-bit
 # blocks after folded smoothing, which replaced unsmoothed blocks of 32, "-w8b32"), so an export of another kind
@@ -165,8 +165,8 @@ def cpu_session(path: Path, threads: int = 0) -> Any:
 class OnnxTextTower:
     """The exported pooled tower. Where its graph takes prefix states (models/text_pooled.py, `states`: every
     model with a start token), `prefixes` (a models/text_prefix.py PrefixCache, set once the runtime is chosen, so
-    that nothing kept speeds up the timings that choose it) runs each pass on the longest prefix its queries share
-    and keeps the new ones."""
+    that nothing kept speeds up the timings that choose it) gives each query of a pass the longest kept prefix it
+    starts with and keeps the new ones."""
 
     def __init__(self, path: Path, threads: int = 0) -> None:
         self.session = cpu_session(path, threads)
