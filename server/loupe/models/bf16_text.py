@@ -89,8 +89,8 @@ class Bf16TextTower:
     standalone time under load (bench/RESULTS.md, "Text tower under load"). A trace is checked against eager mode
     at other batch sizes and lengths than it was traced at; if it fails or differs, eager mode serves.
 
-    Like the ONNX Runtime tower, a pass runs on the longest kept prefix its queries share (`prefixes`, a
-    models/text_prefix.py PrefixCache given once the copy is chosen)."""
+    Like the ONNX Runtime tower, each query of a pass is given the longest kept prefix it starts with (`prefixes`,
+    a models/text_prefix.py PrefixCache given once the copy is chosen)."""
 
     def __init__(self, model: Any, tokenize: Callable[[list[str]], Any] | None = None) -> None:
         import torch
@@ -155,7 +155,7 @@ class Bf16TextTower:
         return trace_checked("bf16 text tower", self.tower, example, checks, differs)
 
     def _whole(self, input_ids: Any, attention_mask: Any) -> tuple[Any, ...]:
-        """The prefixed graph's inputs for whole rows given no prefix."""
+        """The prefixed graph's inputs for whole rows given no prefix: what the trace is checked on."""
         import torch
 
         batch = input_ids.shape[0]
@@ -180,18 +180,13 @@ class Bf16TextTower:
         with self._lock if self.traced is None else contextlib.nullcontext(), torch.inference_mode():
             if not self.takes_prefix:
                 return normalize(run(input_ids, attention_mask).float().numpy())
-            cache = self.prefixes
-            if cache is None:
-                return normalize(run(*self._whole(input_ids, attention_mask))[0].float().numpy())
-            lengths = attention_mask.sum(1).tolist()
-            rows = [tuple(r[:n].tolist()) for r, n in zip(input_ids, lengths, strict=True)]
-            plan = cache.plan(rows)
-            ids, mask, start = (torch.from_numpy(a) for a in text_prefix.inputs(rows, plan.lengths))
-            out = run(ids, mask, start, plan.keys, plan.values, torch.from_numpy(plan.allowed))
-            if plan.capture:
-                half = (len(out) - 1) // 2
-                cache.learn(plan, rows, list(out[1 : 1 + half]), list(out[1 + half :]))
-            return normalize(out[0].float().numpy())
+
+            def prefixed(plan: Any, ids: np.ndarray, mask: np.ndarray, start: np.ndarray) -> Any:
+                tensors = (torch.from_numpy(a) for a in (ids, mask, start))
+                return run(*tensors, plan.keys, plan.values, torch.from_numpy(plan.allowed))
+
+            emb = text_prefix.encode(self.prefixes, self._empty, input_ids, attention_mask, prefixed)
+            return normalize(emb.float().numpy())
 
 
 def cpu_has_bf16() -> bool:

@@ -196,33 +196,13 @@ class OnnxTextTower:
             return normalize(out)
         from loupe.models import text_prefix
 
-        lengths = attention_mask.sum(axis=1)
-        rows = [tuple(r[:n].tolist()) for r, n in zip(input_ids, lengths, strict=True)]
-        cache = self.prefixes
-        if cache is None:
-            plan = text_prefix.Plan(
-                [0] * len(rows), [0] * len(rows), self._empty, self._empty, self._none(rows)
-            )
-        else:
-            plan = cache.plan(rows)
-        ids, mask, start = text_prefix.inputs(rows, plan.lengths)
-        feed = {
-            "input_ids": ids,
-            "attention_mask": mask,
-            "start": start,
-            "prefix_keys": plan.keys,
-            "prefix_values": plan.values,
-            "prefix_allowed": plan.allowed,
-        }
-        outs = self.session.run(["embedding", *self.state_names] if plan.capture else ["embedding"], feed)
-        if plan.capture and cache is not None:
-            half = len(self.state_names) // 2
-            cache.learn(plan, rows, outs[1 : 1 + half], outs[1 + half :])
-        return normalize(outs[0])
+        def run(plan: Any, ids: np.ndarray, mask: np.ndarray, start: np.ndarray) -> list[np.ndarray]:
+            feed = {"input_ids": ids, "attention_mask": mask, "start": start}
+            feed.update(prefix_keys=plan.keys, prefix_values=plan.values, prefix_allowed=plan.allowed)
+            names = ["embedding", *self.state_names] if plan.capture else ["embedding"]
+            return self.session.run(names, feed)  # type: ignore[no-any-return]
 
-    @staticmethod
-    def _none(rows: list[Any]) -> np.ndarray:
-        return np.zeros((len(rows), 0), np.float32)
+        return normalize(text_prefix.encode(self.prefixes, self._empty, input_ids, attention_mask, run))
 
 
 _export_lock = threading.Lock()

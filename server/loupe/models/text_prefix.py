@@ -58,6 +58,27 @@ def inputs(rows: list[tuple[int, ...]], lengths: list[int]) -> tuple[np.ndarray,
     return ids, mask, np.asarray([1 + g for g in lengths], np.int64)
 
 
+def unplanned(queries: int, empty: Any) -> Plan:
+    """A pass given no kept prefix (a tower without a cache, or while its runtime is timed)."""
+    return Plan([0] * queries, [0] * queries, empty, empty, np.zeros((queries, 0), np.float32))
+
+
+def encode(cache: PrefixCache | None, empty: Any, input_ids: Any, attention_mask: Any, run: Any) -> Any:
+    """One pass of a tower whose graph takes prefix states (models/text_pooled.py, `states`), on the padded rows
+    `input_ids` / `attention_mask` (numpy or torch): each query given its longest kept prefix in `cache` (none
+    without one), the new prefixes kept. `run(plan, ids, mask, start)` runs the graph on the numpy inputs and
+    returns its outputs, the embedding first, each layer's keys then values after it where `plan.capture` asks
+    for them. Returns the embedding output as the graph gave it."""
+    lengths = attention_mask.sum(1).tolist()
+    rows = [tuple(r[:n].tolist()) for r, n in zip(input_ids, lengths, strict=True)]
+    plan = cache.plan(rows) if cache is not None else unplanned(len(rows), empty)
+    out = run(plan, *inputs(rows, plan.lengths))
+    if plan.capture and cache is not None:
+        half = (len(out) - 1) // 2
+        cache.learn(plan, rows, list(out[1 : 1 + half]), list(out[1 + half :]))
+    return out[0]
+
+
 class PrefixCache:
     """Thread-safe (passes run side by side). `empty`: (layers, heads, 0, head_dim) of the graph's dtype and kind
     (numpy for ONNX Runtime, torch for the bf16 copy), what a pass without a kept prefix is given."""
@@ -86,14 +107,15 @@ class PrefixCache:
             for row in rows:
                 length = column = 0
                 for n in range(len(row) - 1, 1, -1):  # the longest kept, leaving the end-of-text token to run
-                    hit = self._kept.get(row[:n])
+                    prefix = row[:n]
+                    hit = self._kept.get(prefix)
                     if hit is None:
                         continue
-                    if row[:n] not in given:
-                        self._kept.move_to_end(row[:n])
-                        given[row[:n]], width = width, width + n - 1
+                    if prefix not in given:
+                        self._kept.move_to_end(prefix)
+                        given[prefix], width = width, width + n - 1
                         parts.append(hit)
-                    length, column = n - 1, given[row[:n]]
+                    length, column = n - 1, given[prefix]
                     break
                 lengths.append(length)
                 columns.append(column)
